@@ -1,0 +1,252 @@
+"""DERNet: the plain PyTorch reference of DER (Dynamically Expandable Representation).
+
+A loop over extractors, masks as multiplications, ``nn.Linear`` classifiers. Readable and
+obviously right: every fast path is tested against it. The public names follow PyCIL's DERNet
+(``update_fc``, ``forward -> {"logits", "aux_logits", "features"}``, ``extract_vector``,
+``weight_align``, ``convnets``, ``fc``, ``aux_fc``, ``task_sizes``, ``out_dim``,
+``feature_dim``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+from . import masks as M
+from .backbones import ARCHS, MaskedResNet
+
+__all__ = ["DERNet"]
+
+
+class DERNet(nn.Module):
+    """DER's network at step t: t extractors, a classifier over their concatenated features
+    and an auxiliary classifier over the newest extractor's features.
+
+    Args:
+        backbone: ``"resnet32"``, ``"resnet18_cifar"`` or ``"resnet18"``; a PyCIL ``args``
+            dict with ``"convnet_type"`` is accepted too.
+        in_channels: image channels.
+        use_masks: give every new extractor DER's channel masks (needed for pruning).
+        mask_init: initial value of the mask embeddings e.
+    """
+
+    def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
+                 mask_init: float = 1.0, pretrained: bool = False):
+        super().__init__()
+        if isinstance(backbone, dict):  # PyCIL: DERNet(args, pretrained)
+            in_channels = backbone.get("in_channels", in_channels)
+            backbone = backbone["convnet_type"]
+        if backbone not in ARCHS:
+            raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(ARCHS)}")
+        if pretrained:
+            raise ValueError("pretrained backbones are not supported (no downloads here)")
+        self.backbone = backbone
+        self.in_channels = int(in_channels)
+        self.use_masks = bool(use_masks)
+        self.mask_init = float(mask_init)
+        self.convnets = nn.ModuleList()
+        self.fc = None
+        self.aux_fc = None
+        self.task_sizes = []
+        self.out_dim = ARCHS[backbone].out_dim
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def feature_dim(self) -> int:
+        return sum(c.out_dim for c in self.convnets)
+
+    @property
+    def n_classes(self) -> int:
+        return sum(self.task_sizes)
+
+    def _device_dtype(self):
+        for p in self.parameters():
+            return p.device, p.dtype
+        return torch.device("cpu"), torch.float32
+
+    def update_fc(self, nb_classes: int) -> None:
+        """Start a new step with ``nb_classes`` classes seen in total: add an extractor
+        (initialised from the previous one), freeze the old ones and rebuild the classifiers
+        (old classifier rows and columns are carried over)."""
+        known = self.n_classes
+        if nb_classes <= known:
+            raise ValueError(f"nb_classes must exceed the {known} classes already seen")
+        device, dtype = self._device_dtype()
+        if len(self.convnets) == 0:
+            new = MaskedResNet(self.backbone, self.in_channels, masked=self.use_masks,
+                               mask_init=self.mask_init)
+        else:
+            new = M.expand_from(self.convnets[-1], masked=self.use_masks,
+                                mask_init=self.mask_init)
+        for old in self.convnets:
+            self._freeze_extractor(old)
+        self.convnets.append(new.to(device=device, dtype=dtype))
+
+        fc = nn.Linear(self.feature_dim, nb_classes).to(device=device, dtype=dtype)
+        if self.fc is not None:
+            with torch.no_grad():
+                n_out, n_in = self.fc.weight.shape
+                fc.weight[:n_out, :n_in] = self.fc.weight
+                fc.bias[:n_out] = self.fc.bias
+        self.fc = fc
+        self.task_sizes.append(nb_classes - known)
+        self.aux_fc = nn.Linear(new.out_dim, self.task_sizes[-1] + 1).to(device=device,
+                                                                         dtype=dtype)
+        self.train(self.training)
+
+    @staticmethod
+    def _freeze_extractor(net: MaskedResNet) -> None:
+        net.requires_grad_(False)
+        if net.mask_e is not None:
+            net.binary_masks = True  # an old extractor keeps its binarised masks
+        net.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for old in list(self.convnets)[:-1]:
+            old.eval()  # frozen: BatchNorm statistics never update again
+        return self
+
+    def reset_fc(self) -> None:
+        """Re-initialise the classifier H_t (stage 2 of DER trains it from scratch)."""
+        device, dtype = self._device_dtype()
+        self.fc = nn.Linear(self.feature_dim, self.n_classes).to(device=device, dtype=dtype)
+
+    def freeze(self):
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    def freeze_conv(self):
+        """Freeze every extractor (stage 2): parameters and BatchNorm statistics."""
+        for net in self.convnets:
+            self._freeze_extractor(net)
+        return self
+
+    def copy(self):
+        return copy.deepcopy(self)
+
+    # ------------------------------------------------------------------ forward
+    def extract_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The super-feature u = concat(F_1(x), ..., F_t(x))."""
+        if len(self.convnets) == 0:
+            raise RuntimeError("call update_fc(n_classes) before using the model")
+        return torch.cat([net(x) for net in self.convnets], 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        features = self.extract_vector(x)
+        logits = self.fc(features)
+        aux_logits = None
+        if len(self.convnets) > 1:
+            aux_logits = self.aux_fc(features[:, -self.convnets[-1].out_dim:])
+        return {"logits": logits, "aux_logits": aux_logits, "features": features}
+
+    # ------------------------------------------------------------------ masks
+    @property
+    def new_extractor(self) -> MaskedResNet:
+        return self.convnets[-1]
+
+    def set_s(self, s: float) -> None:
+        M.set_s(self.convnets[-1], s)
+
+    def sparsity_loss(self) -> torch.Tensor:
+        return M.sparsity_loss(self.convnets[-1])
+
+    def compensate_mask_grads(self, s: float, s_max: float) -> None:
+        M.compensate_grads(self.convnets[-1], s, s_max)
+
+    def clamp_masks(self) -> None:
+        M.clamp_embeddings(self.convnets[-1])
+
+    def prune(self) -> dict:
+        """Binarise the newest extractor's masks and remove its off channels (and the matching
+        classifier columns) for real. Exact: outputs equal those of the binary-masked model.
+        Returns parameter counts before and after."""
+        net = self.convnets[-1]
+        if net.mask_e is None:
+            raise RuntimeError("the newest extractor has no masks to prune (use_masks=False)")
+        before = self.num_params()
+        local = torch.nonzero(M.binary_masks(net)[f"stream{len(net.arch.stages) - 1}"]).flatten()
+        pruned = M.prune(net)
+        self.convnets[-1] = pruned
+        offset = self.feature_dim - pruned.out_dim
+        cols = torch.cat([torch.arange(offset), offset + local]).to(self.fc.weight.device)
+        device, dtype = self._device_dtype()
+        with torch.no_grad():
+            fc = nn.Linear(len(cols), self.fc.out_features).to(device=device, dtype=dtype)
+            fc.weight.copy_(self.fc.weight[:, cols])
+            fc.bias.copy_(self.fc.bias)
+            aux = nn.Linear(pruned.out_dim, self.aux_fc.out_features).to(device=device,
+                                                                         dtype=dtype)
+            aux.weight.copy_(self.aux_fc.weight[:, local.to(device)])
+            aux.bias.copy_(self.aux_fc.bias)
+        self.fc, self.aux_fc = fc, aux
+        self.train(self.training)
+        return {"params_before": before, "params_after": self.num_params()}
+
+    # ------------------------------------------------------------------ misc API
+    def weight_align(self, increment: int) -> float:
+        """PyCIL's weight aligning: scale the newest ``increment`` classifier rows by
+        mean(old row norms) / mean(new row norms). Returns that factor."""
+        if not 0 < increment < self.fc.out_features:
+            raise ValueError(f"increment must be in (0, {self.fc.out_features}), got {increment}")
+        w = self.fc.weight.data
+        gamma = w[:-increment].norm(p=2, dim=1).mean() / w[-increment:].norm(p=2, dim=1).mean()
+        w[-increment:] *= gamma
+        return float(gamma)
+
+    def num_params(self, include_masks: bool = False) -> int:
+        return M.count_params(self, include_masks)
+
+    def extractor_params(self) -> list:
+        return [M.count_params(net) for net in self.convnets]
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self):
+        return {"task_sizes": list(self.task_sizes), "backbone": self.backbone,
+                "in_channels": self.in_channels, "use_masks": self.use_masks,
+                "mask_init": self.mask_init,
+                "binary": [bool(n.binary_masks) for n in self.convnets]}
+
+    def set_extra_state(self, state):
+        if state["backbone"] != self.backbone or state["in_channels"] != self.in_channels:
+            raise ValueError(
+                f"checkpoint is for backbone {state['backbone']!r} with {state['in_channels']} "
+                f"input channels, this model is {self.backbone!r}/{self.in_channels}")
+        self.task_sizes = list(state["task_sizes"])
+        self.use_masks = state["use_masks"]
+        self.mask_init = state["mask_init"]
+        for net, b in zip(self.convnets, state["binary"]):
+            net.binary_masks = b
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads any DERNet/FastDERNet checkpoint: the structure (number of extractors, pruned
+        widths, masks, classifier sizes) is rebuilt from the checkpoint first."""
+        self._rebuild_like(state_dict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _rebuild_like(self, sd) -> None:
+        n = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"convnets\.(\d+)\.", k))),
+                    default=-1)
+        if n == 0 or "fc.weight" not in sd:
+            raise ValueError("not a DERNet checkpoint: no convnets.* or fc.weight entries")
+        device, dtype = self._device_dtype()
+        nets = []
+        for i in range(n):
+            pre = f"convnets.{i}."
+            kept = {k[len(pre) + 5:]: v for k, v in sd.items()
+                    if k.startswith(pre + "kept_")}
+            masked = any(k.startswith(pre + "mask_e.") for k in sd)
+            net = MaskedResNet(self.backbone, self.in_channels, masked=masked, kept=kept)
+            nets.append(net.to(device=device, dtype=dtype))
+        self.convnets = nn.ModuleList(nets)
+        for old in nets[:-1]:
+            self._freeze_extractor(old)
+        k, d = sd["fc.weight"].shape
+        self.fc = nn.Linear(d, k).to(device=device, dtype=dtype)
+        k, d = sd["aux_fc.weight"].shape
+        self.aux_fc = nn.Linear(d, k).to(device=device, dtype=dtype)
+        self.train(self.training)
