@@ -37,6 +37,8 @@ class DERNet(nn.Module):
                  mask_init: float = 1.0, pretrained: bool = False):
         super().__init__()
         if isinstance(backbone, dict):  # PyCIL: DERNet(args, pretrained)
+            if isinstance(in_channels, bool):  # PyCIL's 2nd positional argument is `pretrained`
+                pretrained, in_channels = in_channels, 3
             in_channels = backbone.get("in_channels", in_channels)
             backbone = backbone["convnet_type"]
         if backbone not in ARCHS:
@@ -106,8 +108,9 @@ class DERNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for old in list(self.convnets)[:-1]:
-            old.eval()  # frozen: BatchNorm statistics never update again
+        for net in self.convnets:
+            if not any(p.requires_grad for p in net.parameters()):
+                net.eval()  # frozen: BatchNorm statistics never update again
         return self
 
     def reset_fc(self) -> None:
@@ -209,18 +212,24 @@ class DERNet(nn.Module):
         return {"task_sizes": list(self.task_sizes), "backbone": self.backbone,
                 "in_channels": self.in_channels, "use_masks": self.use_masks,
                 "mask_init": self.mask_init,
-                "binary": [bool(n.binary_masks) for n in self.convnets]}
+                "binary": [bool(n.binary_masks) for n in self.convnets],
+                "s": [float(n.s) for n in self.convnets]}
 
-    def set_extra_state(self, state):
+    def _check_compatible(self, state) -> None:
         if state["backbone"] != self.backbone or state["in_channels"] != self.in_channels:
             raise ValueError(
                 f"checkpoint is for backbone {state['backbone']!r} with {state['in_channels']} "
                 f"input channels, this model is {self.backbone!r}/{self.in_channels}")
+
+    def set_extra_state(self, state):
+        self._check_compatible(state)
         self.task_sizes = list(state["task_sizes"])
         self.use_masks = state["use_masks"]
         self.mask_init = state["mask_init"]
         for net, b in zip(self.convnets, state["binary"]):
             net.binary_masks = b
+        for net, s in zip(self.convnets, state.get("s", [])):
+            net.s = s
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads any DERNet/FastDERNet checkpoint: the structure (number of extractors, pruned
@@ -229,6 +238,8 @@ class DERNet(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _rebuild_like(self, sd) -> None:
+        if isinstance(sd.get("_extra_state"), dict):
+            self._check_compatible(sd["_extra_state"])  # before rebuilding anything
         n = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"convnets\.(\d+)\.", k))),
                     default=-1)
         if n == 0 or "fc.weight" not in sd:

@@ -1,0 +1,144 @@
+"""masked_gate: the op vs masked_gate_ref vs the unfused PyTorch sequence, side by side.
+
+    pytest benchmarks/bench_gating.py --benchmark-only [--benchmark-min-rounds=5]
+
+Providers (one benchmark group per shape x variant x mode, so they line up):
+  op       der_fast.ops.masked_gate (C++ on CPU, Triton on CUDA)
+  ref      der_fast.ops.masked_gate_ref (mul, add, [add], relu, mul by sigmoid gate)
+  unfused  what an nn.Module stack does: eval-mode F.batch_norm with the affine (running
+           mean 0, var 1, eps 0, so exactly scale*x + shift), [+ residual], F.relu, * sigmoid(s*e)
+Modes: fwd (no grad) and fwdbwd (forward + backward for x, scale, shift, e [, residual]).
+Variants: inner (no residual), stream (residual), stream_cl (residual, channels_last).
+Shapes: ResNet-32 layers (N=128, C=16/32/64 at 32/16/8 px) and ResNet-18-CIFAR layers
+(N=32, C=64/128/256/512 at 32/16/8/4 px). Every provider's outputs (and gradients) are
+checked against the reference before timing. benchmarks/conftest.py prints the ratio table
+(op/ref, op/unfused per group) after the run.
+
+DER_FAST_BENCH_DEVICE=auto|cpu|cuda picks the device (auto: CUDA when available).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import der_fast  # noqa: E402
+from der_fast import ops  # noqa: E402
+
+
+def _device() -> torch.device:
+    want = os.environ.get("DER_FAST_BENCH_DEVICE", "auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(want)
+
+
+DEVICE = _device()
+S = 5.0  # mask temperature mid-anneal
+
+SHAPES = [  # (net, N, C, HW)
+    ("resnet32", 128, 16, 32),
+    ("resnet32", 128, 32, 16),
+    ("resnet32", 128, 64, 8),
+    ("resnet18", 32, 64, 32),
+    ("resnet18", 32, 128, 16),
+    ("resnet18", 32, 256, 8),
+    ("resnet18", 32, 512, 4),
+]
+VARIANTS = ["inner", "stream", "stream_cl"]
+MODES = ["fwd", "fwdbwd"]
+PROVIDERS = ["op", "ref", "unfused"]
+
+
+def unfused(x, scale, shift, e=None, s=1.0, residual=None):
+    """BN affine + residual + relu + sigmoid gate as separate PyTorch ops."""
+    C = x.shape[1]
+    zeros = torch.zeros(C, dtype=x.dtype, device=x.device)
+    ones = torch.ones(C, dtype=x.dtype, device=x.device)
+    z = F.batch_norm(x, zeros, ones, weight=scale, bias=shift, training=False, eps=0.0)
+    if residual is not None:
+        z = z + residual
+    y = F.relu(z)
+    if e is not None:
+        y = y * torch.sigmoid(s * e).view(1, C, 1, 1)
+    return y
+
+
+FNS = {"op": ops.masked_gate, "ref": ops.masked_gate_ref, "unfused": unfused}
+
+
+def _inputs(N, C, HW, variant, requires_grad):
+    g = torch.Generator().manual_seed(N * 1000 + C * 10 + HW)
+    x = torch.randn(N, C, HW, HW, generator=g)
+    r = torch.randn(N, C, HW, HW, generator=g) if variant != "inner" else None
+    scale = torch.rand(C, generator=g) + 0.5
+    shift = torch.randn(C, generator=g) * 0.1
+    e = torch.randn(C, generator=g)
+    gy = torch.randn(N, C, HW, HW, generator=g)
+    fmt = torch.channels_last if variant == "stream_cl" else torch.contiguous_format
+    ts = [t.to(DEVICE).contiguous(memory_format=fmt) if t is not None and t.dim() == 4 else
+          (t.to(DEVICE) if t is not None else None) for t in (x, scale, shift, e, r, gy)]
+    x, scale, shift, e, r, gy = ts
+    leaves = [t for t in (x, scale, shift, e, r) if t is not None]
+    if requires_grad:
+        for t in leaves:
+            t.requires_grad_(True)
+    return (x, scale, shift, e, S, r), leaves, gy
+
+
+def _check(fn, args, leaves, gy, mode):
+    """Outputs (and gradients) of fn must equal the reference before it is timed."""
+    y = fn(*args)
+    y_ref = ops.masked_gate_ref(*args)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"forward: {m}")
+    if mode == "fwdbwd":
+        g = torch.autograd.grad(y, leaves, gy)
+        g_ref = torch.autograd.grad(y_ref, leaves, gy)
+        for i, (a, b) in enumerate(zip(g, g_ref)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-N{s[1]}-C{s[2]}-HW{s[3]}")
+def test_masked_gate(benchmark, shape, variant, mode, provider):
+    net, N, C, HW = shape
+    fn = FNS[provider]
+    args, leaves, gy = _inputs(N, C, HW, variant, requires_grad=mode == "fwdbwd")
+    benchmark.group = f"masked_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}"
+    benchmark.extra_info.update(
+        op="masked_gate", provider=provider, mode=mode, variant=variant, net=net,
+        shape=[N, C, HW, HW], device=str(DEVICE), dtype="float32",
+        implementation=ops.implementation("masked_gate", DEVICE) if provider == "op" else provider,
+        threads=torch.get_num_threads(), der_fast=der_fast.__version__, torch=torch.__version__,
+    )
+    _check(fn, args, leaves, gy, mode)
+
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*args)
+            _sync()
+    else:
+        def run():
+            y = fn(*args)
+            torch.autograd.grad(y, leaves, gy)
+            _sync()
+
+    run()  # warm-up (allocator, Triton compile)
+    benchmark(run)

@@ -1,0 +1,81 @@
+"""Whole-model benchmarks of DER: providers side by side per workload, backbone, t, density.
+
+    pytest benchmarks/bench_model.py --benchmark-only --benchmark-json out.json
+    python -m der_fast.bench_report out.json
+
+Providers (benchmarks/common.py: ALL_PROVIDERS): DERNet eager, DERNet channels_last,
+torch.compile(DERNet), a torch.func ensemble of the frozen extractors, FastDERNet (each frozen
+plan). Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
+extractor + head) and, in the full grid, a stage-1 epoch. Every provider's outputs (logits,
+aux logits, loss, gradients of every trainable parameter) are checked against the reference
+before it is timed: a wrong answer fails the case instead of producing a number.
+
+DER_FAST_BENCH=quick (default, ~10 min on a 2-core CPU) | full; see benchmarks/common.py for
+the other switches. Cases a provider cannot run (not importable yet, compile skipped by the
+quick grid, ...) are skipped with the reason, and the reasons go into the JSON
+(``der_fast.skipped``) so the report lists them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))  # appended: an installed der_fast (run_gpu.sh) stays first
+
+from benchmarks import common as C  # noqa: E402
+
+DEVICE = C.bench_device()
+CASES = C.grid()
+PAIRS = [(case, p) for case in CASES for p in C.providers_for(case)]
+
+
+class _JsonRecorder:
+    """Puts the environment and the skipped cases (with reasons) into pytest-benchmark's JSON
+    under ``der_fast`` (registered as a plugin by the session fixture below)."""
+
+    def __init__(self):
+        self.skipped = []
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_benchmark_update_json(self, config, benchmarks, output_json):
+        info = output_json.setdefault("der_fast", {})
+        info["env"] = C.env_info(DEVICE)
+        info["skipped"] = list(self.skipped)
+        info["workloads"] = C.WORKLOAD_DOC
+        info["providers"] = C.PROVIDER_DOC
+        info["memory"] = C.MEMORY_DOC
+
+
+@pytest.fixture(scope="session")
+def recorder(request):
+    pm = request.config.pluginmanager
+    rec = pm.get_plugin("der_fast_bench_model")
+    if rec is None:
+        rec = _JsonRecorder()
+        pm.register(rec, "der_fast_bench_model")
+    return rec
+
+
+@pytest.mark.parametrize("case,provider", PAIRS, ids=[f"{c.id}-{p}" for c, p in PAIRS])
+def test_model(benchmark, recorder, case, provider):
+    benchmark.group = case.group
+    benchmark.extra_info.update(C.extra_info(case, provider, DEVICE))
+    try:
+        wl, info = C.prepare(case, provider, DEVICE)
+    except C.ProviderUnavailable as exc:
+        recorder.skipped.append({"case": case.id, "provider": provider, "reason": str(exc)})
+        pytest.skip(str(exc))
+    benchmark.extra_info.update(info)
+    if C.memory_enabled():
+        peak = C.peak_memory_bytes(wl.step, DEVICE)
+        benchmark.extra_info["peak_mem_bytes"] = peak
+    n, warmup = C.rounds()
+    benchmark.pedantic(wl.step, rounds=n, iterations=1, warmup_rounds=warmup)
+    if wl.last_loss is not None:  # a diverged step (NaN/inf) would time something else
+        assert math.isfinite(float(wl.last_loss)), f"{provider}: non-finite loss while timing"

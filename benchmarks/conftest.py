@@ -1,0 +1,37 @@
+"""Benchmark suite glue: repository root on sys.path, and a ratio table after the run.
+
+For every benchmark group that has an ``op`` provider, the table gives the op's median time
+divided by each other provider's (``op/ref``, ``op/unfused``: below 1 means the op is faster).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not getattr(session, "benchmarks", None):
+        return
+    groups: dict[str, dict[str, float]] = {}
+    for bench in session.benchmarks:
+        provider = (bench.extra_info or {}).get("provider")
+        if provider is None or not bench.stats:
+            continue
+        stats = getattr(bench.stats, "stats", bench.stats)  # Metadata or Stats, by version
+        groups.setdefault(bench.group, {})[provider] = stats.median
+    rows = [(g, p) for g, p in sorted(groups.items()) if "op" in p and len(p) > 1]
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("der_fast op ratios (median time of op / provider; < 1: op is faster)")
+    others = sorted({k for _, p in rows for k in p if k != "op"})
+    tr.write_line(f"{'group':<70} {'op ms':>9} " + " ".join(f"{'op/' + o:>11}" for o in others))
+    for group, p in rows:
+        ratios = " ".join(f"{p['op'] / p[o]:>11.2f}" if o in p else f"{'-':>11}" for o in others)
+        tr.write_line(f"{group:<70} {p['op'] * 1e3:>9.3f} {ratios}")

@@ -1,0 +1,666 @@
+"""FastDERNet: DERNet's API and state, executed fast.
+
+:class:`FastDERNet` *is* a :class:`~der_fast.reference.DERNet` (same modules, parameters,
+buffers, ``state_dict``, optimiser-facing API); only how ``forward`` / ``extract_vector`` run
+differs:
+
+* **Frozen extractors** (every extractor in eval mode whose parameters need no gradient: the
+  old ones in stage 1, all of them in stage 2 after ``freeze_conv``, and all of them under
+  ``torch.no_grad()`` in eval mode) run an inference-only *plan*: BatchNorm folded into the
+  conv weights and biases (folding done in float64), binary masks folded by removing the off
+  channels for real (exact, see :mod:`der_fast.backbones`), soft gates folded into the conv
+  where there is no residual, option-A shortcuts as index gathers, channels_last, no
+  autograd. On CPU with oneDNN, conv + bias + ReLU and conv + bias + residual + ReLU run as
+  single fused oneDNN primitives.
+  Two ways to run several frozen extractors, picked per device (``frozen_plan="auto"``) or
+  forced (``"loop"`` / ``"grouped"``):
+
+  - ``loop``: one folded network after the other;
+  - ``grouped``: all of them as one network: the stems are one dense conv with the sum of
+    the widths as outputs (they all read the same image), every later conv one grouped conv
+    (narrower, pruned extractors zero-padded to the widest), and the pooled output gathered
+    into the super-feature in one index op.
+
+  The compiled plan is cached and rebuilt whenever it could be stale: a version counter
+  bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` / ``.to()`` / ``reset_fc`` /
+  ``freeze_conv`` / ``invalidate_plan()``, the device and dtype, and, as a safety net, the
+  ``data_ptr`` and ``_version`` of every parameter and buffer it was built from.
+* **The trainable extractor** (the newest one in stage 1) runs with autograd; every
+  ``gate * relu(bn(x) [+ residual])`` point is one ``masked_gate`` op, with BatchNorm's
+  per-channel affine computed from the batch statistics (train mode, running statistics
+  updated exactly like ``nn.BatchNorm2d``) or the running ones (eval mode).
+* **The head** (concat + classifier + auxiliary classifier) is one ``concat_linear_head`` op.
+
+The custom ops come from :mod:`der_fast.ops` (imported lazily); when that module cannot be
+imported, pure-PyTorch versions with the same semantics are used, and :meth:`FastDERNet.plan`
+says so.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import MaskedResNet, binarize, shortcut_a_index
+from .reference import DERNet
+
+__all__ = ["FastDERNet", "FROZEN_PLANS", "fold_extractor", "fuse_grouped", "run_folded"]
+
+FROZEN_PLANS = ("auto", "loop", "grouped")
+
+# Default frozen plan per device type, from measurements (see DEVNOTES / the report):
+# on the 2-core Xeon CPU of this project the loop of separate channels_last convs beats the
+# grouped convolution at t = 2, 5, 10 (oneDNN's grouped conv with narrow groups is slow).
+_AUTO_PLAN = {"cpu": "loop", "cuda": "loop"}
+
+_BIG_LOGIT = 1.0e4  # sigmoid(+-1e4) is exactly 1 / 0 in fp16, bf16, fp32 and fp64
+
+
+# ============================================================================ ops (lazy)
+def _masked_gate_local(x, scale, shift, e=None, s=1.0, residual=None):
+    """``sigmoid(s*e)[c] * relu(scale[c] * x + shift[c] + residual)`` (same semantics as
+    ``der_fast.ops.masked_gate``), used only when :mod:`der_fast.ops` cannot be imported."""
+    shp = (1, -1) + (1,) * (x.dim() - 2)
+    y = x * scale.view(shp) + shift.view(shp)
+    if residual is not None:
+        y = y + residual
+    y = F.relu(y)
+    if e is not None:
+        y = y * torch.sigmoid(s * e).view(shp)
+    return y
+
+
+def _concat_linear_head_local(feats, weight, bias, aux_weight=None, aux_bias=None):
+    """Pooled features of every entry -> concat -> classifier (+ auxiliary classifier over the
+    last entry). Same semantics as ``der_fast.ops.concat_linear_head``."""
+    pooled = [f if f.dim() == 2 else f.mean(tuple(range(2, f.dim()))) for f in feats]
+    features = torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
+    logits = F.linear(features, weight, bias)
+    aux = F.linear(pooled[-1], aux_weight, aux_bias) if aux_weight is not None else None
+    return logits, aux, features
+
+
+_OPS = None
+
+
+def _ops():
+    """(masked_gate, concat_linear_head, description), resolved once per process."""
+    global _OPS
+    if _OPS is None:
+        try:
+            from . import ops as mod
+        except Exception as exc:  # noqa: BLE001 - any import problem: use the local versions
+            _OPS = (_masked_gate_local, _concat_linear_head_local,
+                    f"local pure-PyTorch fallback (der_fast.ops unavailable: "
+                    f"{type(exc).__name__})")
+        else:
+            gate = getattr(mod, "masked_gate", None) or getattr(mod, "masked_gate_ref", None)
+            head = getattr(mod, "concat_linear_head", None) or getattr(
+                mod, "concat_linear_head_ref", None)
+            desc = "der_fast.ops"
+            if gate is None:
+                gate, desc = _masked_gate_local, "local fallback"
+            if head is None:
+                head, desc = _concat_linear_head_local, "local fallback"
+            _OPS = (gate, head, desc)
+    return _OPS
+
+
+# ============================================================================ folding
+@dataclass
+class _Conv:
+    """A conv with BatchNorm (and possibly a non-negative gate) folded in."""
+    weight: torch.Tensor  # [C_out, C_in / groups, k, k], channels_last
+    bias: torch.Tensor  # [C_out]
+    stride: int
+    padding: int
+    groups: int = 1
+
+
+@dataclass
+class _Block:
+    conv1: _Conv
+    conv2: _Conv
+    sc: str  # "id" | "A" | "B"
+    sc_conv: _Conv | None = None
+    sc_stride: int = 1
+    sc_index: torch.Tensor | None = None  # A: per output channel, source position or C_in (0)
+    sc_pad: int | None = None  # A: when the index is "identity then zeros", how many zeros
+    gate: torch.Tensor | None = None  # soft stream gate, applied after the ReLU
+
+
+@dataclass
+class FoldedNet:
+    """An inference-only extractor (or several fused ones): convs with BN folded in."""
+    stem: _Conv
+    maxpool: bool
+    blocks: list
+    out_index: torch.Tensor | None  # gather into [pooled, 0] -> features; None = identity
+    out_dims: list  # feature width of every extractor it computes (full, unpruned width)
+    n_nets: int = 1
+
+
+def _fold_conv(conv, bn, rows, cols, gate, dtype, groups=1) -> _Conv:
+    """``gate * bn(conv(x))`` restricted to output channels ``rows`` and input channels
+    ``cols``, as a conv with bias; computed in float64, stored in ``dtype``."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise RuntimeError("cannot fold a BatchNorm without running statistics")
+    fd = torch.float64 if conv.weight.device.type != "mps" else torch.float32
+    w = conv.weight.detach().to(fd).index_select(0, rows).index_select(1, cols)
+    inv = torch.rsqrt(bn.running_var.detach().to(fd).index_select(0, rows) + bn.eps)
+    scale = inv * bn.weight.detach().to(fd).index_select(0, rows) if bn.weight is not None \
+        else inv
+    shift = -bn.running_mean.detach().to(fd).index_select(0, rows) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.detach().to(fd).index_select(0, rows)
+    if gate is not None:  # g * relu(z) == relu(g * z) for g >= 0
+        scale = scale * gate
+        shift = shift * gate
+    w = (w * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=torch.channels_last)
+    return _Conv(w, shift.to(dtype).contiguous(), conv.stride[0], conv.padding[0], groups)
+
+
+def _a_shortcut_pad(idx: torch.Tensor, c_in: int):
+    """If an option-A index is ``0..c_in-1`` followed by zeros only, the number of zeros."""
+    n = idx.numel()
+    if n < c_in:
+        return None
+    ar = torch.arange(c_in, device=idx.device)
+    if bool((idx[:c_in] == ar).all()) and bool((idx[c_in:] == c_in).all()):
+        return n - c_in
+    return None
+
+
+def fold_extractor(net: MaskedResNet, dtype=None) -> FoldedNet:
+    """The inference-only (eval-mode) version of one extractor.
+
+    Binary masks (``binary_masks=True``) are folded by *removing* the off channels (exact:
+    they are zero in the masked network); soft masks ``sigmoid(s*e)`` are folded into the
+    stem / first conv of each block and applied after the ReLU on the residual stream.
+    """
+    dtype = dtype or next(net.parameters()).dtype
+    arch = net.arch
+    dev = net.stem.conv.weight.device
+    masked = net.mask_e is not None
+    soft = masked and not net.binary_masks
+    if masked and net.binary_masks:
+        loc = {p: torch.nonzero(binarize(e.detach())).flatten().to(dev)
+               for p, e in net.mask_e.items()}
+    else:
+        loc = {p: torch.arange(w, device=dev) for p, w in net.widths.items()}
+    loc["input"] = torch.arange(net.in_channels, device=dev)
+    fd = torch.float64 if dev.type != "mps" else torch.float32
+    gates = {p: torch.sigmoid(net.s * e.detach().to(fd)) for p, e in net.mask_e.items()} \
+        if soft else {}
+    kept = {p: net.kept(p).to(dev).index_select(0, loc[p]) for p in net.widths}
+
+    stem = _fold_conv(net.stem.conv, net.stem.bn, loc["stream0"], loc["input"],
+                      gates.get("stream0"), dtype)
+    blocks = []
+    for si, stage in enumerate(net.stages):
+        dst = f"stream{si}"
+        for bi, blk in enumerate(stage):
+            src = f"stream{si - 1}" if (bi == 0 and si > 0) else dst
+            inner = f"inner{si}_{bi}"
+            c1 = _fold_conv(blk.conv1, blk.bn1, loc[inner], loc[src], gates.get(inner), dtype)
+            c2 = _fold_conv(blk.conv2, blk.bn2, loc[dst], loc[inner], None, dtype)
+            g = gates[dst].to(dtype) if dst in gates else None
+            if blk.sc_conv is not None:
+                b = _Block(c1, c2, "B", _fold_conv(blk.sc_conv, blk.sc_bn, loc[dst], loc[src],
+                                                   None, dtype), gate=g)
+            elif bi > 0 or si == 0:
+                b = _Block(c1, c2, "id", gate=g)
+            else:
+                idx = shortcut_a_index(kept[src], kept[dst]).to(dev)
+                b = _Block(c1, c2, "A", sc_stride=blk.stride, sc_index=idx,
+                           sc_pad=_a_shortcut_pad(idx, loc[src].numel()), gate=g)
+            blocks.append(b)
+    last = loc[f"stream{len(arch.stages) - 1}"]
+    out_dim = net.out_dim
+    out_index = None
+    if last.numel() != out_dim:
+        out_index = torch.full((out_dim,), last.numel(), dtype=torch.long, device=dev)
+        out_index[last] = torch.arange(last.numel(), device=dev)
+    return FoldedNet(stem, arch.stem_maxpool, blocks, out_index, [out_dim])
+
+
+def _stack_convs(convs, dense_input: bool) -> _Conv:
+    """Several convs reading the same (dense_input) or group-wise stacked inputs, as one conv
+    with zero-padded groups."""
+    t = len(convs)
+    co = max(c.weight.shape[0] for c in convs)
+    ci = max(c.weight.shape[1] for c in convs)
+    k = convs[0].weight.shape[2:]
+    w0 = convs[0].weight
+    w = w0.new_zeros(t * co, ci, *k)
+    b = w0.new_zeros(t * co)
+    for i, c in enumerate(convs):
+        o, n = c.weight.shape[:2]
+        w[i * co:i * co + o, :n] = c.weight
+        b[i * co:i * co + o] = c.bias
+    return _Conv(w.contiguous(memory_format=torch.channels_last), b, convs[0].stride,
+                 convs[0].padding, 1 if dense_input else t)
+
+
+def fuse_grouped(nets: list) -> FoldedNet:
+    """Several folded extractors of one architecture as one network (see module doc)."""
+    if len(nets) == 1:
+        return nets[0]
+    t = len(nets)
+    dev = nets[0].stem.weight.device
+    stem = _stack_convs([f.stem for f in nets], dense_input=True)
+    blocks = []
+    for j in range(len(nets[0].blocks)):
+        bs = [f.blocks[j] for f in nets]
+        c1 = _stack_convs([b.conv1 for b in bs], dense_input=False)
+        c2 = _stack_convs([b.conv2 for b in bs], dense_input=False)
+        co = c2.weight.shape[0] // t
+        gate = None
+        if any(b.gate is not None for b in bs):
+            gate = c2.bias.new_zeros(t * co)
+            for i, b in enumerate(bs):
+                n = b.conv2.weight.shape[0]
+                gate[i * co:i * co + n] = b.gate if b.gate is not None else 1.0
+        kind = bs[0].sc
+        if kind == "B":
+            blk = _Block(c1, c2, "B", _stack_convs([b.sc_conv for b in bs], False), gate=gate)
+        elif kind == "id":
+            blk = _Block(c1, c2, "id", gate=gate)
+        else:
+            ci = c1.weight.shape[1]  # padded input width of the block
+            zero = t * ci
+            idx = torch.full((t * co,), zero, dtype=torch.long, device=dev)
+            for i, b in enumerate(bs):
+                n_in = b.conv1.weight.shape[1]
+                src = b.sc_index
+                idx[i * co:i * co + src.numel()] = torch.where(src < n_in, src + i * ci,
+                                                               torch.full_like(src, zero))
+            blk = _Block(c1, c2, "A", sc_stride=bs[0].sc_stride, sc_index=idx, gate=gate)
+        blocks.append(blk)
+    wl = blocks[-1].conv2.weight.shape[0] // t
+    pieces = []
+    for i, f in enumerate(nets):
+        d = f.out_dims[0]
+        if f.out_index is None:
+            pieces.append(torch.arange(d, device=dev) + i * wl)
+        else:
+            n = int(f.blocks[-1].conv2.weight.shape[0])
+            pieces.append(torch.where(f.out_index < n, f.out_index + i * wl,
+                                      torch.full_like(f.out_index, t * wl)))
+    out_index = torch.cat(pieces)
+    if out_index.numel() == t * wl and bool((out_index == torch.arange(t * wl, device=dev))
+                                            .all()):
+        out_index = None
+    return FoldedNet(stem, nets[0].maxpool, blocks, out_index, [d for f in nets
+                                                               for d in f.out_dims], t)
+
+
+# ============================================================================ executing
+def _mkldnn_ok(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
+                                                                 "_convolution_pointwise"))
+
+
+def _conv(x, c: _Conv, relu: bool, residual=None, fused: bool = False):
+    """``[relu](conv(x) + bias [+ residual])``; one oneDNN primitive when ``fused``."""
+    if fused:
+        p, s = [c.padding, c.padding], [c.stride, c.stride]
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, c.weight, c.bias, p, s, [1, 1], c.groups, "relu" if relu else "none", [], "")
+        residual = residual.contiguous(memory_format=torch.channels_last)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual, c.weight, c.bias, p, s, [1, 1], c.groups, "add", None,
+            "relu" if relu else None, [], "")
+    y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, 1, c.groups)
+    if residual is not None:
+        y = y + residual if torch.is_grad_enabled() else y.add_(residual)
+    if relu:
+        y = F.relu(y) if torch.is_grad_enabled() else y.relu_()
+    return y
+
+
+def _shortcut_a(y, b: _Block):
+    xs = y[:, :, ::b.sc_stride, ::b.sc_stride]
+    if b.sc_pad is not None:
+        return F.pad(xs, (0, 0, 0, 0, 0, b.sc_pad))
+    zero = xs.new_zeros(xs.shape[0], 1, *xs.shape[2:])
+    return torch.cat([xs, zero], 1).index_select(1, b.sc_index)
+
+
+def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """Features [N, sum(out_dims)] of a folded (possibly fused) network."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if fused is None:
+        fused = _mkldnn_ok(x) and not (torch.is_grad_enabled() and x.requires_grad)
+    y = _conv(x, f.stem, True, fused=fused)
+    if f.maxpool:
+        y = F.max_pool2d(y, 3, 2, 1)
+    for b in f.blocks:
+        h = _conv(y, b.conv1, True, fused=fused)
+        if b.sc == "id":
+            r = y
+        elif b.sc == "B":
+            r = _conv(y, b.sc_conv, False, fused=fused)
+        else:
+            r = _shortcut_a(y, b)
+        y = _conv(h, b.conv2, True, residual=r, fused=fused)
+        if b.gate is not None:
+            y = y * b.gate.view(1, -1, 1, 1)
+    pooled = y.mean((2, 3))
+    if f.out_index is not None:
+        pooled = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], 1).index_select(
+            1, f.out_index)
+    return pooled
+
+
+# ============================================================================ trainable path
+def _bn_affine(bn: nn.BatchNorm2d, z: torch.Tensor):
+    """BatchNorm as a per-channel ``(scale, shift)`` (autograd flows through both).
+
+    Train mode: batch statistics (biased variance for normalising) and the running
+    statistics updated exactly like ``nn.BatchNorm2d`` (momentum or cumulative average,
+    unbiased variance, ``num_batches_tracked += 1``). Eval mode: the running statistics.
+    """
+    use_batch = bn.training or bn.running_mean is None or bn.running_var is None
+    if use_batch:
+        n = z.numel() // z.shape[1]
+        if n <= 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {list(z.shape)}")
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), unbiased=False)
+        if bn.training and bn.track_running_stats and bn.running_mean is not None:
+            with torch.no_grad():
+                factor = 0.0 if bn.momentum is None else bn.momentum
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+                    if bn.momentum is None:
+                        factor = 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+                bn.running_var.mul_(1.0 - factor).add_(var.detach() * (n / (n - 1)),
+                                                        alpha=factor)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    inv = torch.rsqrt(var + bn.eps)
+    scale = bn.weight * inv if bn.weight is not None else inv
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = bn.bias + shift
+    return scale, shift
+
+
+def _gate_args(net: MaskedResNet, point: str):
+    """``(e, s)`` for ``masked_gate`` so that its gate equals ``net.gate(point)``."""
+    if net.mask_e is None:
+        return None, 1.0
+    e = net.mask_e[point]
+    if net.binary_masks:  # (e > 0) as sigmoid(+-big): exactly 1 / 0, no gradient to e
+        return (binarize(e.detach()).to(e.dtype) * 2 - 1) * _BIG_LOGIT, 1.0
+    return e, float(net.s)
+
+
+def trainable_feature_map(net: MaskedResNet, x: torch.Tensor) -> torch.Tensor:
+    """The last feature map of one extractor, with autograd, through ``masked_gate``."""
+    gate = _ops()[0]
+    stem = net.stem
+    z = F.conv2d(x, stem.conv.weight, None, stem.conv.stride, stem.conv.padding)
+    scale, shift = _bn_affine(stem.bn, z)
+    e, s = _gate_args(net, "stream0")
+    y = gate(z, scale, shift, e=e, s=s)
+    if net.arch.stem_maxpool:
+        y = F.max_pool2d(y, 3, 2, 1)
+    for si, blocks in enumerate(net.stages):
+        e_stream, s_stream = _gate_args(net, f"stream{si}")
+        for bi, blk in enumerate(blocks):
+            z = F.conv2d(y, blk.conv1.weight, None, blk.conv1.stride, blk.conv1.padding)
+            scale, shift = _bn_affine(blk.bn1, z)
+            e, s = _gate_args(net, f"inner{si}_{bi}")
+            h = gate(z, scale, shift, e=e, s=s)
+            r = net._shortcut(blk, y, si, bi)
+            z = F.conv2d(h, blk.conv2.weight, None, blk.conv2.stride, blk.conv2.padding)
+            scale, shift = _bn_affine(blk.bn2, z)
+            y = gate(z, scale, shift, e=e_stream, s=s_stream, residual=r)
+    return y
+
+
+# ============================================================================ the model
+def _net_key(net: MaskedResNet) -> tuple:
+    """Everything a folded extractor depends on (the cache's safety net)."""
+    soft = net.mask_e is not None and not net.binary_masks
+    return (id(net), float(net.s) if soft else None, bool(net.binary_masks),
+            tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers())))
+
+
+class FastDERNet(DERNet):
+    """:class:`~der_fast.reference.DERNet` with fast execution (module doc).
+
+    Same constructor arguments as DERNet plus:
+
+    Args:
+        frozen_plan: how frozen extractors run: ``"auto"`` (fastest measured plan for the
+            device), ``"loop"`` (one folded extractor after the other) or ``"grouped"`` (all
+            fused into dense-stem + grouped convs). Also settable as an attribute.
+        onednn_fusion: on CPU (fp32 / bf16), run the frozen convs as fused oneDNN
+            conv + bias [+ residual] + ReLU primitives.
+    """
+
+    def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
+                 mask_init: float = 1.0, pretrained: bool = False, frozen_plan: str = "auto",
+                 onednn_fusion: bool = True):
+        super().__init__(backbone, in_channels, use_masks, mask_init, pretrained)
+        self._init_fast(frozen_plan, onednn_fusion)
+
+    def _init_fast(self, frozen_plan="auto", onednn_fusion=True):
+        self._plan_version = 0
+        self._plan_cache = {"nets": {}, "group": None}
+        self.frozen_plan = frozen_plan
+        self.onednn_fusion = bool(onednn_fusion)
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_reference(cls, net: DERNet, frozen_plan: str = "auto",
+                       onednn_fusion: bool = True) -> "FastDERNet":
+        """A FastDERNet copy of ``net``: same modules, weights, buffers, masks, ``s``, train /
+        eval modes, ``requires_grad`` flags, device and dtype (nothing is shared)."""
+        if not isinstance(net, DERNet):
+            raise TypeError(f"expected a DERNet, got {type(net).__name__}")
+        fast = copy.deepcopy(net)
+        fast.__class__ = cls
+        fast._init_fast(frozen_plan, onednn_fusion)
+        return fast
+
+    def to_reference(self) -> DERNet:
+        """A plain :class:`DERNet` copy of this model (same state, modes and flags)."""
+        ref = copy.deepcopy(self)
+        for name in ("_plan_version", "_plan_cache", "_frozen_plan", "onednn_fusion"):
+            ref.__dict__.pop(name, None)
+        ref.__class__ = DERNet
+        return ref
+
+    def __getstate__(self):  # deepcopy / pickle: never carry the compiled plan
+        state = dict(super().__getstate__())
+        state["_plan_cache"] = {"nets": {}, "group": None}
+        return state
+
+    # ------------------------------------------------------------------ plan cache
+    @property
+    def frozen_plan(self) -> str:
+        return self._frozen_plan
+
+    @frozen_plan.setter
+    def frozen_plan(self, value: str) -> None:
+        if value not in FROZEN_PLANS:
+            raise ValueError(f"frozen_plan must be one of {FROZEN_PLANS}, got {value!r}")
+        self._frozen_plan = value
+        self.invalidate_plan()
+
+    def invalidate_plan(self) -> None:
+        """Drop the compiled frozen plan (rebuilt on the next forward). Called by every method
+        that changes the model; call it yourself after modifying weights through ``.data``."""
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
+        self._plan_cache = {"nets": {}, "group": None}
+
+    def update_fc(self, nb_classes: int) -> None:
+        super().update_fc(nb_classes)
+        self.invalidate_plan()
+
+    def prune(self) -> dict:
+        out = super().prune()
+        self.invalidate_plan()
+        return out
+
+    def reset_fc(self) -> None:
+        super().reset_fc()
+        self.invalidate_plan()
+
+    def freeze_conv(self):
+        super().freeze_conv()
+        self.invalidate_plan()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.invalidate_plan()
+        return out
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_plan_cache"):
+            self.invalidate_plan()
+        return out
+
+    def resolved_frozen_plan(self, device=None) -> str:
+        """``"loop"`` or ``"grouped"``: the frozen plan used on ``device``."""
+        if self.frozen_plan != "auto":
+            return self.frozen_plan
+        device = torch.device(device) if device is not None else self._device_dtype()[0]
+        return _AUTO_PLAN.get(device.type, "loop")
+
+    @staticmethod
+    def _inferable(net: MaskedResNet, grad_enabled: bool) -> bool:
+        """Whether an extractor can run the inference-only path: eval mode and no gradient
+        needed for its parameters."""
+        if net.training:
+            return False
+        return not grad_enabled or not any(p.requires_grad for p in net.parameters())
+
+    def _folded(self, net: MaskedResNet) -> FoldedNet:
+        key = (self._plan_version, _net_key(net))
+        hit = self._plan_cache["nets"].get(id(net))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        f = fold_extractor(net)
+        self._plan_cache["nets"][id(net)] = (key, f)
+        return f
+
+    def _frozen_net(self, nets: list, plan: str) -> list:
+        """Folded networks to run, in order (one per extractor, or one fused group)."""
+        alive = {id(n) for n in self.convnets}
+        cache = self._plan_cache["nets"]
+        for k in [k for k in cache if k not in alive]:
+            del cache[k]
+        folded = [self._folded(n) for n in nets]
+        if plan == "loop" or len(nets) == 1:
+            self._plan_cache["group"] = None
+            return folded
+        key = (self._plan_version, tuple(id(f) for f in folded))
+        hit = self._plan_cache["group"]
+        if hit is not None and hit[0] == key:
+            return [hit[1]]
+        g = fuse_grouped(folded)
+        self._plan_cache["group"] = (key, g)
+        return [g]
+
+    def _run_frozen(self, nets: list, x: torch.Tensor) -> torch.Tensor:
+        """Super-feature slice [N, sum out_dim] of frozen extractors (no autograd unless x
+        needs a gradient)."""
+        plan = self.resolved_frozen_plan(x.device)
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        with torch.set_grad_enabled(need_grad):
+            folded = self._frozen_net(nets, plan)
+            fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
+            outs = [run_folded(f, x, fused=fused) for f in folded]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if len(self.convnets) == 0:
+            raise RuntimeError("call update_fc(n_classes) before using the model")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+
+    def _feature_list(self, x: torch.Tensor) -> list:
+        """Per-extractor features in order, merged where consecutive frozen ones allow: pooled
+        [N, C] for frozen ones, the last feature map [N, C, h, w] for trainable ones. The last
+        extractor is always its own entry (the auxiliary classifier reads it)."""
+        self._check_input(x)
+        nets = list(self.convnets)
+        grad = torch.is_grad_enabled()
+        infer = [self._inferable(n, grad) for n in nets]
+        frozen_idx = [i for i, f in enumerate(infer) if f]
+        per_net = [None] * len(nets)
+        if frozen_idx:
+            u = self._run_frozen([nets[i] for i in frozen_idx], x)
+            for i, piece in zip(frozen_idx, u.split([nets[i].out_dim for i in frozen_idx], 1)):
+                per_net[i] = piece
+            if frozen_idx == list(range(len(nets) - 1)) and len(nets) > 1:
+                return [u, trainable_feature_map(nets[-1], x)]  # stage 1: one frozen block
+            if len(frozen_idx) == len(nets) and len(nets) > 1:
+                d = nets[-1].out_dim
+                return [u[:, :-d], u[:, -d:]]  # stage 2 / eval
+        for i, f in enumerate(infer):
+            if not f:
+                per_net[i] = trainable_feature_map(nets[i], x)
+        return per_net
+
+    def extract_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The super-feature u = concat(F_1(x), ..., F_t(x))."""
+        feats = self._feature_list(x)
+        pooled = [f if f.dim() == 2 else f.mean((2, 3)) for f in feats]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self._feature_list(x)
+        head = _ops()[1]
+        aux_w = aux_b = None
+        if len(self.convnets) > 1:
+            aux_w, aux_b = self.aux_fc.weight, self.aux_fc.bias
+        logits, aux_logits, features = head(feats, self.fc.weight, self.fc.bias, aux_w, aux_b)
+        return {"logits": logits, "aux_logits": aux_logits, "features": features}
+
+    # ------------------------------------------------------------------ introspection
+    def plan(self, grad_enabled: bool | None = None) -> dict:
+        """What runs, in words: which extractors take the frozen inference path and how, the
+        trainable path and the head (for the current train/eval modes; ``grad_enabled``
+        defaults to torch's current setting)."""
+        gate, head, desc = _ops()
+        device, dtype = self._device_dtype()
+        grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+        infer = [self._inferable(n, grad) for n in self.convnets]
+        frozen_idx = [i for i, f in enumerate(infer) if f]
+        plan = self.resolved_frozen_plan(device)
+        x_like = torch.empty(0, device=device, dtype=dtype)
+        fused = self.onednn_fusion and _mkldnn_ok(x_like)
+        frozen = ("loop-channels_last" if plan == "loop" or len(frozen_idx) < 2 else
+                  "grouped (dense stem + grouped convs, zero-padded), channels_last")
+        frozen += (" + oneDNN fused conv/bias/residual/ReLU" if fused else " + aten conv")
+        frozen += ", BN and masks folded, pruned-off channels removed, no autograd"
+        gate_name = getattr(gate, "__qualname__", str(gate))
+        head_name = getattr(head, "__qualname__", str(head))
+        return {
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "frozen_plan_setting": self.frozen_plan,
+            "frozen": frozen if frozen_idx else "none",
+            "frozen_extractors": frozen_idx,
+            "trainable": (f"masked_gate op ({desc}: {gate_name}) with BN affine from "
+                          f"{'batch' if any(self.convnets[i].training for i, f in enumerate(infer) if not f) else 'running'} statistics, autograd")
+            if not all(infer) else "none",
+            "trainable_extractors": [i for i, f in enumerate(infer) if not f],
+            "head": f"concat_linear_head op ({desc}: {head_name})",
+        }

@@ -1,0 +1,224 @@
+"""Build script for der_fast.
+
+Extensions (torch.utils.cpp_extension, ninja):
+  der_fast._C       C++ (CPU) kernels and the operator schemas; always built
+                    (set DER_FAST_BUILD_CPU=0 for a pure-Python install that uses the
+                    PyTorch fallbacks).
+  der_fast._C_cuda  CUDA C++ kernels (csrc/cuda/*.cu); built when torch has CUDA
+                    (torch.version.cuda) and a CUDA toolkit with nvcc is found. No GPU is needed
+                    to build it.
+
+Switches (environment variables):
+  DER_FAST_BUILD_CUDA=auto|0|1  auto (default): build CUDA when possible, else warn;
+                                1: require it (fail without nvcc / CUDA torch); 0: skip it.
+  DER_FAST_CUDA_ARCHS           GPU architectures to compile for, ';'-separated, default "9.0"
+                                (H100) to keep compile time low. E.g. "8.0;9.0;10.0+PTX".
+                                "+PTX" also embeds PTX for forward compatibility.
+  DER_FAST_BUILD_CPU=1|0        build der_fast._C (default 1).
+  DER_FAST_CUDA_HOME / CUDA_HOME / CUDA_PATH
+                                CUDA toolkit location; otherwise found from the real nvcc on
+                                PATH (wrapper scripts and symlinks are followed) or
+                                /usr/local/cuda*. See der_fast/_backend.py:find_cuda_home.
+  MAX_JOBS                      parallel compile jobs (ninja).
+
+What was built is recorded in der_fast/_build_info.py (generated; `python -m der_fast.info`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+os.chdir(ROOT)
+
+
+def _load_backend():
+    spec = importlib.util.spec_from_file_location(
+        "_der_fast_backend_for_setup", ROOT / "der_fast" / "_backend.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _version() -> str:
+    text = (ROOT / "der_fast" / "__init__.py").read_text()
+    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    if not m:
+        raise RuntimeError("could not find __version__ in der_fast/__init__.py")
+    return m.group(1)
+
+
+VERSION = _version()
+backend = _load_backend()
+
+INSTALL_REQUIRES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "triton",
+    "numpy",
+    "tqdm",
+    "pytest",
+    "pytest-benchmark",
+    "ninja",
+    "matplotlib",
+]
+
+ext_modules = []
+cmdclass = {}
+build_record: dict = {
+    "version": VERSION,
+    "cpu_requested": backend.build_cpu_setting(),
+    "cuda_setting": backend.build_cuda_setting(),
+    "cuda_reason": "",
+    "cuda_home": None,
+    "cuda_home_found_by": None,
+    "nvcc_version": None,
+    "cuda_archs": [],
+    "openmp": False,
+}
+
+if True:  # torch is a build requirement (pyproject.toml [build-system])
+    import torch
+
+    cuda_setting = backend.build_cuda_setting()
+    cuda_home, how = backend.find_cuda_home()
+    want_cuda = False
+    if cuda_setting == "0":
+        build_record["cuda_reason"] = "DER_FAST_BUILD_CUDA=0"
+    elif not torch.version.cuda:
+        build_record["cuda_reason"] = "torch was built without CUDA"
+    elif cuda_home is None:
+        build_record["cuda_reason"] = f"no CUDA toolkit: {how}"
+    else:
+        want_cuda = True
+    if not want_cuda:
+        msg = f"der_fast: not building the CUDA extension ({build_record['cuda_reason']})"
+        if cuda_setting == "1":
+            raise RuntimeError(msg + " but DER_FAST_BUILD_CUDA=1 requires it")
+        if cuda_setting == "auto":
+            warnings.warn(msg + "; CUDA ops fall back to Triton / PyTorch", stacklevel=1)
+
+    if want_cuda:
+        # torch.utils.cpp_extension guesses CUDA_HOME at import time from `which nvcc`; on
+        # machines where nvcc is a wrapper script that guess is wrong, so set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+        build_record.update(cuda_home=cuda_home, cuda_home_found_by=how)
+        try:
+            out = subprocess.run(
+                [str(Path(cuda_home) / "bin" / "nvcc"), "--version"],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            m = re.search(r"release ([\d.]+)", out)
+            build_record["nvcc_version"] = m.group(1) if m else out.strip().splitlines()[-1]
+        except (OSError, subprocess.CalledProcessError) as err:
+            raise RuntimeError(f"der_fast: nvcc at {cuda_home} does not run: {err}") from err
+
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    if want_cuda:
+        cpp_extension.CUDA_HOME = cuda_home  # in case it was imported before we set the env
+
+    openmp = "OpenMP" in torch.__config__.parallel_info()
+    build_record["openmp"] = openmp
+    cxx_flags = ["-O3", "-DNDEBUG", "-Wno-unused-function"]
+    link_flags = []
+    if openmp:
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    include_dirs = [str(ROOT / "csrc")]
+
+    if backend.build_cpu_setting():
+        ext_modules.append(
+            CppExtension(
+                "der_fast._C",
+                sources=[
+                    "csrc/der_fast.cpp",
+                    "csrc/masked_gate.cpp",
+                    "csrc/concat_linear_head.cpp",
+                ],
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags},
+                extra_link_args=link_flags,
+            )
+        )
+    if want_cuda:
+        archs = backend.parse_cuda_archs()
+        build_record["cuda_archs"] = archs
+        ext_modules.append(
+            CUDAExtension(
+                "der_fast._C_cuda",
+                sources=["csrc/cuda/concat_linear_head.cu"],
+                include_dirs=include_dirs,
+                extra_compile_args={
+                    "cxx": ["-O3", "-DNDEBUG"],
+                    "nvcc": ["-O3", "-DNDEBUG", "-lineinfo", *backend.gencode_flags(archs)],
+                },
+            )
+        )
+
+    class BuildExt(BuildExtension):
+        """BuildExtension that times the build and writes der_fast/_build_info.py."""
+
+        def run(self):
+            t0 = time.perf_counter()
+            super().run()
+            seconds = time.perf_counter() - t0
+            built = {ext.name: Path(self.get_ext_fullpath(ext.name)).is_file() for ext in self.extensions}
+            rec = dict(build_record)
+            rec.update(
+                built_cpu=built.get("der_fast._C", False),
+                built_cuda=built.get("der_fast._C_cuda", False),
+                build_seconds=round(seconds, 1),
+                torch_version=torch.__version__,
+                torch_cuda=torch.version.cuda,
+                compiler_flags=cxx_flags,
+                built_at=time.strftime("%Y-%m-%d %H:%M:%S"),
+            )
+            text = (
+                '"""Generated by setup.py at build time: what der_fast\'s build contains. '
+                'Do not edit."""\n\n'
+                + "".join(f"{k.upper()} = {v!r}\n" for k, v in rec.items())
+            )
+            targets = [ROOT / "der_fast" / "_build_info.py"] if self.inplace else []
+            if not self.inplace:
+                targets.append(Path(self.build_lib) / "der_fast" / "_build_info.py")
+            for t in targets:
+                t.parent.mkdir(parents=True, exist_ok=True)
+                t.write_text(text)
+            print(f"der_fast: built {built} in {seconds:.1f} s; wrote {', '.join(map(str, targets))}")
+
+    cmdclass["build_ext"] = BuildExt.with_options(use_ninja=True)
+
+
+packages = find_packages(include=["der_fast", "der_fast.*"]) + ["der_fast.kernels"]
+
+setup(
+    name="der_fast",
+    version=VERSION,
+    description=(
+        "DER (Dynamically Expandable Representation) class-incremental learning: a plain "
+        "PyTorch reference and a fused fast path with custom CPU/CUDA/Triton ops"
+    ),
+    long_description=(ROOT / "DEVNOTES.md").read_text() if (ROOT / "DEVNOTES.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=sorted(set(packages)),
+    package_dir={"der_fast.kernels": "kernels"},
+    package_data={"der_fast": ["assets/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)

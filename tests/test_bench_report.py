@@ -1,0 +1,206 @@
+"""The benchmark report's parsing and ratio math (synthetic pytest-benchmark JSON), and the
+equivalence check that benchmarks/bench_model.py runs before timing, on a tiny case of every
+provider."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from der_fast import bench_report as R  # noqa: E402
+
+
+# ============================================================================ synthetic JSON
+def _bench(provider, workload, t, density, median, q1, q3, backbone="resnet32", batch=128,
+           hw=32, peak=None, params=None, **extra):
+    ex = {"provider": provider, "workload": workload, "backbone": backbone, "t": t,
+          "density": density, "batch": batch, "hw": hw, "device": "cpu",
+          "device_name": "Test CPU", "torch": "2.14.1", "der_fast": "0.1.0", "grid": "quick",
+          "threads": 1}
+    if peak is not None:
+        ex["peak_mem_bytes"] = peak
+    if params is not None:
+        ex["params"] = params
+    ex.update(extra)
+    return {"group": f"{workload}-{backbone}-t{t}", "name": f"test_model[{provider}]",
+            "extra_info": ex,
+            "stats": {"min": q1 * 0.9, "max": q3 * 1.1, "mean": median, "stddev": 0.01,
+                      "median": median, "q1": q1, "q3": q3, "iqr": q3 - q1, "rounds": 5}}
+
+
+def synthetic() -> dict:
+    b = [
+        # stage 1, t=5: fast 0.05 s, reference 0.20 s, func 0.60 s (no floor of its own)
+        _bench("fast", "stage1", 5, 0.3, 0.05, 0.04, 0.06, params=600_000, plan="loop"),
+        _bench("reference", "stage1", 5, 0.3, 0.20, 0.18, 0.22, peak=3 * 2 ** 20),
+        _bench("func", "stage1", 5, 0.3, 0.60, 0.50, 0.70),
+        # floors
+        _bench("fast", "floor", 1, None, 0.02, 0.02, 0.02),
+        _bench("reference", "floor", 1, None, 0.25, 0.24, 0.26),
+        # inference without a fast measurement: no ratio row
+        _bench("reference", "infer", 5, 0.3, 0.10, 0.09, 0.11),
+        # stage 2 at two densities, unordered
+        _bench("reference", "stage2", 2, 1.0, 0.03, 0.03, 0.03),
+        _bench("fast", "stage2", 2, 1.0, 0.01, 0.01, 0.01),
+        _bench("fast", "stage2", 2, 0.3, 0.02, 0.02, 0.02),
+        _bench("compile", "stage2", 2, 0.3, 0.01, 0.008, 0.012, compile_s=42.0),
+    ]
+    # a per-op benchmark of another suite (no workload): ignored by the report
+    b.append({"group": "masked_gate fwd", "name": "test_masked_gate[op]",
+              "extra_info": {"op": "masked_gate", "provider": "op"},
+              "stats": {"median": 1.0, "q1": 1.0, "q3": 1.0, "mean": 1.0, "rounds": 3}})
+    return {"datetime": "2026-11-25T00:00:00", "machine_info": {"python_version": "3.11.7"},
+            "benchmarks": b,
+            "der_fast": {"env": {"device": "cpu", "device_name": "Test CPU", "torch": "2.14.1",
+                                 "der_fast": "0.1.0", "grid": "quick", "threads": 1},
+                         "skipped": [{"case": "stage1-resnet32-b128-t5-d30",
+                                      "provider": "fast_grouped",
+                                      "reason": "FastDERNet rejects the plan"}],
+                         "memory": "tensor bytes"}}
+
+
+def test_load_ignores_foreign_benchmarks():
+    results, _ = R.load(synthetic())
+    assert len(results) == 10
+    assert {r.provider for r in results} == {"fast", "reference", "func", "compile"}
+    r = next(r for r in results if r.provider == "fast" and r.workload == "floor")
+    assert r.density is None and r.t == 1 and r.median == pytest.approx(0.02)
+
+
+def test_speedup_is_other_over_fast_with_quartile_spread():
+    results, _ = R.load(synthetic())
+    ref = next(r for r in results if r.provider == "reference" and r.workload == "stage1")
+    fast = next(r for r in results if r.provider == "fast" and r.workload == "stage1")
+    ratio, lo, hi = R.speedup(ref, fast)
+    assert ratio == pytest.approx(0.20 / 0.05)  # 4x: fast is four times faster
+    assert lo == pytest.approx(0.18 / 0.06)  # other q1 / fast q3
+    assert hi == pytest.approx(0.22 / 0.04)  # other q3 / fast q1
+    assert lo <= ratio <= hi
+
+
+def test_ratio_table_rows_and_order():
+    results, _ = R.load(synthetic())
+    rows = R.ratio_table(results)
+    keys = [k for k, _, _ in rows]
+    # infer has no fast measurement -> no row; order: stage1, then stage2 by density desc
+    assert [k[0] for k in keys] == ["stage1", "stage2", "stage2", "floor"]
+    assert [k[5] for k in keys[1:3]] == [1.0, 0.3]
+    stage1 = dict((k, c) for k, _, c in rows)[keys[0]]
+    assert stage1["reference"][0] == pytest.approx(4.0)
+    assert stage1["func"][0] == pytest.approx(12.0)
+    s2_30 = rows[2][2]
+    assert s2_30 == {"compile": pytest.approx((0.5, 0.4, 0.6))}
+    floor = rows[3][2]
+    assert floor["reference"][0] == pytest.approx(12.5)
+    # another baseline provider
+    rows_ref = {k[0]: c for k, _, c in R.ratio_table(results, fast="reference")}
+    assert rows_ref["infer"] == {}  # only the reference measured it
+    assert rows_ref["stage1"]["fast"][0] == pytest.approx(0.05 / 0.20)
+
+
+def test_floor_share_uses_own_floor_else_reference():
+    results, _ = R.load(synthetic())
+    rows = R.floor_shares(results)
+    assert len(rows) == 1
+    key, cells = rows[0]
+    assert key[0] == "stage1"
+    assert cells["fast"] == (pytest.approx(0.05 / 0.02), "fast")
+    assert cells["reference"] == (pytest.approx(0.20 / 0.25), "reference")
+    assert cells["func"] == (pytest.approx(0.60 / 0.25), "reference")  # no func floor
+
+
+def test_format_report_and_cli(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(synthetic()))
+    out = tmp_path / "report.md"
+    assert R.main([str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.strip() == out.read_text().strip()
+    assert "4.00x (3.00-5.50)" in text  # reference / fast, stage 1
+    assert "| stage1 | resnet32 b128 32px | 5 | 30% | 50.0 ms |" in text
+    assert "2.50" in text and "2.40*" in text  # floor shares (func uses the reference floor)
+    assert "FastDERNet rejects the plan" in text  # skipped cases with their reason
+    assert "42.0 s" in text  # compile time
+    assert "| 3 |" in text  # 3 MiB peak memory
+    assert "600,000" in text  # parameters
+    assert "Test CPU" in text
+
+
+def test_cli_bad_file(tmp_path, capsys):
+    assert R.main([str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+# ============================================================================ equivalence
+@pytest.fixture(scope="module")
+def C():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny shapes on a shared 2-core CPU: one thread is faster
+    from benchmarks import common
+
+    yield common
+    torch.set_num_threads(n)
+
+
+TINY = [("infer", 1), ("stage1", 1), ("infer", 2), ("stage1", 2), ("stage2", 2)]
+PROVIDERS = ["reference_cl", "func", "fast", "fast_loop", "fast_grouped",
+             pytest.param("compile", marks=[
+                 pytest.mark.slow,
+                 pytest.mark.skipif(os.environ.get("DER_FAST_TEST_COMPILE") != "1",
+                                    reason="torch.compile takes about a minute per case on a "
+                                           "2-core CPU: set DER_FAST_TEST_COMPILE=1")])]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("workload,t", TINY)
+def test_provider_matches_reference(C, workload, t, provider):
+    """The check bench_model.py runs before timing: logits (and aux logits, loss and every
+    trainable gradient for training workloads) equal the reference's on a tiny case
+    (resnet32, batch 2, 16x16; t=2 has a pruned frozen extractor), judged against the
+    float64 reference: error <= 2 x the float32 reference's own error + 1e-4 x max|value|."""
+    case = C.Case(workload, "resnet32", t, 0.3, 2, 16)
+    try:
+        wl, info = C.prepare(case, provider, torch.device("cpu"), grid_skips=False)
+    except C.ProviderUnavailable as exc:
+        pytest.skip(str(exc))
+    # prepare() raised if it differed; the errors it measured are recorded with the result
+    assert info["check_max_rel_err"] <= 2 * info["check_ref32_rel_err"] + 1e-4
+    out = wl.step()  # and it runs as timed
+    assert torch.isfinite(out).all()
+
+
+def test_check_catches_a_wrong_provider(C):
+    """A provider that computes something else fails the check (a fast wrong answer is not a
+    result)."""
+    case = C.Case("infer", "resnet32", 2, 0.3, 2, 16)
+    ref = C.reference_outputs(case, torch.device("cpu"))
+    built = C.build_provider("reference", C.reference_model(case), torch.device("cpu"))
+    with torch.no_grad():
+        built.model.convnets[0].stages[1][0].conv1.weight.mul_(1.01)
+    got = C.Workload(case, built, torch.device("cpu")).check_outputs()
+    with pytest.raises(AssertionError, match="logits"):
+        C.compare(ref, got)
+
+
+def test_func_ensemble_pads_pruned_extractors(C):
+    """The torch.func provider stacks pruned extractors of different widths (zero-padded to
+    full width with binary gates) and gathers their features back in the right columns."""
+    case = C.Case("infer", "resnet32", 3, 0.3, 2, 16)
+    model = C.reference_model(case)
+    widths = {n.out_dim for n in model.convnets}
+    assert max(widths) < 64  # pruned to ~30%
+    ens = C.FuncEnsemble(model)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ens(x)["features"], model(x)["features"], rtol=1e-4,
+                                   atol=1e-5)

@@ -1,0 +1,440 @@
+"""FastDERNet against the reference DERNet: same weights and masks in, same numbers out.
+
+Forward outputs and gradients are judged against a float64 run of the reference: the fast
+model's error must be at most 2x the fp32 reference's own error plus a small atol (so the test
+measures "as good as the reference", not an arbitrary tolerance). Every mismatch message says
+where (which output / parameter, index, values).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from der_fast import masks as M
+from der_fast.fast import FastDERNet, fold_extractor, fuse_grouped, run_folded
+from der_fast.reference import DERNet
+
+ATOL = 1e-5
+# Input sizes: small, but every BatchNorm still sees >= 8 values per channel in train mode
+# (with 2 values, x_hat = +-1 whatever x is and the input gradient is pure rounding noise).
+SIZES = {"resnet32": 16, "resnet18_cifar": 16, "resnet18": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes gain nothing from 2 OpenMP threads, and on a shared 2-core machine a busy
+    core makes every parallel region wait (we measured 100x slowdowns): run on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ============================================================================ helpers
+def _randomize(net: DERNet, g: torch.Generator) -> None:
+    """Random BN affine and running stats, random mask embeddings (some channels off)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.uniform_(-0.3, 0.3, generator=g)
+                m.running_mean.uniform_(-0.3, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+        for c in net.convnets:
+            if c.mask_e is not None:
+                for e in c.mask_e.values():
+                    e.uniform_(-2.0, 4.0, generator=g)
+        if net.fc is not None:
+            net.fc.bias.uniform_(-0.5, 0.5, generator=g)
+            net.aux_fc.bias.uniform_(-0.5, 0.5, generator=g)
+
+
+@torch.no_grad()
+def _calibrate(net: DERNet, g: torch.Generator) -> None:
+    """Running statistics measured on random images (cumulative average over 2 batches), so
+    eval-mode activations stay O(1) through depth; random BN stats let them grow ~2x per
+    residual block, which makes a training trajectory chaotic even in float64."""
+    hw = SIZES[net.backbone]
+    mode = net.training
+    for c in net.convnets:
+        bns = [m for m in c.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        c.train()
+        for _ in range(2):
+            c(torch.randn(8, net.in_channels, hw, hw, generator=g))
+        for m in bns:
+            m.momentum = 0.1
+    net.train(mode)
+    for c in net.convnets:
+        if not any(p.requires_grad for p in c.parameters()):
+            c.eval()
+
+
+def make_ref(backbone="resnet32", t=2, prune=(), seed=0, s=3.0, calibrate=False,
+             **kw) -> DERNet:
+    """t extractors; the ones listed in ``prune`` are pruned right after their step (so
+    widths differ per extractor), the others that are old keep binary (e > 0) masks."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = DERNet(backbone, **kw)
+    for i in range(t):
+        net.update_fc(3 * (i + 1) + i)
+        _randomize(net, g)
+        if i in prune:
+            net.prune()
+    _randomize(net, g)
+    if calibrate:
+        _calibrate(net, g)
+    net.set_s(s)
+    return net
+
+
+def _rand_x(backbone, n=3, seed=1, dtype=torch.float32):
+    hw = SIZES[backbone]
+    return torch.randn(n, 3, hw, hw, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def _where(a: torch.Tensor, b: torch.Tensor) -> str:
+    d = (a.double() - b.double()).abs()
+    i = int(d.flatten().argmax())
+    idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), d.shape)) if d.dim() else ()
+    return f"max |diff| {float(d.max()):.3e} at {idx}: {float(a.flatten()[i]):.8g} vs " \
+           f"{float(b.flatten()[i]):.8g}"
+
+
+def assert_as_good(name, fast, ref32, ref64, atol=ATOL):
+    """fast error vs float64 <= 2 x (fp32 reference error) + atol (scaled by magnitude)."""
+    if ref64 is None:
+        assert fast is None and ref32 is None, f"{name}: expected None"
+        return
+    assert fast is not None and fast.shape == ref64.shape, \
+        f"{name}: shape {None if fast is None else tuple(fast.shape)} vs {tuple(ref64.shape)}"
+    fast, ref32, ref64 = fast.detach(), ref32.detach(), ref64.detach()
+    mag = max(1.0, float(ref64.abs().max()))
+    err_f = float((fast.double() - ref64).abs().max())
+    err_r = float((ref32.double() - ref64).abs().max())
+    assert err_f <= 2 * err_r + atol * mag, (
+        f"{name}: fast error {err_f:.3e} > 2 x reference fp32 error {err_r:.3e} + "
+        f"{atol * mag:.1e}; fast vs float64 {_where(fast, ref64)}")
+
+
+def _trainable(net):
+    return {n: p for n, p in net.named_parameters() if p.requires_grad}
+
+
+def _loss(out, n_old):
+    logits = out["logits"]
+    y = torch.arange(logits.shape[0]) % logits.shape[1]
+    loss = F.cross_entropy(logits, y) + 0.1 * out["features"].square().mean()
+    if out["aux_logits"] is not None:
+        y_aux = torch.where(y < n_old, 0, y - n_old + 1)
+        loss = loss + F.cross_entropy(out["aux_logits"], y_aux)
+    return loss
+
+
+def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=True):
+    """Forward outputs, grads of every trainable parameter and BN buffers after the step."""
+    ref, fast = copy.deepcopy(ref), copy.deepcopy(fast)
+    ref.train(train)
+    fast.train(train)
+    r64 = copy.deepcopy(ref).double()
+    n_old = ref.n_classes - ref.task_sizes[-1]
+    outs = [m(xx) for m, xx in ((ref, x), (fast, x), (r64, x.double()))]
+    for k in ("logits", "aux_logits", "features"):
+        assert_as_good(f"{'train' if train else 'eval'} {k}", outs[1][k], outs[0][k], outs[2][k])
+    if grads:
+        for m, o in zip((ref, fast, r64), outs):
+            _loss(o, n_old).backward()
+        pr, pf, p64 = _trainable(ref), _trainable(fast), _trainable(r64)
+        assert pr.keys() == pf.keys() == p64.keys()
+        assert pr, "nothing trainable"
+        for n in pr:
+            gr, gf, g64 = pr[n].grad, pf[n].grad, p64[n].grad
+            if g64 is None:
+                assert gf is None, f"grad of {n}: reference has none, fast has one"
+                continue
+            assert gf is not None, f"grad of {n}: missing in the fast model"
+            assert_as_good(f"grad of {n}", gf, gr, g64)
+    for (n, b), (n2, c) in zip(ref.named_buffers(), fast.named_buffers()):
+        assert n == n2
+        if b.dtype.is_floating_point:
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+        else:
+            assert torch.equal(b, c), f"buffer {n}: {b} vs {c}"
+    return ref, fast
+
+
+# ============================================================================ forward/backward
+CASES = [(bb, t) for bb in ("resnet32", "resnet18_cifar", "resnet18") for t in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("backbone,t", CASES)
+def test_forward_backward_match_reference(backbone, t):
+    # widths differ: extractor 0 pruned (t > 2), the others binary-masked with random e
+    ref = make_ref(backbone, t, prune=(0,) if t > 2 else (), seed=t)
+    fast = FastDERNet.from_reference(ref)
+    x = _rand_x(backbone, n=3 if backbone == "resnet32" else 2, seed=10 + t)
+    for train in (True, False):
+        check_forward_backward(ref, fast, x, train)
+
+
+@pytest.mark.parametrize("plan", ["loop", "grouped"])
+@pytest.mark.parametrize("fusion", [True, False])
+def test_frozen_plans_agree(plan, fusion):
+    ref = make_ref("resnet32", 4, prune=(0, 2), seed=3)
+    fast = FastDERNet.from_reference(ref, frozen_plan=plan, onednn_fusion=fusion)
+    assert fast.resolved_frozen_plan() == plan
+    x = _rand_x("resnet32", 4, seed=4)
+    check_forward_backward(ref, fast, x, train=True)
+    ref.freeze_conv()
+    fast.freeze_conv()
+    check_forward_backward(ref, fast, x, train=True, grads=True)
+    with torch.no_grad():
+        check_forward_backward(ref, fast, x, train=False, grads=False)
+
+
+def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
+    ref = make_ref("resnet18_cifar", 3, prune=(1,), seed=5).eval()
+    ref.convnets[-1].binary_masks = False  # soft sigmoid(s*e) gates get folded too
+    x = _rand_x("resnet18_cifar", 2, seed=6)
+    with torch.no_grad():
+        r64 = copy.deepcopy(ref).double()
+        want = torch.cat([c(x.double()) for c in r64.convnets], 1)
+        got32 = torch.cat([c(x) for c in ref.convnets], 1)
+        folded = [fold_extractor(c) for c in ref.convnets]
+        assert [f.out_dims[0] for f in folded] == [c.out_dim for c in ref.convnets]
+        loop = torch.cat([run_folded(f, x) for f in folded], 1)
+        grouped = run_folded(fuse_grouped(folded), x)
+    assert_as_good("loop features", loop, got32, want)
+    assert_as_good("grouped features", grouped, got32, want)
+
+
+# ============================================================================ training
+def _sgd(model):
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and "mask_e" not in n]
+    masks = [p for n, p in model.named_parameters() if p.requires_grad and "mask_e" in n]
+    groups = [{"params": decay, "weight_decay": 5e-4}]
+    if masks:
+        groups.append({"params": masks, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+
+
+def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1):
+    s = M.anneal_s(b, n_batches, s_max)
+    model.set_s(s)
+    out = model(x)
+    loss = F.cross_entropy(out["logits"], y)
+    if out["aux_logits"] is not None:
+        loss = loss + F.cross_entropy(out["aux_logits"], torch.where(y < n_old, 0, y - n_old + 1))
+    loss = loss + lambda_s * model.sparsity_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    model.compensate_mask_grads(s, s_max)
+    opt.step()
+    model.clamp_masks()
+    return float(loss)
+
+
+def _stage2_step(model, opt, x, y, temperature=5.0):
+    loss = F.cross_entropy(model(x)["logits"] / temperature, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss)
+
+
+def _assert_states_close(ref, fast, what, rtol=2e-4, atol=2e-5):
+    sr, sf = ref.state_dict(), fast.state_dict()
+    assert sr.keys() == sf.keys()
+    for k, v in sr.items():
+        if isinstance(v, torch.Tensor) and v.dtype.is_floating_point:
+            torch.testing.assert_close(sf[k], v, rtol=rtol, atol=atol,
+                                       msg=lambda m, k=k: f"{what}: {k}: {m}")
+        elif isinstance(v, torch.Tensor):
+            assert torch.equal(sf[k], v), f"{what}: {k}"
+
+
+def test_training_trajectory_stage1_and_stage2():
+    torch.manual_seed(0)
+    ref = make_ref("resnet32", 2, seed=7, mask_init=2.0)
+    fast = FastDERNet.from_reference(ref)
+    n_old = ref.n_classes - ref.task_sizes[-1]
+    g = torch.Generator().manual_seed(8)
+    n_steps, n_cls = 20, ref.n_classes
+    data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, n_cls, (8,), generator=g))
+            for _ in range(n_steps)]
+    ref.train()
+    fast.train()
+    opt_r, opt_f = _sgd(ref), _sgd(fast)
+    for b, (x, y) in enumerate(data):
+        lr_ = _stage1_step(ref, opt_r, x, y, n_old, b, n_steps)
+        lf_ = _stage1_step(fast, opt_f, x, y, n_old, b, n_steps)
+        assert abs(lr_ - lf_) <= 1e-4 * max(1.0, abs(lr_)), f"stage 1 step {b}: loss {lr_} vs {lf_}"
+    _assert_states_close(ref, fast, "after stage 1")
+
+    for m in (ref, fast):
+        m.prune()
+        m.freeze_conv()
+        torch.manual_seed(123)
+        m.reset_fc()
+        m.train()  # frozen extractors stay in eval mode
+    assert fast.plan()["frozen_extractors"] == [0, 1] and fast.plan()["trainable"] == "none"
+    bn_before = {k: v.clone() for k, v in fast.state_dict().items() if "running" in k}
+    opt_r = torch.optim.SGD(ref.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt_f = torch.optim.SGD(fast.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for b, (x, y) in enumerate(data):
+        lr_ = _stage2_step(ref, opt_r, x, y)
+        lf_ = _stage2_step(fast, opt_f, x, y)
+        assert abs(lr_ - lf_) <= 1e-4 * max(1.0, abs(lr_)), f"stage 2 step {b}: loss {lr_} vs {lf_}"
+    _assert_states_close(ref, fast, "after stage 2")
+    for k, v in bn_before.items():
+        assert torch.equal(fast.state_dict()[k], v), f"stage 2 changed {k}"
+
+
+# ============================================================================ state, freshness
+def test_state_dict_round_trips_and_conversion():
+    ref = make_ref("resnet32", 3, prune=(1,), seed=9)
+    fast = FastDERNet.from_reference(ref)
+    assert type(fast) is FastDERNet and type(fast.to_reference()) is DERNet
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    for k, v in ref.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert fast.state_dict()[k].shape == v.shape, k
+    x = _rand_x("resnet32", 2, seed=2)
+
+    def same(a, b):
+        a.eval()
+        b.eval()
+        with torch.no_grad():
+            oa, ob = a(x), b(x)
+        for k in ("logits", "aux_logits", "features"):
+            torch.testing.assert_close(ob[k], oa[k], rtol=1e-5, atol=1e-5)
+
+    fast2 = FastDERNet("resnet32")  # DERNet checkpoint -> fresh FastDERNet
+    fast2.load_state_dict(ref.state_dict())
+    same(ref, fast2)
+    ref2 = DERNet("resnet32")  # FastDERNet checkpoint -> fresh DERNet
+    ref2.load_state_dict(fast.state_dict())
+    same(ref2, fast)
+    same(ref, fast.to_reference())
+    # conversion keeps modes, requires_grad flags and s
+    ref.train()
+    ref.set_s(7.0)
+    f3 = FastDERNet.from_reference(ref)
+    assert f3.convnets[-1].s == 7.0 and f3.convnets[-1].training and not f3.convnets[0].training
+    assert [p.requires_grad for p in f3.parameters()] == [p.requires_grad for p in ref.parameters()]
+    assert f3.num_params() == ref.num_params()
+
+
+def test_plan_stays_fresh():
+    ref = make_ref("resnet32", 2, seed=11)
+    fast = FastDERNet.from_reference(ref)
+    x = _rand_x("resnet32", 3, seed=12)
+
+    def check(what, train=False):
+        for m in (ref, fast):
+            m.train(train)
+        with torch.no_grad():
+            r64 = copy.deepcopy(ref).double()(x.double())
+            orr, of = ref(x), fast(x)
+        for k in ("logits", "aux_logits", "features"):
+            assert_as_good(f"{what}: {k}", of[k], orr[k], r64[k])
+
+    check("initial")
+    # an optimiser step on the newest extractor: its eval/no-grad fold must follow
+    for m in (ref, fast):
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        m.train()
+        _loss(m(x), 3).backward()
+        opt.step()
+    check("after an optimiser step")
+    for m in (ref, fast):
+        m.set_s(50.0)
+    check("after set_s")
+    for m in (ref, fast):
+        m.update_fc(ref.n_classes + 4)
+    check("after update_fc")
+    for m in (ref, fast):
+        m.prune()
+    check("after prune")
+    for m in (ref, fast):
+        m.to(torch.float64)
+    x = x.double()
+    check("after .to(float64)")
+    for m in (ref, fast):
+        m.to(torch.float32)
+    x = x.float()
+    with torch.no_grad():  # a frozen extractor changed in place
+        for m in (ref, fast):
+            m.convnets[0].stem.bn.running_mean.add_(0.5)
+    check("after an in-place change of a frozen buffer")
+    for m in (ref, fast):
+        m.freeze_conv()
+    check("after freeze_conv (train mode)", train=True)
+    sd = make_ref("resnet32", 3, prune=(0,), seed=13).state_dict()
+    for m in (ref, fast):
+        m.load_state_dict(sd)
+    check("after load_state_dict")
+    fast.frozen_plan = "grouped"
+    check("after frozen_plan = grouped")
+
+
+def test_stage2_backbone_is_frozen_path_and_only_fc_trains():
+    ref = make_ref("resnet18_cifar", 2, prune=(0,), seed=14).freeze_conv()
+    fast = FastDERNet.from_reference(ref)
+    fast.train()
+    p = fast.plan()
+    assert p["frozen_extractors"] == [0, 1] and p["trainable_extractors"] == []
+    assert "concat_linear_head" in p["head"]
+    out = fast(_rand_x("resnet18_cifar", 2, seed=15))
+    assert not out["features"].requires_grad and out["logits"].requires_grad
+    _loss(out, 3).backward()
+    assert all(q.grad is None for n, q in fast.named_parameters() if not n.startswith(("fc",
+                                                                                         "aux")))
+    assert fast.fc.weight.grad is not None
+
+
+def test_input_gradient_through_frozen_extractors():
+    ref = make_ref("resnet32", 3, prune=(1,), seed=16)
+    fast = FastDERNet.from_reference(ref)
+    x = _rand_x("resnet32", 2, seed=17)
+    grads = []
+    for m in (ref, fast, copy.deepcopy(ref).double()):
+        m.eval()
+        xx = (x.double() if next(m.parameters()).dtype == torch.float64 else x.clone())
+        xx.requires_grad_(True)
+        m(xx)["logits"].square().sum().backward()
+        grads.append(xx.grad)
+    assert_as_good("grad of x", grads[1], grads[0], grads[2])
+
+
+def test_unmasked_and_binary_trainable_extractor():
+    ref = make_ref("resnet32", 2, seed=18, use_masks=False)
+    check_forward_backward(ref, FastDERNet.from_reference(ref), _rand_x("resnet32"), True)
+    ref = make_ref("resnet32", 2, seed=19)
+    ref.convnets[-1].binary_masks = True  # binarised but still trainable: no grad to e
+    check_forward_backward(ref, FastDERNet.from_reference(ref), _rand_x("resnet32"), True)
+
+
+def test_plan_description_and_errors():
+    fast = FastDERNet("resnet32")
+    with pytest.raises(RuntimeError, match="update_fc"):
+        fast(torch.randn(1, 3, 8, 8))
+    fast.update_fc(4)
+    fast.update_fc(8)
+    fast.train()
+    p = fast.plan()
+    assert p["frozen_extractors"] == [0] and p["trainable_extractors"] == [1]
+    assert "masked_gate" in p["trainable"] and p["frozen"].startswith("loop")
+    with pytest.raises(ValueError, match="frozen_plan"):
+        FastDERNet("resnet32", frozen_plan="nope")
+    with pytest.raises(ValueError, match="expected input"):
+        fast(torch.randn(2, 1, 8, 8))
+    with torch.no_grad():
+        assert fast.eval().plan()["frozen_extractors"] == [0, 1]

@@ -1,0 +1,533 @@
+"""Masks (HAT-style), sparsity loss, gradient compensation and exact pruning of MaskedResNet."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from der_fast import masks as M
+from der_fast.backbones import ARCHS, MaskedResNet, conv_layers
+
+BACKBONES = ["resnet32", "resnet18_cifar", "resnet18"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CPUs are shared: intra-op threads oversubscribe them and slow these tiny nets ~10x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------ helpers
+def randomize_bn(net: nn.Module, gen: torch.Generator) -> None:
+    """Random affine parameters and running statistics in every BatchNorm (moderate scale, so
+    deep nets neither explode nor vanish)."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                dt = m.weight.dtype
+                m.weight.copy_(0.5 + torch.rand(c, generator=gen, dtype=dt))
+                m.bias.copy_(0.2 * torch.randn(c, generator=gen, dtype=dt))
+                m.running_mean.copy_(0.2 * torch.randn(c, generator=gen, dtype=dt))
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen, dtype=dt))
+                m.num_batches_tracked.fill_(7)
+
+
+def randomize_masks(net: MaskedResNet, gen: torch.Generator) -> dict:
+    """Random embeddings e (random signs). stream0 and every third inner point get a single
+    channel on; the inner points after those have every e negative (binarisation must then keep
+    their largest e). Returns the expected binary masks, point -> bool."""
+    expected = {}
+    with torch.no_grad():
+        for i, (p, e) in enumerate(net.mask_e.items()):
+            v = torch.randn(e.shape, generator=gen, dtype=e.dtype)
+            kind = "random" if p.startswith("stream") and p != "stream0" else \
+                ("single" if p == "stream0" or i % 3 == 1 else "none" if i % 3 == 2 else "random")
+            if kind == "single":
+                v = -v.abs() - 0.1
+                v[int(torch.randint(len(v), (1,), generator=gen))] = 0.7
+            elif kind == "none" and len(v) > 1:
+                v = -v.abs() - 0.1
+            e.copy_(v)
+            m = v > 0
+            if not m.any():
+                m = torch.zeros_like(m)
+                m[int(v.argmax())] = True
+            expected[p] = m
+    # make sure the test is not vacuous: some points are pruned, some keep several channels
+    assert any(not m.all() for m in expected.values())
+    assert sum(int(m.sum()) == 1 for m in expected.values()) >= 2
+    assert any(int(m.sum()) > 1 for m in expected.values())
+    return expected
+
+
+def masked_net(arch, in_channels=3, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = MaskedResNet(arch, in_channels=in_channels, masked=True).to(dtype)
+    randomize_bn(net, gen)
+    expected = randomize_masks(net, gen)
+    return net, expected, gen
+
+
+def set_e(net, point, values):
+    with torch.no_grad():
+        net.mask_e[point].copy_(torch.as_tensor(values, dtype=net.mask_e[point].dtype))
+
+
+# ------------------------------------------------------------------------------ anneal_s
+def test_anneal_s_endpoints_and_linear():
+    s_max, B = 400.0, 7
+    s = [M.anneal_s(b, B, s_max) for b in range(B)]
+    assert s[0] == pytest.approx(1.0 / s_max, rel=1e-12)
+    assert s[-1] == pytest.approx(s_max, rel=1e-12)
+    step = (s_max - 1.0 / s_max) / (B - 1)
+    for b in range(B):  # DER.md: s = 1/s_max + (s_max - 1/s_max) (b - 1) / (B - 1), b = 1..B
+        assert s[b] == pytest.approx(1.0 / s_max + step * b, rel=1e-12)
+    diffs = [s[i + 1] - s[i] for i in range(B - 1)]
+    assert all(d == pytest.approx(step, rel=1e-9) for d in diffs)
+
+
+def test_anneal_s_other_smax_and_two_batches():
+    assert M.anneal_s(0, 2, 10.0) == pytest.approx(0.1)
+    assert M.anneal_s(1, 2, 10.0) == pytest.approx(10.0)
+    assert M.anneal_s(2, 5, 10.0) == pytest.approx(0.1 + (10.0 - 0.1) * 2 / 4)
+
+
+def test_anneal_s_single_batch_is_smax():
+    assert M.anneal_s(0, 1, 400.0) == pytest.approx(400.0)
+    assert M.anneal_s(0, 1, 3.5) == pytest.approx(3.5)
+
+
+@pytest.mark.parametrize("args", [(0, 5, 0.0), (0, 5, -1.0), (-1, 5, 400.0), (5, 5, 400.0),
+                                  (0, 0, 400.0), (3, 2, 400.0)])
+def test_anneal_s_bad_args_raise(args):
+    with pytest.raises(ValueError):
+        M.anneal_s(*args)
+
+
+# ------------------------------------------------------------------------------ conv listing
+@pytest.mark.parametrize("arch", BACKBONES)
+def test_conv_layers_cover_every_conv_with_matching_shapes(arch):
+    net = MaskedResNet(arch, in_channels=5)
+    layers = conv_layers(net.arch)
+    convs = {n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+    assert sorted(p for p, *_ in layers) == sorted(convs)
+    widths = dict(net.widths, input=5)
+    for path, src, dst, k in layers:
+        w = net.get_submodule(path).weight
+        assert tuple(w.shape) == (widths[dst], widths[src], *w.shape[2:]), path
+        assert w.shape[2] * w.shape[3] == k, path
+    # the sparsity loss' denominator is the number of conv weights
+    assert sum(k * widths[s] * widths[d] for _, s, d, k in layers) == \
+        sum(net.get_submodule(p).weight.numel() for p in convs)
+
+
+def test_conv_layers_resnet32_chain():
+    layers = conv_layers(ARCHS["resnet32"])
+    assert len(layers) == 1 + 3 * 5 * 2
+    assert layers[0] == ("stem.conv", "input", "stream0", 9)
+    assert ("stages.1.0.conv1", "stream0", "inner1_0", 9) in layers
+    assert ("stages.1.0.conv2", "inner1_0", "stream1", 9) in layers
+    assert ("stages.2.3.conv1", "stream2", "inner2_3", 9) in layers
+    assert all(k == 9 for *_, k in layers)
+
+
+def test_conv_layers_resnet18_kernels():
+    layers = conv_layers(ARCHS["resnet18"])
+    assert layers[0] == ("stem.conv", "input", "stream0", 49)
+    sc = [layer for layer in layers if layer[0].endswith("sc_conv")]
+    assert sc == [("stages.1.0.sc_conv", "stream0", "stream1", 1),
+                  ("stages.2.0.sc_conv", "stream1", "stream2", 1),
+                  ("stages.3.0.sc_conv", "stream2", "stream3", 1)]
+    assert len(layers) == 1 + 4 * 2 * 2 + 3
+
+
+# ------------------------------------------------------------------------------ sparsity loss
+def test_sparsity_loss_random_e_matches_formula(seed):
+    net = MaskedResNet("resnet32", in_channels=3, masked=True)
+    with torch.no_grad():
+        for e in net.mask_e.values():
+            e.copy_(torch.randn(e.shape) * 2)
+    s = 3.7
+    M.set_s(net, s)
+    # |m_l|_1 computed independently; layer 0 = the image, |m_0|_1 = 3
+    norms = {p: float(torch.sigmoid(s * e.detach().double()).sum()) for p, e in net.mask_e.items()}
+    norms["input"] = 3.0
+    widths = dict(net.widths, input=3)
+    num = sum(k * norms[a] * norms[b] for _, a, b, k in conv_layers(net.arch))
+    den = sum(k * widths[a] * widths[b] for _, a, b, k in conv_layers(net.arch))
+    loss = M.sparsity_loss(net)
+    assert loss.dim() == 0
+    assert 0.0 < float(loss.detach()) < 1.0
+    assert_close(loss.double(), torch.tensor(num / den, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def _explicit_resnet32(in_channels):
+    """resnet32 with ~exact 0/1 masks: s = 400, e = +-6 -> sigmoid(+-2400) == 1 / 0.
+    Kept channels: stream0 8/16, stream1 16/32, stream2 32/64, every inner point 1/4."""
+    net = MaskedResNet("resnet32", in_channels=in_channels, masked=True)
+    keep = {"stream0": 8, "stream1": 16, "stream2": 32}
+    for si, w in enumerate((16, 32, 64)):
+        for bi in range(5):
+            keep[f"inner{si}_{bi}"] = w // 4
+    gen = torch.Generator().manual_seed(1)
+    for p, k in keep.items():
+        w = net.widths[p]
+        v = torch.full((w,), -6.0)
+        v[torch.randperm(w, generator=gen)[:k]] = 6.0
+        set_e(net, p, v)
+    M.set_s(net, 400.0)
+    return net
+
+
+def test_sparsity_loss_explicit_binary_case():
+    net = _explicit_resnet32(3)
+    # sum_l K |m_{l-1}| |m_l|, by hand (K = 9 for every resnet32 conv):
+    num = 9 * (3 * 8                                  # stem: image (3) -> stream0 (8)
+               + 5 * (8 * 4 + 4 * 8)                  # stage 0: 5 blocks
+               + (8 * 8 + 8 * 16) + 4 * (16 * 8 + 8 * 16)      # stage 1
+               + (16 * 16 + 16 * 32) + 4 * (32 * 16 + 16 * 32))  # stage 2
+    den = 9 * (3 * 16
+               + 5 * (16 * 16 + 16 * 16)
+               + (16 * 32 + 32 * 32) + 4 * (32 * 32 + 32 * 32)
+               + (32 * 64 + 64 * 64) + 4 * (64 * 64 + 64 * 64))
+    assert (num, den) == (57816, 461232)
+    assert float(M.sparsity_loss(net).detach()) == pytest.approx(num / den, rel=1e-6)
+
+
+def test_sparsity_loss_explicit_input_channels():
+    net = _explicit_resnet32(1)
+    num = 57816 - 9 * 2 * 8
+    den = 461232 - 9 * 2 * 16
+    assert float(M.sparsity_loss(net).detach()) == pytest.approx(num / den, rel=1e-6)
+
+
+def test_sparsity_loss_all_on_all_off():
+    net = MaskedResNet("resnet32", masked=True)
+    M.set_s(net, 400.0)
+    for p in net.mask_e:
+        set_e(net, p, torch.full((net.widths[p],), 6.0))
+    assert float(M.sparsity_loss(net).detach()) == pytest.approx(1.0, rel=1e-6)
+    for p in net.mask_e:
+        set_e(net, p, torch.full((net.widths[p],), -6.0))
+    assert float(M.sparsity_loss(net).detach()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sparsity_loss_needs_masks():
+    with pytest.raises(ValueError):
+        M.sparsity_loss(MaskedResNet("resnet32", masked=False))
+
+
+def test_sparsity_loss_gradient_reaches_every_e(seed):
+    net = MaskedResNet("resnet32", masked=True).double()
+    with torch.no_grad():
+        for e in net.mask_e.values():
+            e.copy_(torch.randn(e.shape, dtype=torch.float64))
+    M.set_s(net, 2.0)
+    loss = M.sparsity_loss(net)
+    loss.backward()
+    for p, e in net.mask_e.items():
+        assert e.grad is not None, p
+        assert torch.isfinite(e.grad).all(), p
+        assert (e.grad > 0).all(), p  # more of any channel = more weights in use
+    # finite differences on a few coordinates
+    eps = 1e-6
+    for p, i in [("stream0", 3), ("inner1_2", 0), ("stream2", 63)]:
+        e = net.mask_e[p]
+        with torch.no_grad():
+            e[i] += eps
+            up = float(M.sparsity_loss(net))
+            e[i] -= 2 * eps
+            down = float(M.sparsity_loss(net))
+            e[i] += eps
+        assert float(e.grad[i]) == pytest.approx((up - down) / (2 * eps), rel=1e-5), (p, i)
+
+
+# ------------------------------------------------------------------------------ HAT helpers
+@pytest.mark.parametrize("s", [1.0 / 400, 1.0, 37.5, 400.0])
+def test_compensate_grads_matches_hat(seed, s):
+    s_max = 400.0
+    net = MaskedResNet("resnet32", masked=True)
+    with torch.no_grad():
+        for e in net.mask_e.values():
+            e.copy_(torch.randn(e.shape) * 2)  # |e| up to ~6: |s e| > 50 at s = 37.5, 400
+            e.grad = torch.randn(e.shape)
+    before = {p: e.grad.clone() for p, e in net.mask_e.items()}
+    M.compensate_grads(net, s, s_max)
+    n_clamped = 0
+    for p, e in net.mask_e.items():
+        expected = []
+        for ev, gv in zip(e.detach().tolist(), before[p].tolist()):
+            z = s * ev
+            if abs(z) > 50:
+                n_clamped += 1
+            z = max(-50.0, min(50.0, z))
+            expected.append(gv * s_max / s * (math.cosh(z) + 1) / (math.cosh(ev) + 1))
+        assert torch.isfinite(e.grad).all(), p
+        assert_close(e.grad, torch.tensor(expected, dtype=torch.float32), rtol=2e-5, atol=1e-30,
+                     msg=lambda m, p=p: f"point {p}: {m}")
+    if s >= 37.5:
+        assert n_clamped > 0  # the clamp at |s e| > 50 is exercised
+
+
+def test_compensate_grads_skips_missing_grads_and_unmasked_nets():
+    net = MaskedResNet("resnet32", masked=True)
+    with torch.no_grad():
+        net.mask_e["stream1"].grad = torch.ones(32)
+    M.compensate_grads(net, 1.0, 400.0)  # points without grad: no error
+    assert all(net.mask_e[p].grad is None for p in net.mask_e if p != "stream1")
+    M.compensate_grads(MaskedResNet("resnet32"), 1.0, 400.0)  # no masks: no-op
+
+
+def test_clamp_embeddings(seed):
+    net = MaskedResNet("resnet32", masked=True)
+    with torch.no_grad():
+        for e in net.mask_e.values():
+            e.copy_(torch.randn(e.shape) * 10)
+    before = {p: e.detach().clone() for p, e in net.mask_e.items()}
+    assert any((b.abs() > 6).any() for b in before.values())
+    M.clamp_embeddings(net)
+    for p, e in net.mask_e.items():
+        assert_close(e.detach(), before[p].clamp(-6.0, 6.0), rtol=0, atol=0)
+    M.clamp_embeddings(net, 2.5)
+    for p, e in net.mask_e.items():
+        assert float(e.detach().abs().max()) <= 2.5
+
+
+def test_binary_masks_threshold_and_keep_one(seed):
+    net = MaskedResNet("resnet32", masked=True)
+    with torch.no_grad():
+        for e in net.mask_e.values():
+            e.copy_(torch.randn(e.shape))
+        net.mask_e["stream2"].copy_(-torch.rand(64) - 0.01)  # everything off
+    masks = M.binary_masks(net)
+    for p, e in net.mask_e.items():
+        if p == "stream2":
+            continue
+        # s = s_max, threshold 0.5 on sigmoid(s e) <=> e > 0
+        assert torch.equal(masks[p], torch.sigmoid(400.0 * e.detach()) > 0.5), p
+    m = masks["stream2"]
+    assert m.dtype == torch.bool and int(m.sum()) == 1
+    assert int(m.nonzero()) == int(net.mask_e["stream2"].argmax())
+    # the gate in binary mode is the same mask
+    net.binary_masks = True
+    for p in net.mask_e:
+        assert torch.equal(net.gate(p), masks[p].float()), p
+
+
+# ------------------------------------------------------------------------------ pruning
+def _check_prune(net, expected, x, rtol, atol):
+    net.eval()
+    net.binary_masks = True
+    with torch.no_grad():
+        ref = net(x)
+        net.binary_masks = False
+        soft = net(x)
+        net.binary_masks = True
+    pruned = M.prune(net)
+    assert not pruned.training
+    assert pruned.mask_e is None and pruned.is_pruned
+    assert next(pruned.parameters()).dtype == x.dtype
+    # widths = number of on channels; kept_* = their (sorted) indices
+    for p, m in expected.items():
+        assert pruned.widths[p] == int(m.sum()), p
+        assert torch.equal(pruned.kept(p), net.kept(p)[m]), p  # original indices
+    with torch.no_grad():
+        out = pruned(x)
+    # the features that are pruned away are exactly zero in the masked net
+    last = f"stream{len(net.arch.stages) - 1}"
+    keep = expected[last]
+    assert out.shape == (x.shape[0], int(keep.sum()))
+    assert int(torch.count_nonzero(ref[:, ~keep])) == 0
+    assert float(ref.abs().max()) > 1e-3  # not a vacuous all-zero comparison
+    assert not torch.allclose(soft, ref)  # the masks matter
+    assert_close(out, ref[:, keep], rtol=rtol, atol=atol)
+    return pruned
+
+
+@pytest.mark.parametrize("arch", BACKBONES)
+def test_prune_exact_float32(arch):
+    net, expected, gen = masked_net(arch, seed=11)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    pruned = _check_prune(net, expected, x, rtol=1e-4, atol=1e-5)
+    assert M.count_params(pruned) < M.count_params(net)
+
+
+@pytest.mark.parametrize("arch", BACKBONES)
+def test_prune_exact_float64(arch):
+    net, expected, gen = masked_net(arch, dtype=torch.float64, seed=12)
+    x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    _check_prune(net, expected, x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3, 5])
+def test_prune_exact_any_input_channels(in_channels):
+    net, expected, gen = masked_net("resnet32", in_channels=in_channels, seed=13)
+    x = torch.randn(3, in_channels, 16, 16, generator=gen)
+    pruned = _check_prune(net, expected, x, rtol=1e-4, atol=1e-5)
+    assert pruned.in_channels == in_channels
+    assert pruned.stem.conv.weight.shape[1] == in_channels
+
+
+def test_prune_exact_in_train_mode_too():
+    """BatchNorm batch statistics are per channel, so pruning is exact with batch stats too."""
+    net, expected, gen = masked_net("resnet18_cifar", seed=14)
+    x = torch.randn(4, 3, 16, 16, generator=gen)
+    net.binary_masks = True
+    pruned = M.prune(net)
+    net.train()
+    pruned.train()
+    with torch.no_grad():
+        ref = net(x)
+        out = pruned(x)
+    keep = expected["stream3"]
+    assert_close(out, ref[:, keep], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", BACKBONES)
+def test_pruned_param_count(arch):
+    net, expected, _ = masked_net(arch, in_channels=3, seed=15)
+    pruned = M.prune(net)
+    n_on = {p: int(m.sum()) for p, m in expected.items()}
+    n_on["input"] = 3
+    # every conv has one BatchNorm (2 affine parameters per output channel)
+    want = sum(k * n_on[a] * n_on[b] + 2 * n_on[b] for _, a, b, k in conv_layers(net.arch))
+    assert M.count_params(pruned) == want
+    assert M.count_params(pruned) < M.count_params(net)
+    assert M.count_params(net, include_masks=True) == \
+        M.count_params(net) + sum(net.widths.values())
+
+
+def test_prune_keeps_bn_state_and_weights(seed):
+    net, expected, _ = masked_net("resnet18", seed=16)
+    pruned = M.prune(net)
+    on = {p: m.nonzero().flatten() for p, m in expected.items()}
+    on["input"] = torch.arange(3)
+    w_old = net.get_submodule("stages.2.0.sc_conv").weight
+    w_new = pruned.get_submodule("stages.2.0.sc_conv").weight
+    assert_close(w_new, w_old[on["stream2"]][:, on["stream1"]], rtol=0, atol=0)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        old = getattr(net.stages[1][1].bn1, name)
+        new = getattr(pruned.stages[1][1].bn1, name)
+        assert_close(new, old[on["inner1_1"]], rtol=0, atol=0)
+    assert int(pruned.stem.bn.num_batches_tracked) == int(net.stem.bn.num_batches_tracked)
+
+
+def test_prune_composes():
+    """Pruning a pruned (then re-masked) network keeps original indices and stays exact."""
+    net, expected, gen = masked_net("resnet32", seed=17)
+    p1 = M.prune(net)
+    again = MaskedResNet("resnet32", masked=True, kept={p: p1.kept(p) for p in p1.widths})
+    missing, unexpected = again.load_state_dict(p1.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith("mask_e.") for k in missing)
+    expected2 = randomize_masks(again, gen)
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    p2 = _check_prune(again, expected2, x, rtol=1e-4, atol=1e-5)
+    for p in p2.widths:
+        assert torch.equal(p2.kept(p), p1.kept(p)[expected2[p]]), p
+
+
+def test_prune_needs_masks():
+    with pytest.raises(ValueError):
+        M.prune(MaskedResNet("resnet32", masked=False))
+
+
+# ------------------------------------------------------------------------------ expand_from
+def test_expand_from_unpruned_is_identical(seed):
+    gen = torch.Generator().manual_seed(3)
+    prev = MaskedResNet("resnet18_cifar")
+    randomize_bn(prev, gen)
+    new = M.expand_from(prev, masked=False)
+    assert new is not prev and not new.is_pruned
+    for (k, a), (k2, b) in zip(prev.state_dict().items(), new.state_dict().items()):
+        assert k == k2
+        assert_close(b, a, rtol=0, atol=0, msg=lambda m, k=k: f"{k}: {m}")
+    prev.eval()
+    new.eval()
+    x = torch.randn(2, 3, 16, 16, generator=gen)
+    with torch.no_grad():
+        assert_close(new(x), prev(x), rtol=0, atol=0)
+    # independent copies: changing the new one leaves prev alone
+    with torch.no_grad():
+        new.stem.conv.weight.add_(1.0)
+    assert not torch.equal(new.stem.conv.weight, prev.stem.conv.weight)
+
+
+@pytest.mark.parametrize("arch", ["resnet32", "resnet18"])
+def test_expand_from_pruned_places_kept_channels(arch):
+    net, expected, gen = masked_net(arch, in_channels=5, seed=18)
+    prev = M.prune(net)
+    new = M.expand_from(prev, masked=True, mask_init=0.25)
+    assert not new.is_pruned and new.in_channels == 5
+    assert new.widths == new.full_widths
+    for p, e in new.mask_e.items():
+        assert e.requires_grad and torch.equal(e.detach(), torch.full_like(e, 0.25)), p
+    idx = {p: prev.kept(p) for p in prev.widths}
+    idx["input"] = torch.arange(5)
+    for path, src, dst, _ in conv_layers(prev.arch):
+        w_new = new.get_submodule(path).weight
+        w_old = prev.get_submodule(path).weight
+        assert_close(w_new[idx[dst]][:, idx[src]], w_old, rtol=0, atol=0, msg=lambda m: path + m)
+        head, _, leaf = path.rpartition(".")
+        bn = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "sc_conv": "sc_bn"}[leaf]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            a = getattr(new.get_submodule(f"{head}.{bn}"), name)[idx[dst]]
+            b = getattr(prev.get_submodule(f"{head}.{bn}"), name)
+            assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{head}.{bn}.{name}: {m}")
+    # with binary masks = "kept by prev", the expanded net computes prev's function
+    for p in new.mask_e:
+        v = torch.full((new.widths[p],), -1.0)
+        v[idx[p]] = 1.0
+        set_e(new, p, v)
+    new.binary_masks = True
+    new.eval()
+    prev.eval()
+    x = torch.randn(2, 5, 32, 32, generator=gen)
+    last = f"stream{len(prev.arch.stages) - 1}"
+    with torch.no_grad():
+        out_new = new(x)
+        out_prev = prev(x)
+    assert_close(out_new[:, idx[last]], out_prev, rtol=1e-4, atol=1e-5)
+    off = torch.ones(new.widths[last], dtype=torch.bool)
+    off[idx[last]] = False
+    assert int(torch.count_nonzero(out_new[:, off])) == 0
+
+
+def test_expand_from_keeps_dtype():
+    prev = MaskedResNet("resnet32", masked=True).double()
+    new = M.expand_from(prev, masked=True)
+    assert all(p.dtype == torch.float64 for p in new.parameters())
+
+
+# ------------------------------------------------------------------------------ input checks
+@pytest.mark.parametrize("in_channels", [1, 3, 5])
+def test_any_number_of_input_channels(in_channels, seed):
+    net = MaskedResNet("resnet32", in_channels=in_channels, masked=True).eval()
+    out = net(torch.randn(2, in_channels, 16, 16))
+    assert out.shape == (2, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_wrong_input_shape_raises_clear_error():
+    net = MaskedResNet("resnet32", in_channels=3)
+    with pytest.raises(ValueError, match=r"expected input \[N, 3, H, W\].*\(2, 1, 16, 16\)"):
+        net(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="expected input"):
+        net(torch.randn(3, 16, 16))
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, "3"])
+def test_bad_in_channels_raise(bad):
+    with pytest.raises(ValueError, match="in_channels"):
+        MaskedResNet("resnet32", in_channels=bad)
+
+
+def test_unknown_arch_raises_naming_it():
+    with pytest.raises(ValueError, match="resnet50"):
+        MaskedResNet("resnet50")
