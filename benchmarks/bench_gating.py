@@ -14,7 +14,9 @@ Shapes: ResNet-32 layers (N=128, C=16/32/64 at 32/16/8 px) and ResNet-18-CIFAR l
 checked against the reference before timing. benchmarks/conftest.py prints the ratio table
 (op/ref, op/unfused per group) after the run.
 
-DER_FAST_BENCH_DEVICE=auto|cpu|cuda picks the device (auto: CUDA when available).
+DER_FAST_BENCH_DEVICE=auto|cpu|cuda picks the device (auto: CUDA when available);
+DER_FAST_BENCH_THREADS=N sets torch's CPU threads (on a shared, oversubscribed machine 1 thread
+gives stable numbers: OpenMP barriers otherwise wait for descheduled threads).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def _device() -> torch.device:
 
 
 DEVICE = _device()
+if os.environ.get("DER_FAST_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
 S = 5.0  # mask temperature mid-anneal
 
 SHAPES = [  # (net, N, C, HW)

@@ -12,6 +12,7 @@ feature map and all four classifier tensors; the t-1 older extractors are frozen
 Shapes: ResNet-32 (N=128, 64 channels per extractor at 8x8) and ResNet-18-CIFAR (N=32, 512
 channels at 4x4), t = 1, 5, 10 extractors, 10 classes per task, aux head 10 + 1 classes.
 Outputs and gradients are checked against the reference before timing.
+DER_FAST_BENCH_DEVICE=auto|cpu|cuda, DER_FAST_BENCH_THREADS=N as in bench_gating.py.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def _device() -> torch.device:
 
 
 DEVICE = _device()
+if os.environ.get("DER_FAST_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
 NETS = {"resnet32": (128, 64, 8), "resnet18": (32, 512, 4)}  # N, C per extractor, H=W
 TS = [1, 5, 10]
 MODES = ["fwd", "fwdbwd"]

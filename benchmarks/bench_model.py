@@ -41,12 +41,14 @@ class _JsonRecorder:
 
     def __init__(self):
         self.skipped = []
+        self.failed = []
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_benchmark_update_json(self, config, benchmarks, output_json):
         info = output_json.setdefault("der_fast", {})
         info["env"] = C.env_info(DEVICE)
         info["skipped"] = list(self.skipped)
+        info["failed_checks"] = list(self.failed)
         info["workloads"] = C.WORKLOAD_DOC
         info["providers"] = C.PROVIDER_DOC
         info["memory"] = C.MEMORY_DOC
@@ -71,7 +73,11 @@ def test_model(benchmark, recorder, case, provider):
     except C.ProviderUnavailable as exc:
         recorder.skipped.append({"case": case.id, "provider": provider, "reason": str(exc)})
         pytest.skip(str(exc))
+    except AssertionError as exc:  # a wrong answer: not timed, the case fails
+        recorder.failed.append({"case": case.id, "provider": provider, "reason": str(exc)})
+        raise
     benchmark.extra_info.update(info)
+    wl.step()  # warm-up (optimizer state, caches), so memory and timing see the steady state
     if C.memory_enabled():
         peak = C.peak_memory_bytes(wl.step, DEVICE)
         benchmark.extra_info["peak_mem_bytes"] = peak

@@ -20,12 +20,11 @@ template <typename T>
 DER_CLONES void pool_planes(const T* __restrict__ x, T* __restrict__ feat, int64_t p0,
                             int64_t p1, int64_t C, int64_t HW, int64_t D, int64_t off) {
   using A = acc_t<T>;
-  for (int64_t pl = p0; pl < p1; ++pl) {
-    const int64_t n = idx::plane_sample(pl, C), c = idx::plane_channel(pl, C);
+  // (n, c) of the first plane, then stepped (no division per plane)
+  int64_t n = idx::plane_sample(p0, C), c = idx::plane_channel(p0, C);
+  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1, n += (c == 0)) {
     const T* __restrict__ src = x + idx::nchw_offset(n, c, 0, C, HW);
-    A s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < HW; ++i) s += Cvt<T>::load(src[i]);
+    const A s = sum_contig<T>(src, HW);
     feat[idx::feature_offset(n, off, c, D)] = Cvt<T>::store(s / static_cast<A>(HW));
   }
 }
@@ -50,8 +49,9 @@ DER_CLONES void pool_rows(const T* __restrict__ x, T* __restrict__ feat, acc_t<T
 template <typename T>
 DER_CLONES void expand_planes(const T* __restrict__ dp, T* __restrict__ out, int64_t p0,
                               int64_t p1, int64_t C, int64_t HW) {
-  for (int64_t pl = p0; pl < p1; ++pl) {
-    const int64_t n = idx::plane_sample(pl, C), c = idx::plane_channel(pl, C);
+  // (n, c) of the first plane, then stepped (no division per plane)
+  int64_t n = idx::plane_sample(p0, C), c = idx::plane_channel(p0, C);
+  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1, n += (c == 0)) {
     const T v = dp[idx::pooled_offset(n, c, C)];
     T* __restrict__ dst = out + idx::nchw_offset(n, c, 0, C, HW);
 #pragma omp simd
@@ -62,8 +62,8 @@ DER_CLONES void expand_planes(const T* __restrict__ dp, T* __restrict__ out, int
 template <typename T>
 DER_CLONES void expand_rows(const T* __restrict__ dp, T* __restrict__ out, int64_t r0, int64_t r1,
                             int64_t C, int64_t HW) {
-  for (int64_t row = r0; row < r1; ++row) {
-    const int64_t n = idx::pixel_row_sample(row, HW), p = row - n * HW;
+  int64_t n = idx::pixel_row_sample(r0, HW), p = r0 - n * HW;
+  for (int64_t row = r0; row < r1; ++row, p = (p + 1 == HW) ? 0 : p + 1, n += (p == 0)) {
     const T* __restrict__ src = dp + idx::pooled_offset(n, 0, C);
     T* __restrict__ dst = out + idx::nhwc_offset(n, 0, p, C, HW);
 #pragma omp simd

@@ -38,15 +38,25 @@ DER_CLONES void fwd_planes(const T* __restrict__ x, const T* __restrict__ r, T* 
                            const acc_t<T>* __restrict__ g, int64_t p0, int64_t p1, int64_t C,
                            int64_t HW) {
   using A = acc_t<T>;
-  for (int64_t pl = p0; pl < p1; ++pl) {
-    const int64_t n = idx::plane_sample(pl, C), c = idx::plane_channel(pl, C);
+  using VT = Vec<T>;
+  using V = typename VT::V;
+  // (n, c) of the first plane, then stepped (no division per plane)
+  int64_t n = idx::plane_sample(p0, C), c = idx::plane_channel(p0, C);
+  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1, n += (c == 0)) {
     const A sa = a[c], sb = b[c], sg = g[c];
     const int64_t base = idx::nchw_offset(n, c, 0, C, HW);
     const T* __restrict__ xr = x + base;
     T* __restrict__ yr = y + base;
     const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-#pragma omp simd
-    for (int64_t i = 0; i < HW; ++i) {
+    int64_t i = 0;
+    const V zero = {};
+    for (; i + VT::L <= HW; i += VT::L) {
+      V z = VT::load(xr + i) * sa + sb;
+      if constexpr (HAS_R) z += VT::load(rr + i);
+      z = (z < zero) ? zero : z;
+      VT::store(yr + i, z * sg);
+    }
+    for (; i < HW; ++i) {
       A z = sa * Cvt<T>::load(xr[i]) + sb;
       if constexpr (HAS_R) z += Cvt<T>::load(rr[i]);
       z = z < A(0) ? A(0) : z;
@@ -84,8 +94,10 @@ DER_CLONES void bwd_planes(const T* __restrict__ gy, const T* __restrict__ y,
                            double* __restrict__ acc, int64_t p0, int64_t p1, int64_t C,
                            int64_t HW) {
   using A = acc_t<T>;
-  for (int64_t pl = p0; pl < p1; ++pl) {
-    const int64_t n = idx::plane_sample(pl, C), c = idx::plane_channel(pl, C);
+  using VT = Vec<T>;
+  using V = typename VT::V;
+  int64_t n = idx::plane_sample(p0, C), c = idx::plane_channel(p0, C);
+  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1, n += (c == 0)) {
     const A sg = g[c], ss = scale[c];
     const int64_t base = idx::nchw_offset(n, c, 0, C, HW);
     const T* __restrict__ gyr = gy + base;
@@ -93,9 +105,21 @@ DER_CLONES void bwd_planes(const T* __restrict__ gy, const T* __restrict__ y,
     const T* __restrict__ xr = HAS_X ? x + base : nullptr;
     T* __restrict__ gxr = WGX ? gx + base : nullptr;
     T* __restrict__ grr = WGR ? gr + base : nullptr;
-    A s_dz = 0, s_dzx = 0, s_gyy = 0;
-#pragma omp simd reduction(+ : s_dz, s_dzx, s_gyy)
-    for (int64_t i = 0; i < HW; ++i) {
+    const V zero = {};
+    V v_dz = {}, v_dzx = {}, v_gyy = {};
+    int64_t i = 0;
+    for (; i + VT::L <= HW; i += VT::L) {
+      const V gv = VT::load(gyr + i);
+      const V yv = VT::load(yr + i);
+      const V dz = (yv > zero) ? gv * sg : zero;
+      if constexpr (WGX) VT::store(gxr + i, dz * ss);
+      if constexpr (WGR) VT::store(grr + i, dz);
+      v_dz += dz;
+      if constexpr (HAS_X) v_dzx += dz * VT::load(xr + i);
+      v_gyy += gv * yv;
+    }
+    A s_dz = VT::hsum(v_dz), s_dzx = HAS_X ? VT::hsum(v_dzx) : A(0), s_gyy = VT::hsum(v_gyy);
+    for (; i < HW; ++i) {
       const A gv = Cvt<T>::load(gyr[i]);
       const A yv = Cvt<T>::load(yr[i]);
       const A dz = yv > A(0) ? gv * sg : A(0);

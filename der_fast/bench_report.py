@@ -238,7 +238,9 @@ def format_memory_table(results) -> str:
         for p in provs:
             r = cases.get(p)
             m = None if r is None else r.peak_mem
-            cells.append("| - " if m is None else f"| {m / 2 ** 20:.0f} ")
+            mib = None if m is None else m / 2 ** 20
+            cells.append("| - " if mib is None else f"| {mib:.1f} " if mib < 10 else
+                         f"| {mib:.0f} ")
         lines.append(case_label(key) + "".join(cells) + "|")
     if not any(r.peak_mem is not None for r in results):
         return "(no peak memory recorded)"
@@ -304,6 +306,13 @@ def format_report(src, fast: str = "fast") -> str:
         for r in sorted(comp, key=lambda r: case_sort_key(r.key)):
             out.append(f"- {case_label(r.key).strip(' |').replace(' | ', ', ')}: "
                        f"{r.extra['compile_s']:.1f} s")
+        out.append("")
+    failed = meta.get("failed_checks", [])
+    if failed:
+        out += ["## Failed the equivalence check (not timed)", ""]
+        for s in failed:
+            reason = str(s.get("reason", "")).replace("\n", " ")
+            out.append(f"- {s.get('case')} / {s.get('provider')}: {reason}")
         out.append("")
     skipped = meta.get("skipped", [])
     if skipped:

@@ -326,11 +326,15 @@ def _head_backward_fallback(
 
 def _triton_mg_fwd(x, scale, shift, e=None, s=1.0, residual=None):
     _check_masked_gate(x, scale, shift, e, residual)
-    return _backend.load_kernel_module("masked_gate").masked_gate_fwd(x, scale, shift, e, s, residual)
+    with torch.cuda.device(x.device):  # Triton launches on the current device
+        return _backend.load_kernel_module("masked_gate").masked_gate_fwd(x, scale, shift, e, s, residual)
 
 
 def _triton_mg_bwd(grad_y, y, x, scale, e, s, output_mask):
-    return _backend.load_kernel_module("masked_gate").masked_gate_bwd(grad_y, y, x, scale, e, s, output_mask)
+    with torch.cuda.device(y.device):
+        return _backend.load_kernel_module("masked_gate").masked_gate_bwd(
+            grad_y, y, x, scale, e, s, output_mask
+        )
 
 
 if not HAS_CPU_EXT:

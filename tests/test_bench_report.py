@@ -65,6 +65,9 @@ def synthetic() -> dict:
                          "skipped": [{"case": "stage1-resnet32-b128-t5-d30",
                                       "provider": "fast_grouped",
                                       "reason": "FastDERNet rejects the plan"}],
+                         "failed_checks": [{"case": "floor-resnet18_cifar-b16-t1--",
+                                            "provider": "fast",
+                                            "reason": "1 of 76 outputs/gradients fail\n  x"}],
                          "memory": "tensor bytes"}}
 
 
@@ -129,6 +132,7 @@ def test_format_report_and_cli(tmp_path, capsys):
     assert "| stage1 | resnet32 b128 32px | 5 | 30% | 50.0 ms |" in text
     assert "2.50" in text and "2.40*" in text  # floor shares (func uses the reference floor)
     assert "FastDERNet rejects the plan" in text  # skipped cases with their reason
+    assert "Failed the equivalence check" in text and "1 of 76 outputs" in text
     assert "42.0 s" in text  # compile time
     assert "| 3 |" in text  # 3 MiB peak memory
     assert "600,000" in text  # parameters

@@ -216,13 +216,13 @@ def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
 
 
 # ============================================================================ training
-def _sgd(model):
+def _sgd(model, lr):
     decay = [p for n, p in model.named_parameters() if p.requires_grad and "mask_e" not in n]
     masks = [p for n, p in model.named_parameters() if p.requires_grad and "mask_e" in n]
     groups = [{"params": decay, "weight_decay": 5e-4}]
     if masks:
         groups.append({"params": masks, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    return torch.optim.SGD(groups, lr=lr, momentum=0.9)
 
 
 def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1):
@@ -238,7 +238,7 @@ def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1
     model.compensate_mask_grads(s, s_max)
     opt.step()
     model.clamp_masks()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _stage2_step(model, opt, x, y, temperature=5.0):
@@ -246,10 +246,10 @@ def _stage2_step(model, opt, x, y, temperature=5.0):
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
 
-def _assert_states_close(ref, fast, what, rtol=2e-4, atol=2e-5):
+def _assert_states_close(ref, fast, what, rtol, atol):
     sr, sf = ref.state_dict(), fast.state_dict()
     assert sr.keys() == sf.keys()
     for k, v in sr.items():
@@ -260,41 +260,95 @@ def _assert_states_close(ref, fast, what, rtol=2e-4, atol=2e-5):
             assert torch.equal(sf[k], v), f"{what}: {k}"
 
 
-def test_training_trajectory_stage1_and_stage2():
-    torch.manual_seed(0)
-    ref = make_ref("resnet32", 2, seed=7, mask_init=2.0)
-    fast = FastDERNet.from_reference(ref)
-    n_old = ref.n_classes - ref.task_sizes[-1]
-    g = torch.Generator().manual_seed(8)
-    n_steps, n_cls = 20, ref.n_classes
-    data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, n_cls, (8,), generator=g))
-            for _ in range(n_steps)]
-    ref.train()
-    fast.train()
-    opt_r, opt_f = _sgd(ref), _sgd(fast)
-    for b, (x, y) in enumerate(data):
-        lr_ = _stage1_step(ref, opt_r, x, y, n_old, b, n_steps)
-        lf_ = _stage1_step(fast, opt_f, x, y, n_old, b, n_steps)
-        assert abs(lr_ - lf_) <= 1e-4 * max(1.0, abs(lr_)), f"stage 1 step {b}: loss {lr_} vs {lf_}"
-    _assert_states_close(ref, fast, "after stage 1")
-
-    for m in (ref, fast):
+def _stage2_all(models, data, temperature=5.0):
+    """prune, freeze_conv, reset_fc (same init), train() and 20 steps on fc alone; losses."""
+    for m in models:
         m.prune()
         m.freeze_conv()
         torch.manual_seed(123)
         m.reset_fc()
         m.train()  # frozen extractors stay in eval mode
-    assert fast.plan()["frozen_extractors"] == [0, 1] and fast.plan()["trainable"] == "none"
-    bn_before = {k: v.clone() for k, v in fast.state_dict().items() if "running" in k}
-    opt_r = torch.optim.SGD(ref.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    opt_f = torch.optim.SGD(fast.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    bn = [{k: v.clone() for k, v in m.state_dict().items() if "running" in k} for m in models]
+    opts = [torch.optim.SGD(m.fc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            for m in models]
+    losses = [[_stage2_step(m, o, x.to(m.fc.weight.dtype), y, temperature)
+               for m, o in zip(models, opts)] for x, y in data]
+    for m, before in zip(models, bn):  # the backbone is frozen: BN statistics never move
+        for k, v in before.items():
+            assert torch.equal(m.state_dict()[k], v), f"stage 2 changed {k}"
+    return losses
+
+
+def _trajectory_setup(dtype, seed=7):
+    ref = make_ref("resnet32", 2, seed=seed, mask_init=2.0, calibrate=True).to(dtype)
+    g = torch.Generator().manual_seed(8)
+    data = [(torch.randn(8, 3, 16, 16, generator=g, dtype=dtype),
+             torch.randint(0, ref.n_classes, (8,), generator=g)) for _ in range(20)]
+    return ref, FastDERNet.from_reference(ref), ref.n_classes - ref.task_sizes[-1], data
+
+
+def test_training_trajectory_float64_exact():
+    """20 SGD steps of stage 1 (CE + aux CE + sparsity, s annealed per batch, HAT gradient
+    compensation, clamping), prune, freeze_conv, reset_fc, 20 steps of stage 2, in float64:
+    the whole procedure (BN running statistics, masks, pruning, the frozen stage-2 path) must
+    give the same trajectory. HAT's compensation (x s_max / s early in an epoch) amplifies
+    any difference exponentially: with lr 0.01 and s_max 50, float64 rounding stays < 1e-9."""
+    ref, fast, n_old, data = _trajectory_setup(torch.float64)
+    rtol, atol = 1e-7, 1e-8
+    ref.train()
+    fast.train()
+    opt_r, opt_f = _sgd(ref, 0.01), _sgd(fast, 0.01)
     for b, (x, y) in enumerate(data):
-        lr_ = _stage2_step(ref, opt_r, x, y)
-        lf_ = _stage2_step(fast, opt_f, x, y)
-        assert abs(lr_ - lf_) <= 1e-4 * max(1.0, abs(lr_)), f"stage 2 step {b}: loss {lr_} vs {lf_}"
-    _assert_states_close(ref, fast, "after stage 2")
-    for k, v in bn_before.items():
-        assert torch.equal(fast.state_dict()[k], v), f"stage 2 changed {k}"
+        lr_ = _stage1_step(ref, opt_r, x, y, n_old, b, len(data), s_max=50.0)
+        lf_ = _stage1_step(fast, opt_f, x, y, n_old, b, len(data), s_max=50.0)
+        assert abs(lr_ - lf_) <= rtol * abs(lr_) + atol, f"stage 1 step {b}: loss {lr_} vs {lf_}"
+    _assert_states_close(ref, fast, "after stage 1", rtol, atol)
+    losses = _stage2_all([ref, fast], data)
+    assert fast.plan()["frozen_extractors"] == [0, 1] and fast.plan()["trainable"] == "none"
+    for b, (lr_, lf_) in enumerate(losses):
+        assert abs(lr_ - lf_) <= rtol * abs(lr_) + atol, f"stage 2 step {b}: loss {lr_} vs {lf_}"
+    _assert_states_close(ref, fast, "after stage 2", rtol, atol)
+
+
+def _update_deviation(sd, sd_ref, sd_init):
+    """||theta - theta_ref|| / ||theta_ref - theta_init|| over the trained weights."""
+    keys = [k for k, v in sd_init.items() if v.dtype.is_floating_point
+            and "running" not in k and "mask_e" not in k]
+    num = sum(float(((sd[k].double() - sd_ref[k].double()) ** 2).sum()) for k in keys)
+    den = sum(float(((sd_ref[k].double() - sd_init[k].double()) ** 2).sum()) for k in keys)
+    return (num / den) ** 0.5
+
+
+def test_training_trajectory_float32():
+    """float32: with masks the stage-1 dynamics are chaotic (a ReLU input within rounding of
+    0 lands on either side; HAT's compensation amplifies it): after 20 steps the fp32
+    reference itself is 20-40% of the update away from its float64 run. So stage 1 is judged
+    like the forward pass: the fast model must end no farther from the float64 trajectory
+    than 2x the fp32 reference (+5%). Stage 2 (a linear classifier on frozen features) is not
+    chaotic: started from the same state it must match closely."""
+    ref, fast, n_old, data = _trajectory_setup(torch.float32)
+    r64 = copy.deepcopy(ref).double()
+    init = {k: v.clone() for k, v in ref.state_dict().items() if isinstance(v, torch.Tensor)}
+    models = [ref, fast, r64]
+    for m in models:
+        m.train()
+    opts = [_sgd(m, 0.002) for m in models]
+    for b, (x, y) in enumerate(data):
+        for m, o in zip(models, opts):
+            _stage1_step(m, o, x.to(next(m.parameters()).dtype), y, n_old, b, len(data),
+                         s_max=50.0)
+    sds = [m.state_dict() for m in models]
+    dev_fast = _update_deviation(sds[1], sds[2], init)
+    dev_ref = _update_deviation(sds[0], sds[2], init)
+    assert dev_fast <= 2 * dev_ref + 0.05, (
+        f"stage 1: fast is {dev_fast:.3f} of the update away from the float64 trajectory, "
+        f"the fp32 reference {dev_ref:.3f}")
+    fast.load_state_dict(ref.state_dict())  # stage 2 from one state
+    fast.train()
+    losses = _stage2_all([ref, fast], data)
+    for b, (lr_, lf_) in enumerate(losses):
+        assert abs(lr_ - lf_) <= 1e-5 * abs(lr_) + 1e-6, f"stage 2 step {b}: {lr_} vs {lf_}"
+    _assert_states_close(ref, fast, "after stage 2", 1e-4, 1e-5)
 
 
 # ============================================================================ state, freshness
@@ -357,8 +411,10 @@ def test_plan_stays_fresh():
     for m in (ref, fast):
         m.set_s(50.0)
     check("after set_s")
+    n_new = ref.n_classes + 4
     for m in (ref, fast):
-        m.update_fc(ref.n_classes + 4)
+        torch.manual_seed(5)  # new classifier rows / extractor init draw from the global RNG
+        m.update_fc(n_new)
     check("after update_fc")
     for m in (ref, fast):
         m.prune()

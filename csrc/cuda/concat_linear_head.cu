@@ -138,7 +138,8 @@ const HeadKernels kCudaKernels{&pool_cuda, &expand_cuda};
 std::tuple<at::Tensor, at::Tensor, at::Tensor> head_cuda(
     at::TensorList feats, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& aux_weight, const std::optional<at::Tensor>& aux_bias) {
-  const c10::cuda::CUDAGuard guard(weight.device());
+  check_head(feats, weight, bias, aux_weight, aux_bias);  // before the guard: clear device errors
+  const c10::cuda::CUDAGuard guard(feats[0].device());
   return head_forward(feats, weight, bias, aux_weight, aux_bias, kCudaKernels);
 }
 
