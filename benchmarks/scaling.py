@@ -6,7 +6,8 @@ reference vs fast, as markdown.
     python benchmarks/scaling.py --device cuda --out scaling_gpu.md --json scaling_gpu.json
 
 Every provider is checked against the reference (benchmarks/common.py: prepare) before it is
-timed. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core CPU; the
+timed; providers are timed in interleaved rounds, so a change in the machine's load hits all
+of them alike. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core CPU; the
 suite's stage-1 batch is 128 (pass --batch 128 on a faster machine).
 """
 
@@ -26,16 +27,34 @@ if str(ROOT) not in sys.path:
 from benchmarks import common as C  # noqa: E402
 
 
-def measure(case, provider, device, rounds: int) -> dict:
-    wl, info = C.prepare(case, provider, device, grid_skips=False)  # checked + warmed up
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        wl.step()  # synchronises on CUDA
-        times.append(time.perf_counter() - t0)
+def _stats(times: list) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "times": times,
-            "params": info["params"], "check_max_rel_err": info["check_max_rel_err"]}
+    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": min(times),
+            "times": times}
+
+
+def measure(case, providers, device, rounds: int) -> dict:
+    """Every provider prepared (checked against the reference, warmed up), then timed in
+    interleaved rounds (p1, p2, p1, p2, ...) so that a change in the machine's load hits all of
+    them alike."""
+    ready, out = {}, {}
+    for p in providers:
+        try:
+            wl, info = C.prepare(case, p, device, grid_skips=False)
+        except C.ProviderUnavailable as exc:
+            out[p] = {"skipped": str(exc)}
+            continue
+        wl.step()  # warm-up: optimizer state, caches
+        ready[p] = (wl, info, [])
+    for _ in range(rounds):
+        for p, (wl, _, times) in ready.items():
+            t0 = time.perf_counter()
+            wl.step()  # synchronises on CUDA
+            times.append(time.perf_counter() - t0)
+    for p, (wl, info, times) in ready.items():
+        out[p] = dict(_stats(times), params=info["params"],
+                      check_max_rel_err=info["check_max_rel_err"])
+    return out
 
 
 def frozen_params(model) -> int:
@@ -49,13 +68,9 @@ def run(args) -> tuple:
     rows = []
     for t in args.ts:
         case = C.Case(args.workload, args.backbone, t, args.density, batch, hw)
-        row = {"t": t, "providers": {}}
-        for p in args.providers:
-            try:
-                row["providers"][p] = measure(case, p, device, args.rounds)
-            except C.ProviderUnavailable as exc:
-                row["providers"][p] = {"skipped": str(exc)}
-            print(f"t={t} {p}: {row['providers'][p].get('median', 'skipped')}",
+        row = {"t": t, "providers": measure(case, args.providers, device, args.rounds)}
+        for p, m in row["providers"].items():
+            print(f"t={t} {p}: median {m.get('median', 'skipped')} min {m.get('min', '-')}",
                   file=sys.stderr, flush=True)
         row["params"] = next((v["params"] for v in row["providers"].values() if "params" in v),
                              None)
@@ -73,9 +88,11 @@ def markdown(rows, args, device, batch, hw) -> str:
     lines = [f"Scaling with t: `{args.workload}` ({C.WORKLOAD_DOC[args.workload]}), "
              f"{args.backbone}, batch {batch}, {hw}x{hw}, frozen-extractor density "
              f"{args.density:.0%}; {env['device_name']}, torch {env['torch']}, der_fast "
-             f"{env['der_fast']}; median of {args.rounds} (IQR as % of median).", ""]
+             f"{env['der_fast']}, {env['threads']} torch thread(s); median of {args.rounds} "
+             f"interleaved rounds, ± IQR as % of the median, (min); ratios and per-extractor "
+             f"costs from medians.", ""]
     head = "| t | parameters | frozen-extractor parameters |"
-    head += "".join(f" {p} ms |" for p in provs)
+    head += "".join(f" {p} ms (min) |" for p in provs)
     head += "".join(f" {p}/{q} |" for p in provs[:1] for q in provs[1:])
     head += "".join(f" {p} ms per extra extractor |" for p in provs)
     lines += [head, "|" + "---:|" * (head.count("|") - 1)]
@@ -89,7 +106,7 @@ def markdown(rows, args, device, batch, hw) -> str:
             m = r["providers"].get(p, {})
             if "median" in m:
                 iqr = 100 * (m["q3"] - m["q1"]) / m["median"]
-                cells.append(f"{m['median'] * 1e3:.0f} ±{iqr:.0f}%")
+                cells.append(f"{m['median'] * 1e3:.0f} ±{iqr:.0f}% ({m['min'] * 1e3:.0f})")
             else:
                 cells.append("skipped")
         mb = r["providers"].get(base, {})

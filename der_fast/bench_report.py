@@ -1,6 +1,6 @@
 """Readable tables from a pytest-benchmark JSON of the der_fast suite.
 
-    python -m der_fast.bench_report FILE.json [--fast fast] [--out REPORT.md]
+    python -m der_fast.bench_report FILE.json [--fast fast] [--stat median|min] [--out FILE]
 
 Prints markdown:
 
@@ -14,6 +14,10 @@ Prints markdown:
   (backbone, batch, image size) says how much the t-1 frozen extractors still cost;
 * **peak memory** per case (what it measures is written in the JSON, ``der_fast.memory``);
 * **parameters** as t grows, the fast plans used, and every skipped case with its reason.
+
+``--stat min`` takes every ratio and time from the fastest round instead of the median (the
+spread is then [other min / fast median, other median / fast min]): on a machine shared with
+other busy processes the fastest round is the least disturbed one.
 
 Standard library only: reads the JSON written by ``pytest benchmarks/ --benchmark-only
 --benchmark-json FILE.json`` (benchmarks/bench_model.py puts provider, workload, backbone,
@@ -84,9 +88,12 @@ def case_label(key: tuple) -> str:
     return f"| {w} | {bb} b{b} {hw}px | {t} | {dens} "
 
 
-def load(src) -> tuple:
-    """(results, the JSON dict) from a path, a JSON string or an already parsed dict. Benchmarks
-    without the suite's extra_info (another suite's) are ignored."""
+def load(src, stat: str = "median") -> tuple:
+    """(results, the JSON dict) from a path or an already parsed dict. Benchmarks without the
+    suite's extra_info (another suite's) are ignored. ``stat="min"``: the result's ``median``
+    is the fastest round and its quartiles are [min, median] (see the module doc)."""
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be median or min, got {stat!r}")
     if isinstance(src, dict):
         data = src
     else:
@@ -99,11 +106,14 @@ def load(src) -> tuple:
             continue
         st = b["stats"]
         d = ex.get("density")
+        med = float(st["median"])
+        q1, q3 = float(st.get("q1", med)), float(st.get("q3", med))
+        if stat == "min":
+            med, q1, q3 = float(st.get("min", med)), float(st.get("min", med)), med
         out.append(Result(
             provider=ex["provider"], workload=ex["workload"], backbone=ex.get("backbone", "?"),
             batch=int(ex.get("batch", 0)), hw=int(ex.get("hw", 0)), t=int(ex.get("t", 0)),
-            density=None if d is None else float(d), median=float(st["median"]),
-            q1=float(st.get("q1", st["median"])), q3=float(st.get("q3", st["median"])),
+            density=None if d is None else float(d), median=med, q1=q1, q3=q3,
             mean=float(st.get("mean", float("nan"))),
             stddev=float(st.get("stddev", float("nan"))), rounds=int(st.get("rounds", 0)),
             peak_mem=ex.get("peak_mem_bytes"), params=ex.get("params"), extra=ex))
@@ -193,7 +203,7 @@ def format_ratio_table(results, fast: str = "fast") -> str:
         line = case_label(key) + f"| {_ms(f.median)} ms "
         line += "".join(f"| {_ratio_cell(cells[p])} " if p in cells else "| - " for p in others)
         lines.append(line + "|")
-    return "\n".join(_table([f"{fast} (median)"] + [f"{p}/{fast}" for p in others], lines))
+    return "\n".join(_table([f"{fast} (time)"] + [f"{p}/{fast}" for p in others], lines))
 
 
 def format_time_table(results) -> str:
@@ -263,8 +273,8 @@ def format_params_table(results, fast: str = "fast") -> str:
     return "\n".join(lines)
 
 
-def format_report(src, fast: str = "fast") -> str:
-    results, data = load(src)
+def format_report(src, fast: str = "fast", stat: str = "median") -> str:
+    results, data = load(src, stat)
     meta = data.get("der_fast", {})
     env = meta.get("env", {})
     if not env and results:
@@ -280,12 +290,19 @@ def format_report(src, fast: str = "fast") -> str:
     rounds = sorted({r.rounds for r in results})
     out.append(f"- {len(results)} measurements, rounds per measurement: "
                f"{', '.join(map(str, rounds)) or '-'}")
-    out += ["", f"## Speedup of `{fast}` (provider median / {fast} median; spread "
-                f"[q1/q3, q3/q1])", "", format_ratio_table(results, fast), "",
-            "## Median time per call (ms, ± IQR as % of the median)", "",
+    if stat == "min":
+        out.append("- statistic: **min** (fastest round; spread [other min / fast median, "
+                   "other median / fast min])")
+        s_name, spread = "min", "[min/median, median/min]"
+    else:
+        s_name, spread = "median", "[q1/q3, q3/q1]"
+    out += ["", f"## Speedup of `{fast}` (provider {s_name} / {fast} {s_name}; spread "
+                f"{spread})", "", format_ratio_table(results, fast), "",
+            f"## {s_name.capitalize()} time per call (ms, ± spread as % of it)", "",
             format_time_table(results), "",
-            "## Share of the floor (stage-1 step / floor step; 1.00 = the frozen extractors "
-            "cost nothing; * = reference floor used)", "", format_floor_table(results), "",
+            f"## Share of the floor (stage-1 step / floor step, {s_name}s; 1.00 = the frozen "
+            "extractors cost nothing; * = reference floor used)", "", format_floor_table(results),
+            "",
             "## Peak memory (MiB)", "", format_memory_table(results), ""]
     if meta.get("memory"):
         out += [f"Peak memory: {meta['memory']}", ""]
@@ -328,10 +345,12 @@ def main(argv=None) -> int:
                                  description="Ratio tables from a der_fast benchmark JSON.")
     ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json FILE)")
     ap.add_argument("--fast", default="fast", help="provider the ratios are taken against")
+    ap.add_argument("--stat", default="median", choices=("median", "min"),
+                    help="statistic of the ratios and times (default median)")
     ap.add_argument("--out", help="also write the report to this file")
     args = ap.parse_args(argv)
     try:
-        text = format_report(args.json, args.fast)
+        text = format_report(args.json, args.fast, args.stat)
     except (OSError, ValueError, KeyError) as exc:
         print(f"bench_report: cannot read {args.json}: {exc}", file=sys.stderr)
         return 2

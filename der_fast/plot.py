@@ -219,13 +219,13 @@ def main(argv=None) -> int:
         print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
         return 2
     if args.csv:
-        rows = []
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(("run",) + CSV_COLUMNS)
         for label, m in zip(labels, runs):
-            body = csv_text(m).splitlines()
-            if not rows:
-                rows.append("run," + body[0])
-            rows += [f"{label},{line}" for line in body[1:]]
-        Path(args.csv).write_text("\n".join(rows) + "\n")
+            for s in m.get("steps", []):
+                w.writerow([label] + [_cell(s.get(c)) for c in CSV_COLUMNS])
+        Path(args.csv).write_text(buf.getvalue())
     for label, m in zip(labels, runs):
         s = m.get("summary", {})
         if s:

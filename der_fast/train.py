@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
+import datetime
 import json
 import math
 import os
@@ -296,9 +296,10 @@ class _Dist:
     instead of waiting forever for a rank that failed."""
 
     def __init__(self, rank=0, world=1, local_rank=None, active=False, owns=False,
-                 backend=None, device=torch.device("cpu")):
+                 backend=None, device=None):
         self.rank, self.world, self.local_rank = rank, world, local_rank
-        self.active, self.owns, self.backend, self.device = active, owns, backend, device
+        self.active, self.owns, self.backend = active, owns, backend
+        self.device = device if device is not None else torch.device("cpu")
 
     @property
     def main(self) -> bool:
@@ -323,7 +324,8 @@ class _Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend)
+        # rank 0 alone herds and evaluates while the others wait in a broadcast: allow time
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
         return _Dist(dist.get_rank(), dist.get_world_size(), local, True, True, backend, device)
 
     def close(self) -> None:
@@ -1120,8 +1122,9 @@ def _run_steps(cfg, resume, say, d, device, out, data, memory, outputs) -> dict:
 _EPILOG = """\
 presets (published protocols; every value can be overridden by a flag):
   {presets}
-  precedence: defaults < --preset < --config FILE.json < flags; --epochs-scale F scales the
-  schedule (epochs, warm-up, milestones, stage 2) of the first three, not epochs given as flags.
+  precedence: defaults < --preset < --config FILE.json < flags. --epochs-scale F multiplies
+  the schedule (epochs, warm-up, milestones, stage-2 epochs and milestones) coming from the
+  defaults, the preset or the config file; epochs given as flags are taken literally.
 
 multi-process (DistributedDataParallel; gloo on CPU, nccl on GPU):
   torchrun --standalone --nproc_per_node 4 -m der_fast.train --preset cifar100-b0-10 ...

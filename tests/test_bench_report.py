@@ -121,6 +121,18 @@ def test_floor_share_uses_own_floor_else_reference():
     assert cells["func"] == (pytest.approx(0.60 / 0.25), "reference")  # no func floor
 
 
+def test_min_statistic():
+    results, _ = R.load(synthetic(), stat="min")
+    ref = next(r for r in results if r.provider == "reference" and r.workload == "stage1")
+    fast = next(r for r in results if r.provider == "fast" and r.workload == "stage1")
+    assert (ref.median, ref.q1, ref.q3) == pytest.approx((0.18 * 0.9, 0.18 * 0.9, 0.20))
+    ratio, lo, hi = R.speedup(ref, fast)
+    assert ratio == pytest.approx(0.162 / 0.036)
+    assert lo == pytest.approx(0.162 / 0.05) and hi == pytest.approx(0.20 / 0.036)
+    with pytest.raises(ValueError):
+        R.load(synthetic(), stat="mean")
+
+
 def test_format_report_and_cli(tmp_path, capsys):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(synthetic()))
@@ -134,7 +146,7 @@ def test_format_report_and_cli(tmp_path, capsys):
     assert "FastDERNet rejects the plan" in text  # skipped cases with their reason
     assert "Failed the equivalence check" in text and "1 of 76 outputs" in text
     assert "42.0 s" in text  # compile time
-    assert "| 3 |" in text  # 3 MiB peak memory
+    assert "| 3.0 |" in text  # 3 MiB peak memory
     assert "600,000" in text  # parameters
     assert "Test CPU" in text
 

@@ -138,29 +138,56 @@ def _loss(out, n_old):
     return loss
 
 
+def _grads(model, x, n_old):
+    _loss(model(x), n_old).backward()
+    return {n: p.grad for n, p in _trainable(model).items()}
+
+
 def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=True):
-    """Forward outputs, grads of every trainable parameter and BN buffers after the step."""
+    """Forward outputs, grads of every trainable parameter and BN buffers after the step.
+
+    Forward (fp32): fast error vs a float64 reference <= 2 x the fp32 reference's + atol.
+    Gradients: exactly (1e-9 relative) in float64 - fast64 against reference64 - because in
+    fp32 a ReLU input within rounding of 0 (we hit |z| = 4e-10) may land on either side
+    and legitimately change one element's gradient, in the reference as much as in the fast
+    model; the fp32 gradients only have to be close in norm (2 x the reference's error +
+    1e-3 of the norm, which tolerates one such flip).
+    """
     ref, fast = copy.deepcopy(ref), copy.deepcopy(fast)
     ref.train(train)
     fast.train(train)
     r64 = copy.deepcopy(ref).double()
+    f64 = FastDERNet.from_reference(r64)
     n_old = ref.n_classes - ref.task_sizes[-1]
-    outs = [m(xx) for m, xx in ((ref, x), (fast, x), (r64, x.double()))]
+    with torch.no_grad():
+        outs = [m(xx) for m, xx in ((copy.deepcopy(ref), x), (copy.deepcopy(fast), x),
+                                    (copy.deepcopy(r64), x.double()),
+                                    (copy.deepcopy(f64), x.double()))]
+    mode = "train" if train else "eval"
     for k in ("logits", "aux_logits", "features"):
-        assert_as_good(f"{'train' if train else 'eval'} {k}", outs[1][k], outs[0][k], outs[2][k])
+        assert_as_good(f"{mode} {k}", outs[1][k], outs[0][k], outs[2][k])
+        if outs[2][k] is not None:
+            torch.testing.assert_close(outs[3][k], outs[2][k], rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, k=k: f"{mode} {k} float64: {m}")
     if grads:
-        for m, o in zip((ref, fast, r64), outs):
-            _loss(o, n_old).backward()
-        pr, pf, p64 = _trainable(ref), _trainable(fast), _trainable(r64)
-        assert pr.keys() == pf.keys() == p64.keys()
-        assert pr, "nothing trainable"
-        for n in pr:
-            gr, gf, g64 = pr[n].grad, pf[n].grad, p64[n].grad
-            if g64 is None:
-                assert gf is None, f"grad of {n}: reference has none, fast has one"
+        gr, gf, g64, gf64 = (_grads(m, xx, n_old) for m, xx in
+                             ((ref, x), (fast, x), (r64, x.double()), (f64, x.double())))
+        assert gr.keys() == gf.keys() == g64.keys() == gf64.keys() and gr, "trainable sets"
+        for n in g64:
+            if g64[n] is None:
+                assert gf[n] is None and gf64[n] is None, f"grad of {n}: reference has none"
                 continue
-            assert gf is not None, f"grad of {n}: missing in the fast model"
-            assert_as_good(f"grad of {n}", gf, gr, g64)
+            assert gf[n] is not None and gf64[n] is not None, f"grad of {n}: missing in fast"
+            mag = float(g64[n].abs().max())
+            err64 = float((gf64[n] - g64[n]).abs().max())
+            assert err64 <= 1e-9 * max(mag, 1e-3), \
+                f"{mode} grad of {n} (float64): {_where(gf64[n], g64[n])}"
+            nrm = float(g64[n].norm())
+            e_f = float((gf[n].double() - g64[n]).norm())
+            e_r = float((gr[n].double() - g64[n]).norm())
+            assert e_f <= 2 * e_r + 1e-3 * nrm + 1e-7, (
+                f"{mode} grad of {n} (fp32): |fast - float64| = {e_f:.3e} > 2 x reference "
+                f"{e_r:.3e} + 1e-3 x |g| {nrm:.3e}; {_where(gf[n], g64[n])}")
     for (n, b), (n2, c) in zip(ref.named_buffers(), fast.named_buffers()):
         assert n == n2
         if b.dtype.is_floating_point:

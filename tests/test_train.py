@@ -18,7 +18,7 @@ TINY = ["--data-root", "embedded", "--train-per-class", "24", "--test-per-class"
 
 
 def _tiny_cfg(out, **kw):
-    cfg, _ = T.config_from_args(TINY + ["--out", str(out)])
+    cfg, _ = T.config_from_args(TINY + ["--out", str(out), "--no-plots"])
     for k, v in kw.items():
         setattr(cfg, k, v)
     return cfg.validate()
@@ -66,6 +66,24 @@ def test_cli_tiny_run_writes_valid_metrics(tmp_path):
     assert m["config"]["increment"] == 4 and m["config"]["memory_total"] == 20
     assert sorted(m["class_order"]) == list(range(10))
     assert m["env"]["torch"] == torch.__version__
+    assert m["config"]["seed"] == 1993 and m["config"]["class_seed"] == 1993
+    assert m["env"]["numpy"] == np.__version__ and m["env"]["world_size"] == 1
+    # metrics.csv: one row per step, same numbers
+    import csv
+    rows = list(csv.DictReader((out / "metrics.csv").read_text().splitlines()))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2]
+    for r, s in zip(rows, steps):
+        assert float(r["top1"]) == pytest.approx(s["top1"], abs=1e-5)
+        assert int(r["params"]) == s["params"] and int(r["params_unpruned"]) == s["params_unpruned"]
+        assert len(r["per_task_top1"].split(";")) == s["step"] + 1
+    # plots, written at the end of every step
+    for name in ("accuracy.png", "params.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # config.json: the resolved config, usable again with --config
+    saved = json.loads((out / "config.json").read_text())
+    assert saved == m["config"]
+    again, _ = T.config_from_args(["--config", str(out / "config.json")])
+    assert T.asdict(again) == saved
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -166,3 +184,152 @@ def test_config_file_and_unknown_keys(tmp_path):
     with pytest.raises(T.ConfigError, match="epochz"):
         T.config_from_args(["--config", str(f)])
     assert Path(f).exists()
+
+
+# ------------------------------------------------------------------ faults and bad input
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    """A huge stage-2 learning rate makes the loss non-finite at step 1, stage 2: exit code 3,
+    the step/stage/epoch/batch named, and the checkpoint of step 1's stage 1 still loads."""
+    out = tmp_path / "nan"
+    proc = subprocess.run([sys.executable, "-m", "der_fast.train", *TINY, "--no-plots",
+                           "--lr-stage2", "1e30", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "step 1 stage 2: non-finite loss at epoch 0, batch" in proc.stderr
+    assert "last good checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    ck = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert tuple(ck["next"]) == (1, 1) and len(ck["steps"]) == 1
+    from der_fast.reference import DERNet
+    net = DERNet("resnet32", in_channels=1)
+    net.load_state_dict(ck["model"])
+    assert len(net.convnets) == 2 and all(torch.isfinite(p).all() for p in net.parameters())
+    assert len(json.loads((out / "metrics.json").read_text())["steps"]) == 1
+
+
+def _main(argv, capsys):
+    try:
+        code = T.main(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--preset", "cifar100-b1-10"], "invalid choice"),
+    (["--accum-steps", "0"], "accum_steps must be >= 1"),
+    (["--accum-steps", "32"], "cannot exceed batch_size"),
+    (["--color-jitter", "2"], "color_jitter"),
+    (["--epochs-scale", "0"], "epochs scale must be a positive number"),
+    (["--resume", "/nonexistent/run"], "no checkpoint"),
+    (["--preset", "cifar100-b0-10", "--data-root", "/nonexistent/cifar"], "CIFAR-100 not found"),
+    (["--dataset", "imagenet100", "--data-root", "/nonexistent/inet"], "is not a directory"),
+])
+def test_bad_flags_in_process(extra, message, capsys, tmp_path):
+    code, err = _main([*TINY, "--out", str(tmp_path / "o"), *extra], capsys)
+    assert code == 2
+    assert message in err, err
+
+
+def test_resume_with_preset_and_unwritable_out_dir(capsys, tmp_path):
+    code, err = _main(["--resume", str(tmp_path), "--preset", "cifar100-b0-10"], capsys)
+    assert code == 2 and "do not combine" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, err = _main([*TINY, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "not writable" in err
+
+
+def test_corrupt_checkpoint_via_cli(capsys, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    code, err = _main(["--resume", str(tmp_path)], capsys)
+    assert code == 2 and "corrupt" in err
+
+
+def test_tensorboard_flag(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(T.ConfigError, match="pip install tensorboard"):
+            T.run(_tiny_cfg(tmp_path / "tb", tensorboard=True), log=lambda *a: None)
+        assert not (tmp_path / "tb" / "checkpoint.pt").exists()
+    else:  # pragma: no cover - tensorboard is not installed in this project's environment
+        T.run(_tiny_cfg(tmp_path / "tb", tensorboard=True, train_per_class=8, increment=8),
+              log=lambda *a: None)
+        assert list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_tiny_run_from_a_preset(tmp_path):
+    """A preset's code path (warm-up, milestones, brightness jitter, temperature) end to end,
+    shrunk with --epochs-scale and flags."""
+    cfg, _ = T.config_from_args([
+        "--preset", "cifar100-b0-10", "--epochs-scale", "0.01", "--dataset", "fashion_mnist",
+        "--data-root", "embedded", "--backbone", "resnet32", "--init-cls", "2",
+        "--increment", "8", "--train-per-class", "8", "--test-per-class", "4",
+        "--memory", "20", "--batch-size", "8", "--no-progress", "--no-plots",
+        "--out", str(tmp_path / "p")])
+    assert (cfg.epochs, cfg.warmup_epochs, cfg.milestones, cfg.epochs_stage2) == (2, 1, [1, 1], 1)
+    m = T.run(cfg, log=lambda *a: None)
+    assert [s["n_classes"] for s in m["steps"]] == [2, 10]
+    assert m["config"]["preset"] == "cifar100-b0-10" and m["config"]["epochs_scale"] == 0.01
+    assert m["config"]["color_jitter"] == pytest.approx(63 / 255)
+    assert all(np.isfinite(s["loss_stage1"]) for s in m["steps"])
+
+
+def test_brightness_matches_torchvision():
+    from torchvision.transforms import functional as TF
+
+    from der_fast import data as D
+    info = D.dataset_info("cifar100")
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
+    f = T._jitter_factors(4, 0.5, g)
+    assert ((f >= 0.5) & (f <= 1.5)).all()
+    got = T._brightness(D.normalize_batch(raw, info.mean, info.std), f, info)
+    want = torch.stack([TF.adjust_brightness(raw[i].float() / 255, float(f[i]))
+                        for i in range(4)])
+    assert torch.allclose(got, D.normalize_batch(want, info.mean, info.std), atol=1e-5)
+
+
+# ------------------------------------------------------------------ plots
+def _fake_metrics(top1s, params, unpruned=None, top5=False):
+    steps = []
+    for i, (a, p) in enumerate(zip(top1s, params)):
+        s = {"step": i, "n_classes": 10 * (i + 1), "top1": a, "per_task_top1": [a] * (i + 1),
+             "params": p}
+        if unpruned:
+            s["params_unpruned"] = unpruned[i]
+        if top5:
+            s["top5"] = min(100.0, a + 15)
+        steps.append(s)
+    return {"steps": steps, "summary": {"avg_incremental_top1": float(np.mean(top1s)),
+                                        "last_top1": top1s[-1], "final_params": params[-1]}}
+
+
+def test_plot_cli_overlays_runs(tmp_path, capsys):
+    from der_fast import plot
+    for name, m in (("a/der", _fake_metrics([80, 70, 60], [1e6, 2e6, 3e6], [1.2e6, 2.4e6, 3.6e6])),
+                    ("b/der", _fake_metrics([85, 75], [5e5, 9e5], top5=True))):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.json").write_text(json.dumps(m))
+    png = tmp_path / "cmp.png"
+    code = plot.main([str(tmp_path / "a/der"), str(tmp_path / "b/der"), "--out", str(png),
+                      "--csv", str(tmp_path / "all.csv")])
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+    assert plot._labels([tmp_path / "a/der", tmp_path / "b/der"]) == ["a/der", "b/der"]
+    rows = (tmp_path / "all.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 + 2 and rows[1].startswith("a/der,0,")
+    assert "wrote" in capsys.readouterr().out
+    assert plot.main([str(tmp_path / "nothing-here"), "--out", str(png)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_run_outputs_without_matplotlib(tmp_path, monkeypatch):
+    from der_fast import plot
+
+    def no_mpl():
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(plot, "_pyplot", no_mpl)
+    msg = plot.write_run_outputs(tmp_path, _fake_metrics([50.0], [100]))
+    assert "matplotlib is not installed" in msg
+    assert (tmp_path / "metrics.csv").exists() and not (tmp_path / "accuracy.png").exists()
