@@ -132,7 +132,9 @@ def configure():
 
     openmp = "OpenMP" in torch.__config__.parallel_info()
     record["openmp"] = openmp
-    cxx_flags = ["-O3", "-g0", "-DNDEBUG", "-Wno-unused-function", "-Wno-psabi"]
+    # -ffp-contract=off: no fused multiply-adds, so the kernels round exactly like the PyTorch
+    # reference (x * scale + shift as two roundings); GCC contracts by default in C++.
+    cxx_flags = ["-O3", "-g0", "-DNDEBUG", "-ffp-contract=off", "-Wno-unused-function", "-Wno-psabi"]
     link_flags = []
     if openmp:  # at::parallel_for is inlined into our code: it needs -fopenmp to run in parallel
         cxx_flags.append("-fopenmp")

@@ -14,6 +14,9 @@ Environment:
   DER_FAST_BENCH_PROVIDERS=a,b,...  run only these providers (default: all)
   DER_FAST_BENCH_ROUNDS=N           timed rounds per case (default: 5 quick, 7 full)
   DER_FAST_BENCH_MEMORY=0|1         measure peak memory per case (default 1)
+  DER_FAST_BENCH_COMPILE=auto|all|small|quick|none   which cases torch.compile runs (quick:
+                                    resnet32 stage1 t<=2 only; small: t<=2; auto: quick for the
+                                    quick grid, all for the full grid)
   DER_FAST_BENCH_THREADS=N          torch intra-op threads (default: torch's default). On a
                                     CPU shared with other busy processes, 1 thread gives far
                                     steadier numbers (a parallel region waits for its slowest
@@ -55,8 +58,10 @@ S_MAX = 400.0
 TEMPERATURE = 5.0  # stage 2 logits / T (CIFAR)
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
 
-# backbone -> (batch, image side); ResNet-18-CIFAR at batch 16 to fit the CPU budget
+# backbone -> (batch, image side); ResNet-18-CIFAR at batch 16 to fit the CPU budget (on CUDA
+# it runs at the paper's batch 128: BACKBONES_CUDA)
 BACKBONES = {"resnet32": (128, 32), "resnet18_cifar": (16, 32)}
+BACKBONES_CUDA = {"resnet32": (128, 32), "resnet18_cifar": (128, 32)}
 
 WORKLOADS = ("infer", "stage1", "stage2", "floor", "epoch")
 WORKLOAD_DOC = {
@@ -210,8 +215,14 @@ class Case:
         return CLASSES_PER_TASK * self.t
 
 
+def backbone_shape(backbone: str, device: Optional[torch.device] = None) -> tuple:
+    """(batch, image side) of a backbone's cases on ``device`` (default: the bench device)."""
+    device = device or bench_device()
+    return (BACKBONES_CUDA if device.type == "cuda" else BACKBONES)[backbone]
+
+
 def _cases(workloads, backbone, ts, densities, batch=None, hw=None):
-    b, s = BACKBONES[backbone]
+    b, s = backbone_shape(backbone)
     return [Case(w, backbone, t, d, batch or b, hw or s) for w in workloads for t in ts
             for d in densities]
 
@@ -249,26 +260,38 @@ def providers_for(case: Case) -> tuple:
 
 def skip_reason(case: Case, provider: str, device: torch.device) -> Optional[str]:
     """Why ``provider`` does not run ``case`` (None: it runs)."""
-    quick = grid_name() != "full"
+    g = grid_name()
+    quick = g != "full"
     t_frozen = 0 if case.workload == "floor" else (case.t - 1 if case.workload in (
         "stage1", "epoch") else case.t)
-    if provider == "compile" and quick and not (
-            case.backbone == "resnet32" and case.workload == "stage1" and case.t <= 2):
-        return ("quick grid: torch.compile only for resnet32 stage1 t<=2 (compiling forward + "
-                "backward takes minutes per case on a shared 2-core CPU); DER_FAST_BENCH=full "
-                "compiles every case")
+    if provider == "compile":
+        policy = os.environ.get("DER_FAST_BENCH_COMPILE", "auto").strip().lower() or "auto"
+        if policy not in ("auto", "all", "small", "quick", "none"):
+            raise ValueError(f"DER_FAST_BENCH_COMPILE must be auto, all, small, quick or none, "
+                             f"got {policy!r}")
+        if policy == "auto":
+            policy = "quick" if quick else "all"
+        if policy == "none":
+            return "DER_FAST_BENCH_COMPILE=none"
+        if policy == "small" and case.t > 2:
+            return "DER_FAST_BENCH_COMPILE=small: torch.compile only for t <= 2"
+        if policy == "quick" and not (case.backbone == "resnet32"
+                                      and case.workload == "stage1" and case.t <= 2):
+            return (f"{g} grid: torch.compile only for resnet32 stage1 t<=2 (a cold compile of "
+                    f"forward + backward takes minutes per case on a shared 2-core CPU); "
+                    f"DER_FAST_BENCH_COMPILE=all compiles every case")
     if quick and provider == "func" and t_frozen == 0:
-        return "quick grid: no frozen extractor in this case, func runs the reference's code"
+        return f"{g} grid: no frozen extractor in this case, func runs the reference's code"
     if quick and provider in ("fast_loop", "fast_grouped"):
         if t_frozen < 2:
-            return f"quick grid: {t_frozen} frozen extractor(s), every frozen plan is the same"
+            return f"{g} grid: {t_frozen} frozen extractor(s), every frozen plan is the same"
         try:
             auto = build_provider("fast", reference_model(case), device).info.get(
                 "frozen_plan_resolved")
         except ProviderUnavailable as exc:
             return str(exc)
         if auto == FAST_PLANS[provider]:
-            return f"quick grid: same plan as `fast` (auto resolves to {auto!r} on {device.type})"
+            return f"{g} grid: same plan as `fast` (auto resolves to {auto!r} on {device.type})"
     return None
 
 

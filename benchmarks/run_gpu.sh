@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # The der_fast benchmark suite on a CUDA machine: install, run, write the JSON and the report.
 #
-#   bash benchmarks/run_gpu.sh [OUT_DIR]          (default OUT_DIR: bench_gpu/)
+#   bash benchmarks/run_gpu.sh [OUT_DIR [extra pytest args...]]   (default OUT_DIR: bench_gpu/)
 #
 # Environment (see benchmarks/common.py): DER_FAST_BENCH=full (default here) | quick | smoke,
+# DER_FAST_BENCH_COMPILE=small (default here: torch.compile for t <= 2; all | quick | none),
 # DER_FAST_BENCH_PROVIDERS=..., DER_FAST_BENCH_ROUNDS=N, DER_FAST_CUDA_ARCHS (build, default
 # 9.0), SKIP_INSTALL=1 to reuse an existing install, SCALING=0 to skip the scaling table.
+#
+# Where one command may run at most ~10 minutes, split the grid with pytest's -k and merge:
+#   bash benchmarks/run_gpu.sh bench_gpu/r32 -k "test_model and resnet32"
+#   SKIP_INSTALL=1 SCALING=0 bash benchmarks/run_gpu.sh bench_gpu/r18 -k "test_model and resnet18"
+#   python -m der_fast.bench_report bench_gpu/r32/bench_gpu.json bench_gpu/r18/bench_gpu.json
 #
 # Timing on CUDA: every timed call ends with torch.cuda.synchronize() (common.Workload.step),
 # so pytest-benchmark's wall-clock timer measures finished GPU work. Peak memory there is
@@ -14,8 +20,10 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/bench_gpu}" && cd "${1:-$ROOT/bench_gpu}" && pwd)"
+shift || true
 PY="${PYTHON:-python}"
 export DER_FAST_BENCH="${DER_FAST_BENCH:-full}"
+export DER_FAST_BENCH_COMPILE="${DER_FAST_BENCH_COMPILE:-small}"
 export DER_FAST_BENCH_DEVICE=cuda
 
 "$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, \
@@ -37,7 +45,7 @@ cd "$OUT"
 set +e
 "$PY" -P -m pytest "$ROOT/benchmarks" --rootdir "$ROOT" --import-mode=importlib \
     -p no:cacheprovider --benchmark-only --benchmark-json "$OUT/bench_gpu.json" \
-    --benchmark-columns=median,iqr,min,rounds -ra 2>&1 | tee "$OUT/pytest.log"
+    --benchmark-columns=median,iqr,min,rounds -ra "$@" 2>&1 | tee "$OUT/pytest.log"
 status=${PIPESTATUS[0]}
 set -e
 

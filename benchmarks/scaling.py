@@ -63,8 +63,8 @@ def frozen_params(model) -> int:
 
 def run(args) -> tuple:
     device = C.bench_device() if args.device == "auto" else C.torch.device(args.device)
-    batch = args.batch or C.BACKBONES[args.backbone][0]
-    hw = C.BACKBONES[args.backbone][1]
+    batch = args.batch or C.backbone_shape(args.backbone, device)[0]
+    hw = C.backbone_shape(args.backbone, device)[1]
     rows = []
     for t in args.ts:
         case = C.Case(args.workload, args.backbone, t, args.density, batch, hw)

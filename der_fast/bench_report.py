@@ -1,6 +1,7 @@
 """Readable tables from a pytest-benchmark JSON of the der_fast suite.
 
-    python -m der_fast.bench_report FILE.json [--fast fast] [--stat median|min] [--out FILE]
+    python -m der_fast.bench_report FILE.json [FILE2.json ...] [--fast fast]
+                                    [--stat median|min] [--out REPORT.md]
 
 Prints markdown:
 
@@ -88,17 +89,32 @@ def case_label(key: tuple) -> str:
     return f"| {w} | {bb} b{b} {hw}px | {t} | {dens} "
 
 
+def merge(datas: list) -> dict:
+    """Several runs' JSON as one (benchmarks, skipped and failed cases concatenated; the
+    environment of the first)."""
+    if len(datas) == 1:
+        return datas[0]
+    out = dict(datas[0])
+    out["benchmarks"] = [b for d in datas for b in d.get("benchmarks", [])]
+    meta = dict(datas[0].get("der_fast", {}))
+    for k in ("skipped", "failed_checks"):
+        meta[k] = [s for d in datas for s in d.get("der_fast", {}).get(k, [])]
+    out["der_fast"] = meta
+    return out
+
+
 def load(src, stat: str = "median") -> tuple:
-    """(results, the JSON dict) from a path or an already parsed dict. Benchmarks without the
-    suite's extra_info (another suite's) are ignored. ``stat="min"``: the result's ``median``
-    is the fastest round and its quartiles are [min, median] (see the module doc)."""
+    """(results, the JSON dict) from a path, an already parsed dict, or a list of those (merged).
+    Benchmarks without the suite's extra_info (another suite's) are ignored. ``stat="min"``:
+    the result's ``median`` is the fastest round and its quartiles are [min, median]."""
     if stat not in ("median", "min"):
         raise ValueError(f"stat must be median or min, got {stat!r}")
-    if isinstance(src, dict):
+    if isinstance(src, (list, tuple)):
+        data = merge([load(s)[1] for s in src])
+    elif isinstance(src, dict):
         data = src
     else:
-        p = Path(src)
-        data = json.loads(p.read_text())
+        data = json.loads(Path(src).read_text())
     out = []
     for b in data.get("benchmarks", []):
         ex = b.get("extra_info") or {}
@@ -343,7 +359,8 @@ def format_report(src, fast: str = "fast", stat: str = "median") -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m der_fast.bench_report",
                                  description="Ratio tables from a der_fast benchmark JSON.")
-    ap.add_argument("json", help="pytest-benchmark JSON (--benchmark-json FILE)")
+    ap.add_argument("json", nargs="+",
+                    help="pytest-benchmark JSON (--benchmark-json FILE); several are merged")
     ap.add_argument("--fast", default="fast", help="provider the ratios are taken against")
     ap.add_argument("--stat", default="median", choices=("median", "min"),
                     help="statistic of the ratios and times (default median)")

@@ -25,10 +25,11 @@ differs:
   bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` / ``.to()`` / ``reset_fc`` /
   ``freeze_conv`` / ``invalidate_plan()``, the device and dtype, and, as a safety net, the
   ``data_ptr`` and ``_version`` of every parameter and buffer it was built from.
-* **The trainable extractor** (the newest one in stage 1) runs with autograd; every
-  ``gate * relu(bn(x) [+ residual])`` point is one ``masked_gate`` op, with BatchNorm's
-  per-channel affine computed from the batch statistics (train mode, running statistics
-  updated exactly like ``nn.BatchNorm2d``) or the running ones (eval mode).
+* **The trainable extractor** (the newest one in stage 1) runs with autograd in
+  channels_last; every ``gate * relu(bn(x) [+ residual])`` point is PyTorch's native batch
+  norm followed by one ``masked_gate`` op (gate + ReLU + residual add in one pass, with the
+  gradient of ``e`` from the same pass). Folding BN's batch statistics into the op's
+  scale/shift was measured slower on CPU (see :func:`_bn_affine`).
 * **The head** (concat + classifier + auxiliary classifier) is one ``concat_linear_head`` op.
 
 The custom ops come from :mod:`der_fast.ops` (imported lazily); when that module cannot be
@@ -52,9 +53,13 @@ __all__ = ["FastDERNet", "FROZEN_PLANS", "fold_extractor", "fuse_grouped", "run_
 
 FROZEN_PLANS = ("auto", "loop", "grouped")
 
-# Default frozen plan per device type, from measurements (see DEVNOTES / the report):
-# on the 2-core Xeon CPU of this project the loop of separate channels_last convs beats the
-# grouped convolution at t = 2, 5, 10 (oneDNN's grouped conv with narrow groups is slow).
+# Default frozen plan per device type, from measurements. CPU (2-core Xeon, AVX-512, oneDNN
+# 3.12, resnet32, batch 128, 32x32, t frozen extractors, forward, 1 thread, median of 5
+# interleaved rounds, ms; loop / grouped, both with fused oneDNN conv+bias[+add]+ReLU):
+#   t=2: 251 / 219 (tie within noise; min 178 / 160), t=5: 340 / 622, t=10: 742 / 1490;
+# with 2 threads (min of 5 rounds, the machine was shared): t=2: 75 / 80, t=5: 192 / 319,
+# t=10: 403 / 796. oneDNN's grouped conv with narrow groups is ~2x slower than separate
+# convs. CUDA: not measured (no GPU was available); "loop" until someone measures.
 _AUTO_PLAN = {"cpu": "loop", "cuda": "loop"}
 
 _BIG_LOGIT = 1.0e4  # sigmoid(+-1e4) is exactly 1 / 0 in fp16, bf16, fp32 and fp64
@@ -361,26 +366,23 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
 
 # ============================================================================ trainable path
 def _bn_affine(bn: nn.BatchNorm2d, z: torch.Tensor):
-    """``(x, scale, shift)`` for ``masked_gate`` so that ``scale * x + shift == bn(z)``.
+    """``(x, scale, shift)`` for ``masked_gate``: ``x = bn(z)`` by PyTorch's native batch
+    norm (train mode: batch statistics, running statistics updated exactly like
+    ``nn.BatchNorm2d``; eval mode: running statistics) and an identity affine.
 
-    Eval mode (running statistics): BN is a per-channel affine, folded into the gating op
-    (``x = z``; autograd flows through ``scale`` / ``shift`` to gamma and beta).
-    Train mode (batch statistics): ``x = bn(z)`` by PyTorch's native batch norm, which also
-    updates the running statistics exactly like ``nn.BatchNorm2d``, and an identity affine.
-    We measured the alternative (batch mean/var by ``torch.var_mean`` with autograd, folded
-    into ``scale``/``shift``): on CPU ``var_mean`` over (N, H, W) alone costs ~3x a whole
-    native BN forward (23.5 vs 8.0 ms at 128x16x32x32) and its backward runs 4 extra
-    elementwise passes, which made a stage-1 step slower than the reference.
+    Measured alternatives, both rejected:
+
+    * batch mean/var by ``torch.var_mean`` with autograd, folded into ``scale``/``shift`` of
+      the op: on CPU ``var_mean`` over (N, H, W) alone costs ~3x a whole native BN forward
+      (23.5 vs 8.0 ms at 128x16x32x32, 1 thread) and its backward adds 4 elementwise passes:
+      a resnet32 stage-1 step got slower than the reference (2.95 s vs 2.28 s).
+    * eval mode with BN's affine folded into ``scale``/``shift``: a pre-activation rounds
+      differently from the reference's ``bn(z)``, so a ReLU input within rounding of 0 can
+      land on the other side (seen in the tests). Identical ``bn(z)`` keeps the fast model's
+      ReLU masks those of the reference; eval mode with gradients is not a hot path.
     """
-    if bn.training or bn.running_mean is None or bn.running_var is None:
-        ones = torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
-        return bn(z), ones, torch.zeros_like(ones)
-    inv = torch.rsqrt(bn.running_var + bn.eps)
-    scale = bn.weight * inv if bn.weight is not None else inv
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = bn.bias + shift
-    return z, scale, shift
+    ones = torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
+    return bn(z), ones, torch.zeros_like(ones)
 
 
 def _gate_args(net: MaskedResNet, point: str):
@@ -650,30 +652,46 @@ class FastDERNet(DERNet):
     # ------------------------------------------------------------------ introspection
     def plan(self, grad_enabled: bool | None = None) -> dict:
         """What runs, in words: which extractors take the frozen inference path and how, the
-        trainable path and the head (for the current train/eval modes; ``grad_enabled``
-        defaults to torch's current setting)."""
-        gate, head, desc = _ops()
+        trainable path and the head, for the current train/eval modes (``grad_enabled``
+        defaults to torch's current setting). For example, stage 1 on CPU::
+
+            {"frozen": "loop-channels_last + oneDNN fused conv/bias/residual/ReLU, ...",
+             "frozen_extractors": [0, 1], "trainable_extractors": [2],
+             "trainable": "native BatchNorm + masked_gate op (cpp (der_fast._C)), ...",
+             "head": "concat_linear_head op (cpp (der_fast._C))", ...}
+        """
         device, dtype = self._device_dtype()
         grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
         infer = [self._inferable(n, grad) for n in self.convnets]
         frozen_idx = [i for i, f in enumerate(infer) if f]
+        train_idx = [i for i, f in enumerate(infer) if not f]
         plan = self.resolved_frozen_plan(device)
-        x_like = torch.empty(0, device=device, dtype=dtype)
-        fused = self.onednn_fusion and _mkldnn_ok(x_like)
-        frozen = ("loop-channels_last" if plan == "loop" or len(frozen_idx) < 2 else
-                  "grouped (dense stem + grouped convs, zero-padded), channels_last")
-        frozen += (" + oneDNN fused conv/bias/residual/ReLU" if fused else " + aten conv")
-        frozen += ", BN and masks folded, pruned-off channels removed, no autograd"
-        gate_name = getattr(gate, "__qualname__", str(gate))
-        head_name = getattr(head, "__qualname__", str(head))
+        fused = self.onednn_fusion and _mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
+        if not frozen_idx:
+            frozen = "none"
+        else:
+            frozen = ("loop-channels_last" if plan == "loop" or len(frozen_idx) < 2 else
+                      "grouped-channels_last (dense stem conv + grouped convs, zero-padded)")
+            frozen += (" + oneDNN fused conv/bias/residual/ReLU" if fused else " + aten conv")
+            frozen += "; BN and masks folded, off channels removed, no autograd"
+        trainable = "none"
+        if train_idx:
+            layout = "channels_last" if self.trainable_channels_last else "as given"
+            trainable = (f"native BatchNorm + masked_gate op ({self._op_impl('masked_gate')})"
+                         f", {layout}, autograd")
         return {
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "frozen_plan_setting": self.frozen_plan,
-            "frozen": frozen if frozen_idx else "none",
-            "frozen_extractors": frozen_idx,
-            "trainable": (f"masked_gate op ({desc}: {gate_name}) with BN affine from "
-                          f"{'batch' if any(self.convnets[i].training for i, f in enumerate(infer) if not f) else 'running'} statistics, autograd")
-            if not all(infer) else "none",
-            "trainable_extractors": [i for i, f in enumerate(infer) if not f],
-            "head": f"concat_linear_head op ({desc}: {head_name})",
+            "frozen": frozen, "frozen_extractors": frozen_idx,
+            "trainable": trainable, "trainable_extractors": train_idx,
+            "head": f"concat_linear_head op ({self._op_impl('concat_linear_head')})",
         }
+
+    def _op_impl(self, op: str) -> str:
+        desc = _ops()[2]
+        if desc != "der_fast.ops":
+            return desc
+        from . import ops as mod
+
+        impl = getattr(mod, "implementation", None)
+        return impl(op, self._device_dtype()[0]) if impl is not None else desc

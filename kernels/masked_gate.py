@@ -208,12 +208,17 @@ def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
+# No fused multiply-adds: x * scale + shift rounds twice, exactly like the PyTorch reference.
+_NO_FMA = {"enable_fp_fusion": False}
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _gate(e, s, cdt):
-    return None if e is None else torch.sigmoid(e.to(cdt) * s).contiguous()
+    # exactly the reference's `torch.sigmoid(s * e)` (in e's dtype), then the compute dtype
+    return None if e is None else torch.sigmoid(s * e).to(cdt).contiguous()
 
 
 def _geometry(x: torch.Tensor, fmt) -> tuple[bool, int, int, int]:
@@ -250,6 +255,7 @@ def masked_gate_fwd(x, scale, shift, e=None, s: float = 1.0, residual=None) -> t
         n_rows, L, C,
         HAS_G=g is not None, HAS_R=r is not None, CHANNEL_IS_COL=col,
         FP64=cdt == torch.float64, BLOCK_R=block_r, BLOCK_L=block_l,
+        **_NO_FMA,
     )
     return y
 
@@ -292,7 +298,7 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
         grid = (n_chunks, triton.cdiv(C, block_c))
         _masked_gate_bwd_rows_kernel[grid](
             *args, part[0], part[1], part[2], n_rows, C, rows_per_prog,
-            BLOCK_R=block_r, BLOCK_C=block_c, **common,
+            BLOCK_R=block_r, BLOCK_C=block_c, **common, **_NO_FMA,
         )
         sums = part.sum(1)
     else:
@@ -302,7 +308,7 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
         grid = (triton.cdiv(n_rows, block_r),)
         _masked_gate_bwd_planes_kernel[grid](
             *args, part[0], part[1], part[2], n_rows, L, C,
-            BLOCK_R=block_r, BLOCK_L=block_l, **common,
+            BLOCK_R=block_r, BLOCK_L=block_l, **common, **_NO_FMA,
         )
         sums = part.view(3, -1, C).sum(1)
     gshift = sums[0].to(y.dtype, copy=True) if want_shift else empty()

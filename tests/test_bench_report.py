@@ -121,6 +121,22 @@ def test_floor_share_uses_own_floor_else_reference():
     assert cells["func"] == (pytest.approx(0.60 / 0.25), "reference")  # no func floor
 
 
+def test_several_files_are_merged(tmp_path):
+    data = synthetic()
+    a, b = dict(data), dict(data)
+    a["benchmarks"], b["benchmarks"] = data["benchmarks"][:5], data["benchmarks"][5:]
+    b["der_fast"] = {"skipped": [{"case": "x", "provider": "compile", "reason": "later run"}]}
+    pa, pb = tmp_path / "a.json", tmp_path / "b.json"
+    pa.write_text(json.dumps(a))
+    pb.write_text(json.dumps(b))
+    merged, meta = R.load([str(pa), str(pb)])
+    whole, _ = R.load(data)
+    assert sorted(map(repr, merged)) == sorted(map(repr, whole))
+    assert [s["reason"] for s in meta["der_fast"]["skipped"]] == [
+        "FastDERNet rejects the plan", "later run"]
+    assert R.ratio_table(merged) == R.ratio_table(whole)
+
+
 def test_min_statistic():
     results, _ = R.load(synthetic(), stat="min")
     ref = next(r for r in results if r.provider == "reference" and r.workload == "stage1")
