@@ -24,6 +24,7 @@ DER_CLONES void pool_planes(const T* __restrict__ x, T* __restrict__ feat, int64
   int64_t n = idx::plane_sample(p0, C), c = idx::plane_channel(p0, C);
   for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1, n += (c == 0)) {
     const T* __restrict__ src = x + idx::nchw_offset(n, c, 0, C, HW);
+    prefetch_ahead(src, HW * static_cast<int64_t>(sizeof(T)));
     const A s = sum_contig<T>(src, HW);
     feat[idx::feature_offset(n, off, c, D)] = Cvt<T>::store(s / static_cast<A>(HW));
   }

