@@ -51,7 +51,7 @@ def _load_backend():
 
 def _version() -> str:
     text = (ROOT / "der_fast" / "__init__.py").read_text()
-    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+    m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
     if not m:
         raise RuntimeError("could not find __version__ in der_fast/__init__.py")
     return m.group(1)
@@ -72,11 +72,14 @@ INSTALL_REQUIRES = [
     "matplotlib",
 ]
 
+
 def _nvcc_version(cuda_home: str) -> str:
     try:
         out = subprocess.run(
             [str(Path(cuda_home) / "bin" / "nvcc"), "--version"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     except (OSError, subprocess.CalledProcessError) as err:
         raise RuntimeError(f"der_fast: nvcc in {cuda_home} does not run: {err}") from err
@@ -122,7 +125,9 @@ def configure():
         # wrong, so set the toolkit we found before importing it (and patch it afterwards in
         # case it was imported already).
         os.environ["CUDA_HOME"] = cuda_home
-        record.update(cuda_home=cuda_home, cuda_home_found_by=how, nvcc_version=_nvcc_version(cuda_home))
+        record.update(
+            cuda_home=cuda_home, cuda_home_found_by=how, nvcc_version=_nvcc_version(cuda_home)
+        )
 
     from torch.utils import cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -134,7 +139,14 @@ def configure():
     record["openmp"] = openmp
     # -ffp-contract=off: no fused multiply-adds, so the kernels round exactly like the PyTorch
     # reference (x * scale + shift as two roundings); GCC contracts by default in C++.
-    cxx_flags = ["-O3", "-g0", "-DNDEBUG", "-ffp-contract=off", "-Wno-unused-function", "-Wno-psabi"]
+    cxx_flags = [
+        "-O3",
+        "-g0",
+        "-DNDEBUG",
+        "-ffp-contract=off",
+        "-Wno-unused-function",
+        "-Wno-psabi",
+    ]
     link_flags = []
     if openmp:  # at::parallel_for is inlined into our code: it needs -fopenmp to run in parallel
         cxx_flags.append("-fopenmp")
@@ -146,7 +158,11 @@ def configure():
         ext_modules.append(
             CppExtension(
                 "der_fast._C",
-                sources=["csrc/der_fast.cpp", "csrc/masked_gate.cpp", "csrc/concat_linear_head.cpp"],
+                sources=[
+                    "csrc/der_fast.cpp",
+                    "csrc/masked_gate.cpp",
+                    "csrc/concat_linear_head.cpp",
+                ],
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},
                 extra_link_args=link_flags,
@@ -177,11 +193,13 @@ def configure():
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 if ext.name != "der_fast._C_cuda" or cuda_setting == "1":
                     raise
                 record["cuda_reason"] = f"CUDA compile failed: {type(err).__name__}: {err}"
-                warnings.warn(f"der_fast: {record['cuda_reason']}; continuing without it", stacklevel=1)
+                warnings.warn(
+                    f"der_fast: {record['cuda_reason']}; continuing without it", stacklevel=1
+                )
 
         def run(self):
             t0 = time.perf_counter()
@@ -225,7 +243,9 @@ setup(
         "DER (Dynamically Expandable Representation) class-incremental learning: a plain "
         "PyTorch reference and a fused fast path with custom CPU/CUDA/Triton ops"
     ),
-    long_description=next((p.read_text() for p in (ROOT / "README.md", ROOT / "DEVNOTES.md") if p.exists()), ""),
+    long_description=next(
+        (p.read_text() for p in (ROOT / "README.md", ROOT / "DEVNOTES.md") if p.exists()), ""
+    ),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=sorted(set(packages)),

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-import der_fast  # noqa: E402
-from der_fast import ops  # noqa: E402
+import der_fast
+from der_fast import ops
 
 
 def _device() -> torch.device:
@@ -89,8 +89,12 @@ def _inputs(N, C, HW, variant, requires_grad):
     e = torch.randn(C, generator=g)
     gy = torch.randn(N, C, HW, HW, generator=g)
     fmt = torch.channels_last if variant == "stream_cl" else torch.contiguous_format
-    ts = [t.to(DEVICE).contiguous(memory_format=fmt) if t is not None and t.dim() == 4 else
-          (t.to(DEVICE) if t is not None else None) for t in (x, scale, shift, e, r, gy)]
+    ts = [
+        t.to(DEVICE).contiguous(memory_format=fmt)
+        if t is not None and t.dim() == 4
+        else (t.to(DEVICE) if t is not None else None)
+        for t in (x, scale, shift, e, r, gy)
+    ]
     x, scale, shift, e, r, gy = ts
     leaves = [t for t in (x, scale, shift, e, r) if t is not None]
     if requires_grad:
@@ -108,7 +112,9 @@ def _check(fn, args, leaves, gy, mode):
         g = torch.autograd.grad(y, leaves, gy)
         g_ref = torch.autograd.grad(y_ref, leaves, gy)
         for i, (a, b) in enumerate(zip(g, g_ref)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3, msg=lambda m, i=i: f"grad {i}: {m}")
+            torch.testing.assert_close(
+                a, b, rtol=1e-4, atol=1e-3, msg=lambda m, i=i: f"grad {i}: {m}"
+            )
 
 
 def _sync():
@@ -126,19 +132,29 @@ def test_masked_gate(benchmark, shape, variant, mode, provider):
     args, leaves, gy = _inputs(N, C, HW, variant, requires_grad=mode == "fwdbwd")
     benchmark.group = f"masked_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}"
     benchmark.extra_info.update(
-        op="masked_gate", provider=provider, mode=mode, variant=variant, net=net,
-        shape=[N, C, HW, HW], device=str(DEVICE), dtype="float32",
+        op="masked_gate",
+        provider=provider,
+        mode=mode,
+        variant=variant,
+        net=net,
+        shape=[N, C, HW, HW],
+        device=str(DEVICE),
+        dtype="float32",
         implementation=ops.implementation("masked_gate", DEVICE) if provider == "op" else provider,
-        threads=torch.get_num_threads(), der_fast=der_fast.__version__, torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        der_fast=der_fast.__version__,
+        torch=torch.__version__,
     )
     _check(fn, args, leaves, gy, mode)
 
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 fn(*args)
             _sync()
     else:
+
         def run():
             y = fn(*args)
             torch.autograd.grad(y, leaves, gy)

@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-import der_fast  # noqa: E402
-from der_fast import ops  # noqa: E402
+import der_fast
+from der_fast import ops
 
 
 def _device() -> torch.device:
@@ -54,7 +54,7 @@ def unfused(feats, weight, bias, aux_weight=None, aux_bias=None):
     logits = F.linear(features, weight, bias)
     aux = None
     if aux_weight is not None:
-        aux = F.linear(features[:, -feats[-1].shape[1]:], aux_weight, aux_bias)
+        aux = F.linear(features[:, -feats[-1].shape[1] :], aux_weight, aux_bias)
     return logits, aux, features
 
 
@@ -89,7 +89,9 @@ def _check(fn, args, leaves, grads, mode):
         ga = torch.autograd.grad(out[:2], leaves, grads)
         gr = torch.autograd.grad(ref[:2], leaves, grads)
         for i, (a, r) in enumerate(zip(ga, gr)):
-            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"grad {i}: {m}")
+            torch.testing.assert_close(
+                a, r, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"grad {i}: {m}"
+            )
 
 
 def _sync():
@@ -107,19 +109,31 @@ def test_concat_linear_head(benchmark, net, t, mode, provider):
     N, C, HW = NETS[net]
     benchmark.group = f"concat_linear_head {mode} {net} N={N} C={C}x{t} HW={HW}x{HW} t={t}"
     benchmark.extra_info.update(
-        op="concat_linear_head", provider=provider, mode=mode, net=net, t=t,
-        shape=[N, C, HW, HW], device=str(DEVICE), dtype="float32",
-        implementation=ops.implementation("concat_linear_head", DEVICE) if provider == "op" else provider,
-        threads=torch.get_num_threads(), der_fast=der_fast.__version__, torch=torch.__version__,
+        op="concat_linear_head",
+        provider=provider,
+        mode=mode,
+        net=net,
+        t=t,
+        shape=[N, C, HW, HW],
+        device=str(DEVICE),
+        dtype="float32",
+        implementation=ops.implementation("concat_linear_head", DEVICE)
+        if provider == "op"
+        else provider,
+        threads=torch.get_num_threads(),
+        der_fast=der_fast.__version__,
+        torch=torch.__version__,
     )
     _check(fn, args, leaves, grads, mode)
 
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 fn(*args)
             _sync()
     else:
+
         def run():
             out = fn(*args)
             torch.autograd.grad(out[:2], leaves, grads)

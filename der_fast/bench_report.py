@@ -371,7 +371,10 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"bench_report: cannot read {args.json}: {exc}", file=sys.stderr)
         return 2
-    print(text)
+    try:
+        print(text)
+    except BrokenPipeError:  # `... | head`
+        pass
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

@@ -49,7 +49,7 @@ from torch import nn
 from .backbones import MaskedResNet, binarize, shortcut_a_index
 from .reference import DERNet
 
-__all__ = ["FastDERNet", "FROZEN_PLANS", "fold_extractor", "fuse_grouped", "run_folded"]
+__all__ = ["FROZEN_PLANS", "FastDERNet", "fold_extractor", "fuse_grouped", "run_folded"]
 
 FROZEN_PLANS = ("auto", "loop", "grouped")
 
@@ -99,9 +99,8 @@ def _ops():
         try:
             from . import ops as mod
         except Exception as exc:  # noqa: BLE001 - any import problem: use the local versions
-            _OPS = (_masked_gate_local, _concat_linear_head_local,
-                    f"local pure-PyTorch fallback (der_fast.ops unavailable: "
-                    f"{type(exc).__name__})")
+            why = f"local pure-PyTorch fallback (der_fast.ops unavailable: {type(exc).__name__})"
+            _OPS = (_masked_gate_local, _concat_linear_head_local, why)
         else:
             gate = getattr(mod, "masked_gate", None) or getattr(mod, "masked_gate_ref", None)
             head = getattr(mod, "concat_linear_head", None) or getattr(
@@ -468,7 +467,7 @@ class FastDERNet(DERNet):
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_reference(cls, net: DERNet, frozen_plan: str = "auto",
-                       onednn_fusion: bool = True) -> "FastDERNet":
+                       onednn_fusion: bool = True) -> FastDERNet:
         """A FastDERNet copy of ``net``: same modules, weights, buffers, masks, ``s``, train /
         eval modes, ``requires_grad`` flags, device and dtype (nothing is shared)."""
         if not isinstance(net, DERNet):

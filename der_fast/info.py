@@ -82,13 +82,17 @@ def render(info: dict) -> str:
     b = info["build"] or {}
     lines = [
         f"der_fast {info['der_fast']}  (python {info['python']})",
-        f"torch {info['torch']}  (CUDA {info['torch_cuda'] or 'none'}; "
-        f"GPUs: {', '.join(info['cuda_devices']) or 'none visible'})",
+        (
+            f"torch {info['torch']}  (CUDA {info['torch_cuda'] or 'none'}; "
+            f"GPUs: {', '.join(info['cuda_devices']) or 'none visible'})"
+        ),
         "",
         "backends:",
     ]
     if not b:
-        lines.append("  (no build record der_fast/_build_info.py: the extensions were not built by setup.py)")
+        lines.append(
+            "  (no build record der_fast/_build_info.py: the extensions were not built by setup.py)"
+        )
     built_at = f", built {b['built_at']} in {b['build_seconds']} s" if b else ""
     lines.append(
         f"  cpu  C++ extension  der_fast._C       built: {_yes(b.get('built_cpu', False))}, "

@@ -37,15 +37,15 @@ from torch import Tensor
 from . import _backend
 
 __all__ = [
-    "masked_gate",
-    "masked_gate_ref",
-    "concat_linear_head",
-    "concat_linear_head_ref",
-    "implementation",
-    "available_backends",
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",
     "HAS_TRITON",
+    "available_backends",
+    "concat_linear_head",
+    "concat_linear_head_ref",
+    "implementation",
+    "masked_gate",
+    "masked_gate_ref",
 ]
 
 # Copy of the schemas in csrc/der_fast.cpp, used only when der_fast._C is missing.
@@ -113,7 +113,11 @@ if not HAS_CPU_EXT:
 def _kernel_format(x: Tensor) -> torch.memory_format:
     """Layout the kernels use and produce: channels_last for a 4-D tensor that is dense in
     channels_last but not NCHW-contiguous, else contiguous (same rule as csrc/common.h)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -125,7 +129,9 @@ def _check_like(t: Tensor, ref: Tensor, op: str, name: str, ref_name: str) -> No
             "(all tensor arguments must have the same dtype)"
         )
     if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on device {t.device} but {ref_name} is on device {ref.device}")
+        raise ValueError(
+            f"{op}: {name} is on device {t.device} but {ref_name} is on device {ref.device}"
+        )
 
 
 def _check_masked_gate(x, scale, shift, e=None, residual=None) -> None:
@@ -175,7 +181,9 @@ def _check_head(feats, weight, bias=None, aux_weight=None, aux_bias=None) -> lis
         if i > 0:
             _check_like(f, f0, op, name, "feats[0]")
         if f.shape[0] != f0.shape[0]:
-            raise ValueError(f"{op}: {name} has batch size {f.shape[0]} but feats[0] has {f0.shape[0]}")
+            raise ValueError(
+                f"{op}: {name} has batch size {f.shape[0]} but feats[0] has {f0.shape[0]}"
+            )
         widths.append(f.shape[1])
     D = sum(widths)
     if weight.dim() != 2:
@@ -189,10 +197,14 @@ def _check_head(feats, weight, bias=None, aux_weight=None, aux_bias=None) -> lis
     if bias is not None:
         _check_like(bias, f0, op, "bias", "feats[0]")
         if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"{op}: bias must have shape [K] = [{weight.shape[0]}], got {list(bias.shape)}")
+            raise ValueError(
+                f"{op}: bias must have shape [K] = [{weight.shape[0]}], got {list(bias.shape)}"
+            )
     if aux_weight is not None:
         if aux_weight.dim() != 2:
-            raise ValueError(f"{op}: aux_weight must be 2-D [K_aux, C_t], got shape {list(aux_weight.shape)}")
+            raise ValueError(
+                f"{op}: aux_weight must be 2-D [K_aux, C_t], got shape {list(aux_weight.shape)}"
+            )
         _check_like(aux_weight, f0, op, "aux_weight", "feats[0]")
         if aux_weight.shape[1] != widths[-1]:
             raise ValueError(
@@ -261,7 +273,9 @@ def concat_linear_head_ref(
 
 def _masked_gate_fallback(x, scale, shift, e=None, s=1.0, residual=None):
     _check_masked_gate(x, scale, shift, e, residual)
-    return masked_gate_ref(x, scale, shift, e, s, residual).contiguous(memory_format=_kernel_format(x))
+    return masked_gate_ref(x, scale, shift, e, s, residual).contiguous(
+        memory_format=_kernel_format(x)
+    )
 
 
 def _masked_gate_backward_fallback(grad_y, y, x, scale, e, s, output_mask):
@@ -270,7 +284,7 @@ def _masked_gate_backward_fallback(grad_y, y, x, scale, e, s, output_mask):
     C = y.shape[1]
     shape = (1, C) + (1,) * (y.dim() - 2)
     dims = (0, 2, 3) if y.dim() == 4 else (0,)
-    empty = lambda: y.new_empty((0,))  # noqa: E731
+    empty = lambda: y.new_empty((0,))
     dz = torch.where(y > 0, grad_y, torch.zeros((), dtype=y.dtype, device=y.device))
     g = torch.sigmoid(s * e) if e is not None else None
     if g is not None:
@@ -296,12 +310,29 @@ def _head_backward_fallback(
 ):
     want_w, want_b, want_aw, want_ab = (bool(m) for m in output_mask)
     D = features.shape[1]
-    empty = lambda: features.new_empty((0,))  # noqa: E731
+    empty = lambda: features.new_empty((0,))
     last = features[:, D - widths[-1] :]
-    gw = (grad_logits.t() @ features if grad_logits is not None else torch.zeros_like(weight)) if want_w else empty()
-    gb = (grad_logits.sum(0) if grad_logits is not None else weight.new_zeros(weight.shape[0])) if want_b else empty()
-    gaw = (grad_aux.t() @ last if grad_aux is not None else torch.zeros_like(aux_weight)) if want_aw else empty()
-    gab = (grad_aux.sum(0) if grad_aux is not None else aux_weight.new_zeros(aux_weight.shape[0])) if want_ab else empty()
+    gl, ga = grad_logits, grad_aux
+    gw = (
+        empty()
+        if not want_w
+        else (gl.t() @ features if gl is not None else torch.zeros_like(weight))
+    )
+    gb = (
+        empty()
+        if not want_b
+        else (gl.sum(0) if gl is not None else weight.new_zeros(weight.shape[0]))
+    )
+    gaw = (
+        empty()
+        if not want_aw
+        else (ga.t() @ last if ga is not None else torch.zeros_like(aux_weight))
+    )
+    gab = (
+        empty()
+        if not want_ab
+        else (ga.sum(0) if ga is not None else aux_weight.new_zeros(aux_weight.shape[0]))
+    )
     gfeats = []
     off = 0
     for i, (f, c) in enumerate(zip(feats, widths)):
@@ -318,7 +349,11 @@ def _head_backward_fallback(
             dp = dp + grad_features[:, off : off + c]
         if f.dim() == 4:
             hw = f.shape[2] * f.shape[3]
-            dp = (dp / hw)[:, :, None, None].expand(f.shape).contiguous(memory_format=_kernel_format(f))
+            dp = (
+                (dp / hw)[:, :, None, None]
+                .expand(f.shape)
+                .contiguous(memory_format=_kernel_format(f))
+            )
         gfeats.append(dp.contiguous() if f.dim() == 2 else dp)
         off += c
     return gfeats, gw, gb, gaw, gab
@@ -327,7 +362,9 @@ def _head_backward_fallback(
 def _triton_mg_fwd(x, scale, shift, e=None, s=1.0, residual=None):
     _check_masked_gate(x, scale, shift, e, residual)
     with torch.cuda.device(x.device):  # Triton launches on the current device
-        return _backend.load_kernel_module("masked_gate").masked_gate_fwd(x, scale, shift, e, s, residual)
+        return _backend.load_kernel_module("masked_gate").masked_gate_fwd(
+            x, scale, shift, e, s, residual
+        )
 
 
 def _triton_mg_bwd(grad_y, y, x, scale, e, s, output_mask):
@@ -369,8 +406,8 @@ def _masked_gate_backward_fake(grad_y, y, x, scale, e, s, output_mask):
     fmt = _kernel_format(y)
     C = y.shape[1]
     m = [bool(v) for v in output_mask]
-    full = lambda ok: torch.empty_like(y, memory_format=fmt) if ok else y.new_empty((0,))  # noqa: E731
-    vec = lambda ok: y.new_empty((C,)) if ok else y.new_empty((0,))  # noqa: E731
+    full = lambda ok: torch.empty_like(y, memory_format=fmt) if ok else y.new_empty((0,))
+    vec = lambda ok: y.new_empty((C,)) if ok else y.new_empty((0,))
     return full(m[0]), vec(m[1]), vec(m[2]), vec(m[3]), full(m[4])
 
 
@@ -389,7 +426,7 @@ def _head_backward_fake(
     grad_logits, grad_aux, grad_features, features, weight, aux_weight, feats, widths, output_mask
 ):
     m = [bool(v) for v in output_mask]
-    e = lambda: features.new_empty((0,))  # noqa: E731
+    e = lambda: features.new_empty((0,))
     gfeats = [
         e() if f is None else torch.empty_like(f, memory_format=_kernel_format(f)) for f in feats
     ]
@@ -405,7 +442,7 @@ def _head_backward_fake(
 
 
 def _masked_gate_setup_context(ctx, inputs, output):
-    x, scale, shift, e, s, residual = inputs
+    x, scale, _shift, e, s, residual = inputs
     ctx.s = float(s)
     ctx.has_e = e is not None
     ctx.has_r = residual is not None
@@ -431,8 +468,14 @@ def _masked_gate_backward(ctx, grad_y):
     gx, gscale, gshift, ge, gr = torch.ops.der_fast.masked_gate_backward(
         grad_y, y, x, scale, e, ctx.s, mask
     )
-    out = [gx if mask[0] else None, gscale if mask[1] else None, gshift if mask[2] else None,
-           ge if mask[3] else None, None, gr if mask[4] else None]
+    out = [
+        gx if mask[0] else None,
+        gscale if mask[1] else None,
+        gshift if mask[2] else None,
+        ge if mask[3] else None,
+        None,
+        gr if mask[4] else None,
+    ]
     return tuple(out[: len(n)])
 
 
@@ -442,7 +485,7 @@ torch.library.register_autograd(
 
 
 def _head_setup_context(ctx, inputs, output):
-    feats, weight, bias, aux_weight, aux_bias = (list(inputs) + [None] * 5)[:5]
+    feats, weight, _bias, aux_weight, _aux_bias = (list(inputs) + [None] * 5)[:5]
     _, _, features = output
     ctx.widths = [int(f.shape[1]) for f in feats]
     ctx.has_aux = aux_weight is not None
@@ -456,7 +499,7 @@ def _head_backward(ctx, grad_logits, grad_aux, grad_features):
     features, weight, aux_weight, *kept = ctx.saved_tensors
     n = ctx.needs_input_grad  # (list[bool] for feats, weight, bias[, aux_weight, aux_bias])
     feat_need = [bool(v) for v in n[0]]
-    flag = lambda i: bool(len(n) > i and n[i])  # noqa: E731
+    flag = lambda i: bool(len(n) > i and n[i])
     mask = [flag(1), flag(2), ctx.has_aux and flag(3), ctx.has_aux and flag(4)]
     if not ctx.has_aux or (grad_aux is not None and grad_aux.numel() == 0):
         grad_aux = None
@@ -464,8 +507,15 @@ def _head_backward(ctx, grad_logits, grad_aux, grad_features):
     if not any(mask) and not any(feat_need):
         return (None,) * len(n)
     gfeats, gw, gb, gaw, gab = torch.ops.der_fast.concat_linear_head_backward(
-        grad_logits, grad_aux, grad_features, features, weight, aux_weight if ctx.has_aux else None,
-        feats_arg, ctx.widths, mask,
+        grad_logits,
+        grad_aux,
+        grad_features,
+        features,
+        weight,
+        aux_weight if ctx.has_aux else None,
+        feats_arg,
+        ctx.widths,
+        mask,
     )
     out = [
         [g if need else None for g, need in zip(gfeats, feat_need)],
@@ -490,11 +540,13 @@ def _no_double_backward(opname):
 
 
 torch.library.register_autograd(
-    "der_fast::masked_gate_backward", _no_double_backward("masked_gate"),
+    "der_fast::masked_gate_backward",
+    _no_double_backward("masked_gate"),
     setup_context=lambda ctx, inputs, output: None,
 )
 torch.library.register_autograd(
-    "der_fast::concat_linear_head_backward", _no_double_backward("concat_linear_head"),
+    "der_fast::concat_linear_head_backward",
+    _no_double_backward("concat_linear_head"),
     setup_context=lambda ctx, inputs, output: None,
 )
 
@@ -553,7 +605,9 @@ def _resolve_backend(op: str, backend: str, device: torch.device) -> str:
             f"tensors (available there: {native or 'none'}, 'ref')"
         )
     if not available_backends()[backend]:
-        why = {"cpp": CPU_EXT_ERROR, "cuda": CUDA_EXT_ERROR, "triton": "triton not installed"}[backend]
+        why = {"cpp": CPU_EXT_ERROR, "cuda": CUDA_EXT_ERROR, "triton": "triton not installed"}[
+            backend
+        ]
         raise RuntimeError(
             f"der_fast.{op}: backend={backend!r} was requested but is not available ({why}). "
             "Rebuild der_fast (see setup.py / `python -m der_fast.info`) or use backend='auto'."

@@ -26,10 +26,21 @@ import triton.language as tl
 
 @triton.jit
 def _masked_gate_fwd_kernel(
-    X, R, Y, SCALE, SHIFT, G,
-    n_rows, L, C,
-    HAS_G: tl.constexpr, HAS_R: tl.constexpr, CHANNEL_IS_COL: tl.constexpr,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    X,
+    R,
+    Y,
+    SCALE,
+    SHIFT,
+    G,
+    n_rows,
+    L,
+    C,
+    HAS_G: tl.constexpr,
+    HAS_R: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
     pid_l = tl.program_id(1)
@@ -74,10 +85,26 @@ def _masked_gate_fwd_kernel(
 
 @triton.jit
 def _masked_gate_bwd_planes_kernel(
-    GY, Y, X, GX, GR, SCALE, G, P_DZ, P_DZX, P_GYY,
-    n_rows, L, C,
-    HAS_G: tl.constexpr, HAS_X: tl.constexpr, WGX: tl.constexpr, WGR: tl.constexpr,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    GY,
+    Y,
+    X,
+    GX,
+    GR,
+    SCALE,
+    G,
+    P_DZ,
+    P_DZX,
+    P_GYY,
+    n_rows,
+    L,
+    C,
+    HAS_G: tl.constexpr,
+    HAS_X: tl.constexpr,
+    WGX: tl.constexpr,
+    WGR: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_L: tl.constexpr,
 ):
     """NCHW: rows are (n, c) planes of length L = HW; one partial sum per row."""
     pid = tl.program_id(0)
@@ -132,10 +159,26 @@ def _masked_gate_bwd_planes_kernel(
 
 @triton.jit
 def _masked_gate_bwd_rows_kernel(
-    GY, Y, X, GX, GR, SCALE, G, P_DZ, P_DZX, P_GYY,
-    n_rows, C, ROWS_PER_PROG,
-    HAS_G: tl.constexpr, HAS_X: tl.constexpr, WGX: tl.constexpr, WGR: tl.constexpr,
-    FP64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    GY,
+    Y,
+    X,
+    GX,
+    GR,
+    SCALE,
+    G,
+    P_DZ,
+    P_DZX,
+    P_GYY,
+    n_rows,
+    C,
+    ROWS_PER_PROG,
+    HAS_G: tl.constexpr,
+    HAS_X: tl.constexpr,
+    WGX: tl.constexpr,
+    WGR: tl.constexpr,
+    FP64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     """NHWC / 2-D: rows of C channels; program (i, j) sums rows [i*RPP, (i+1)*RPP) for a
     block of channels and writes one partial per (i, channel)."""
@@ -197,7 +240,11 @@ def _masked_gate_bwd_rows_kernel(
 
 
 def _format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -250,11 +297,21 @@ def masked_gate_fwd(x, scale, shift, e=None, s: float = 1.0, residual=None) -> t
     block_r, block_l = _blocks_2d(L, col)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(L, block_l))
     _masked_gate_fwd_kernel[grid](
-        x, r if r is not None else x, y, scale.contiguous(), shift.contiguous(),
+        x,
+        r if r is not None else x,
+        y,
+        scale.contiguous(),
+        shift.contiguous(),
         g if g is not None else scale,
-        n_rows, L, C,
-        HAS_G=g is not None, HAS_R=r is not None, CHANNEL_IS_COL=col,
-        FP64=cdt == torch.float64, BLOCK_R=block_r, BLOCK_L=block_l,
+        n_rows,
+        L,
+        C,
+        HAS_G=g is not None,
+        HAS_R=r is not None,
+        CHANNEL_IS_COL=col,
+        FP64=cdt == torch.float64,
+        BLOCK_R=block_r,
+        BLOCK_L=block_l,
         **_NO_FMA,
     )
     return y
@@ -272,19 +329,27 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
     want_x, want_scale, want_shift, want_e, want_r = (bool(m) for m in output_mask)
     xd = _dense(x, fmt) if want_scale else None
     C = y.shape[1]
-    empty = lambda: y.new_empty((0,))  # noqa: E731
+    empty = lambda: y.new_empty((0,))
     gx = torch.empty_like(y, memory_format=fmt) if want_x else empty()
     gr = torch.empty_like(y, memory_format=fmt) if want_r else empty()
     cdt = _compute_dtype(y.dtype)
     g = _gate(e, s, cdt)
     col, n_rows, L, _ = _geometry(y, fmt)
-    common = dict(
-        HAS_G=g is not None, HAS_X=xd is not None, WGX=want_x, WGR=want_r,
-        FP64=cdt == torch.float64,
-    )
+    common = {
+        "HAS_G": g is not None,
+        "HAS_X": xd is not None,
+        "WGX": want_x,
+        "WGR": want_r,
+        "FP64": cdt == torch.float64,
+    }
     args = (
-        gy, y, xd if xd is not None else y, gx if want_x else y, gr if want_r else y,
-        scale.contiguous(), g if g is not None else scale,
+        gy,
+        y,
+        xd if xd is not None else y,
+        gx if want_x else y,
+        gr if want_r else y,
+        scale.contiguous(),
+        g if g is not None else scale,
     )
     if y.numel() == 0:
         sums = torch.zeros((3, C), dtype=cdt, device=y.device)
@@ -297,8 +362,17 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
         part = torch.empty((3, n_chunks, C), dtype=cdt, device=y.device)
         grid = (n_chunks, triton.cdiv(C, block_c))
         _masked_gate_bwd_rows_kernel[grid](
-            *args, part[0], part[1], part[2], n_rows, C, rows_per_prog,
-            BLOCK_R=block_r, BLOCK_C=block_c, **common, **_NO_FMA,
+            *args,
+            part[0],
+            part[1],
+            part[2],
+            n_rows,
+            C,
+            rows_per_prog,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            **common,
+            **_NO_FMA,
         )
         sums = part.sum(1)
     else:
@@ -307,8 +381,17 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
         part = torch.empty((3, n_rows), dtype=cdt, device=y.device)
         grid = (triton.cdiv(n_rows, block_r),)
         _masked_gate_bwd_planes_kernel[grid](
-            *args, part[0], part[1], part[2], n_rows, L, C,
-            BLOCK_R=block_r, BLOCK_L=block_l, **common, **_NO_FMA,
+            *args,
+            part[0],
+            part[1],
+            part[2],
+            n_rows,
+            L,
+            C,
+            BLOCK_R=block_r,
+            BLOCK_L=block_l,
+            **common,
+            **_NO_FMA,
         )
         sums = part.view(3, -1, C).sum(1)
     gshift = sums[0].to(y.dtype, copy=True) if want_shift else empty()

@@ -196,7 +196,8 @@ def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=
     for (n, b), (n2, c) in zip(ref.named_buffers(), fast.named_buffers()):
         assert n == n2
         if b.dtype.is_floating_point:
-            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{n}: {m}")
+            torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=n: f"{n}: {m}")
         else:
             assert torch.equal(b, c), f"buffer {n}: {b} vs {c}"
     return ref, fast
@@ -533,3 +534,23 @@ def test_plan_description_and_errors():
         fast(torch.randn(2, 1, 8, 8))
     with torch.no_grad():
         assert fast.eval().plan()["frozen_extractors"] == [0, 1]
+
+
+def test_shared_api_extract_vector_weight_align_copy():
+    ref = make_ref("resnet32", 3, prune=(1,), seed=20)
+    fast = FastDERNet.from_reference(ref)
+    x = _rand_x("resnet32", 2, seed=21)
+    for m in (ref, fast):
+        m.eval()
+    with torch.no_grad():
+        u64 = copy.deepcopy(ref).double().extract_vector(x.double())
+        assert_as_good("extract_vector", fast.extract_vector(x), ref.extract_vector(x), u64)
+    assert fast.feature_dim == ref.feature_dim and fast.out_dim == ref.out_dim
+    assert fast.num_params() == ref.num_params()
+    assert fast.extractor_params() == ref.extractor_params()
+    assert fast.weight_align(3) == pytest.approx(ref.weight_align(3), rel=1e-6)
+    torch.testing.assert_close(fast.fc.weight, ref.fc.weight)
+    twin = fast.copy()
+    assert type(twin) is FastDERNet and twin.frozen_plan == fast.frozen_plan
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x)["logits"], fast(x)["logits"])

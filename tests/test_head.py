@@ -20,10 +20,11 @@ import torch
 from der_fast import ops
 
 
-
 def assert_close(actual, expected, atol, rtol, what):
     """Tolerances scale with the data; the message names the worst element (index, values)."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
     a = actual.detach().double().cpu()
     b = expected.detach().double().cpu()
     scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
@@ -37,6 +38,7 @@ def assert_close(actual, expected, atol, rtol, what):
             f"actual={a[where].item():.9g} expected={b[where].item():.9g} "
             f"(|diff|={err[where].item():.3g}, atol={atol * scale:.3g}, rtol={rtol})"
         )
+
 
 DTYPES = {
     "fp32": (torch.float32, 1e-5, 1e-5, 5e-5, 5e-5),
@@ -92,7 +94,10 @@ def _loss(out, gen_seed, use_aux=True, use_features=True):
     if use_aux and aux is not None:
         total = total + (aux * torch.randn(aux.shape, generator=g).to(aux)).sum()
     if use_features:
-        total = total + (features.square() * torch.randn(features.shape, generator=g).to(features)).sum()
+        total = (
+            total
+            + (features.square() * torch.randn(features.shape, generator=g).to(features)).sum()
+        )
     return total
 
 
@@ -146,7 +151,9 @@ def test_head_matches_ref(request, config, layout, dtype_name, N):
 def test_head_optional_parts(request, aux, bias, use):
     """No aux classifier / no biases / only some outputs used (None upstream gradients)."""
     gen = _gen(request)
-    feats, W, b, Wa, ba = _make(gen, [3, 7], [(2, 5), (2, 5)], 4, torch.float64, "contiguous", aux, bias)
+    feats, W, b, Wa, ba = _make(
+        gen, [3, 7], [(2, 5), (2, 5)], 4, torch.float64, "contiguous", aux, bias
+    )
     params = [W, b, Wa, ba]
     for t in [feats[1], *params]:
         if t is not None:
@@ -158,7 +165,7 @@ def test_head_optional_parts(request, aux, bias, use):
         if r is not None:
             assert_close(a, r, 1e-12, 1e-12, "forward")
     seed = 7
-    flags = dict(use_aux="aux" in use, use_features=use == "features")
+    flags = {"use_aux": "aux" in use, "use_features": use == "features"}
     ins = [t for t in [feats[1], *params] if t is not None]
     g = torch.autograd.grad(_loss(out, seed, **flags), ins, allow_unused=True)
     ref_feats = _clone(feats)
@@ -198,7 +205,9 @@ def test_head_grad_layout(request):
     out = ops.concat_linear_head(feats, W, b, Wa, ba)
     (g,) = torch.autograd.grad(_loss(out, 5), [feats[1]])
     assert g.is_contiguous(memory_format=torch.channels_last)
-    (gr,) = torch.autograd.grad(_loss(ops.concat_linear_head_ref(feats, W, b, Wa, ba), 5), [feats[1]])
+    (gr,) = torch.autograd.grad(
+        _loss(ops.concat_linear_head_ref(feats, W, b, Wa, ba), 5), [feats[1]]
+    )
     assert_close(g, gr, 1e-5, 1e-5, "grad channels_last")
 
 
@@ -213,7 +222,9 @@ def test_head_backends(request):
             assert_close(a, r, 1e-5, 1e-5, "cpp")
     with pytest.raises(RuntimeError, match="backend='cuda'"):
         ops.concat_linear_head(feats, W, b, Wa, ba, backend="cuda")
-    assert ops.implementation("concat_linear_head", "cpu").startswith("cpp" if ops.HAS_CPU_EXT else "ref")
+    assert ops.implementation("concat_linear_head", "cpu").startswith(
+        "cpp" if ops.HAS_CPU_EXT else "ref"
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,9 +233,17 @@ def test_head_backends(request):
         ("empty", ValueError, r"feats must be a non-empty list"),
         ("rank3", ValueError, r"feats\[1\] must be 4-D \[N, C_i, H, W\] or pooled 2-D"),
         ("width", ValueError, r"weight has 9 input columns but the features have sum C_i = 10"),
-        ("aux_width", ValueError, r"aux_weight has 3 input columns but the last feature map feats\[-1\] has C_t = 7"),
+        (
+            "aux_width",
+            ValueError,
+            r"aux_weight has 3 input columns but the last feature map feats\[-1\] has C_t = 7",
+        ),
         ("batch", ValueError, r"feats\[1\] has batch size 3 but feats\[0\] has 2"),
-        ("dtype", TypeError, r"feats\[1\] has dtype torch.float64 but feats\[0\] has dtype torch.float32"),
+        (
+            "dtype",
+            TypeError,
+            r"feats\[1\] has dtype torch.float64 but feats\[0\] has dtype torch.float32",
+        ),
         ("weight_dtype", TypeError, r"weight has dtype torch.float64"),
         ("bias_shape", ValueError, r"bias must have shape \[K\] = \[11\]"),
         ("aux_bias_shape", ValueError, r"aux_bias must have shape \[K_aux\] = \[12\]"),
@@ -277,10 +296,13 @@ def test_opcheck_head_cpu(request):
 
 def test_opcheck_head_backward_cpu(request):
     gen = _gen(request)
-    feats, W, b, Wa, ba = _make(gen, [3, 5], [(2, 3), (2, 3)], 2, torch.float32, "channels_last")
+    feats, W, _, Wa, _ = _make(gen, [3, 5], [(2, 3), (2, 3)], 2, torch.float32, "channels_last")
     features = torch.cat([f.mean((2, 3)) for f in feats], 1)
     gl, ga, gf = torch.randn(2, 11), torch.randn(2, 12), torch.randn(2, 8)
-    for fa, mask in [([None, feats[1]], [True, True, True, True]), ([feats[0], None], [True, False, False, True])]:
+    for fa, mask in [
+        ([None, feats[1]], [True, True, True, True]),
+        ([feats[0], None], [True, False, False, True]),
+    ]:
         torch.library.opcheck(
             torch.ops.der_fast.concat_linear_head_backward.default,
             (gl, ga, gf, features, W, Wa, fa, [3, 5], mask),
