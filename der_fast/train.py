@@ -95,7 +95,7 @@ class Config:
     top5: bool = False
     seed: int = 1993
     device: str = "auto"
-    impl: str = "reference"
+    impl: str = "fast"
     out: str = "runs/der"
     progress: bool = True
     deterministic: bool = False
