@@ -19,7 +19,9 @@ quick grid, ...) are skipped with the reason, and the reasons go into the JSON
 from __future__ import annotations
 
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,29 @@ def recorder(request):
     return rec
 
 
+def _interleaved_floor(benchmark, case, provider):
+    """A pytest-benchmark ``setup`` (untimed by it) that times one floor step of the same
+    provider before every round of a stage-1 case: step and floor then see the same load.
+    None if the provider cannot run the floor (the report then uses the floor case)."""
+    try:
+        # the grid's skip rules are for separate cases; here every provider gets its floor
+        # (func and the fast plans run their floor code), except a cold compile (minutes)
+        floor, _ = C.prepare(C.floor_case(case), provider, DEVICE,
+                             grid_skips=provider == "compile")
+    except (C.ProviderUnavailable, AssertionError) as exc:
+        benchmark.extra_info["floor_interleaved_skipped"] = str(exc).split("\n")[0]
+        return None
+    floor.step()  # warm-up
+
+    def setup():
+        t0 = time.perf_counter()
+        floor.step()  # synchronises on CUDA
+        setup.times.append(time.perf_counter() - t0)
+
+    setup.times = []
+    return setup
+
+
 @pytest.mark.parametrize("case,provider", PAIRS, ids=[f"{c.id}-{p}" for c, p in PAIRS])
 def test_model(benchmark, recorder, case, provider):
     benchmark.group = case.group
@@ -82,6 +107,13 @@ def test_model(benchmark, recorder, case, provider):
         peak = C.peak_memory_bytes(wl.step, DEVICE)
         benchmark.extra_info["peak_mem_bytes"] = peak
     n, warmup = C.rounds()
-    benchmark.pedantic(wl.step, rounds=n, iterations=1, warmup_rounds=warmup)
+    setup = None
+    if case.workload == "stage1" and C.interleaved_floor_enabled():
+        setup = _interleaved_floor(benchmark, case, provider)
+    benchmark.pedantic(wl.step, setup=setup, rounds=n, iterations=1, warmup_rounds=warmup)
+    if setup is not None:
+        times = sorted(setup.times[warmup:] or setup.times)
+        benchmark.extra_info["floor_interleaved_s"] = {
+            "median": statistics.median(times), "min": times[0], "rounds": len(times)}
     if wl.last_loss is not None:  # a diverged step (NaN/inf) would time something else
         assert math.isfinite(float(wl.last_loss)), f"{provider}: non-finite loss while timing"

@@ -17,6 +17,9 @@ Environment:
   DER_FAST_BENCH_COMPILE=auto|all|small|quick|none   which cases torch.compile runs (quick:
                                     resnet32 stage1 t<=2 only; small: t<=2; auto: quick for the
                                     quick grid, all for the full grid)
+  DER_FAST_BENCH_FLOOR=0|1          time the floor step between the rounds of every stage-1
+                                    case (default 1), so step / floor compares runs made at
+                                    the same time (the machine's load drifts between cases)
   DER_FAST_BENCH_THREADS=N          torch intra-op threads (default: torch's default). On a
                                     CPU shared with other busy processes, 1 thread gives far
                                     steadier numbers (a parallel region waits for its slowest
@@ -375,6 +378,17 @@ def build_reference(backbone: str, t: int, density: float, state: str, seed: int
     return net
 
 
+def _lru_get(cache: dict, key, make, keep: int = 2):
+    """A tiny LRU: the floor case's entries survive next to the current case's."""
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recent last
+    else:
+        while len(cache) >= keep:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
+
+
 _MODEL_CACHE: dict = {}
 
 
@@ -383,10 +397,9 @@ def reference_model(case: Case, state: Optional[str] = None) -> DERNet:
     state = state or ("final" if case.workload in ("infer", "stage2") else "stage1")
     t = 1 if case.workload == "floor" else case.t
     key = (case.backbone, t, case.density, state, case.hw)
-    if key not in _MODEL_CACHE:
-        _MODEL_CACHE.clear()  # keep one: models at t = 10 are big
-        _MODEL_CACHE[key] = build_reference(case.backbone, t, case.density, state, hw=case.hw)
-    return copy.deepcopy(_MODEL_CACHE[key])
+    model = _lru_get(_MODEL_CACHE, key, lambda: build_reference(
+        case.backbone, t, case.density, state, hw=case.hw))  # keep 2: models at t=10 are big
+    return copy.deepcopy(model)
 
 
 def make_data(case: Case, device: torch.device, n_batches: int = 1) -> list:
@@ -758,16 +771,15 @@ _REF_OUT: dict = {}
 def reference_outputs(case: Case, device: torch.device) -> RefOutputs:
     """The reference's check outputs for a case: float64, float32 NCHW and float32
     channels_last (computed once per case)."""
-    key = (case, str(device))
-    if key not in _REF_OUT:
-        _REF_OUT.clear()
+    def make():
         outs = []
         for name, dt in (("reference", torch.float64), ("reference", torch.float32),
                          ("reference_cl", torch.float32)):
             built = build_provider(name, reference_model(case).to(dt), device)
             outs.append(Workload(case, built, device, dtype=dt).check_outputs())
-        _REF_OUT[key] = RefOutputs(*outs)
-    return _REF_OUT[key]
+        return RefOutputs(*outs)
+
+    return _lru_get(_REF_OUT, (case, str(device)), make)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -853,6 +865,15 @@ def prepare(case: Case, provider: str, device: torch.device, grid_skips: bool = 
         info["plan"] = plan
     info["params"] = int(M.count_params(built.model))
     return wl, info
+
+
+def floor_case(case: Case) -> Case:
+    """The floor of a stage-1 case: one trainable extractor + head, same backbone and batch."""
+    return Case("floor", case.backbone, 1, 1.0, case.batch, case.hw)
+
+
+def interleaved_floor_enabled() -> bool:
+    return os.environ.get("DER_FAST_BENCH_FLOOR", "1") != "0"
 
 
 def extra_info(case: Case, provider: str, device: torch.device) -> dict:

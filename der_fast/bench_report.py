@@ -12,7 +12,8 @@ Prints markdown:
 * **median times** (ms) with the IQR as a percentage of the median;
 * **share of the floor**: a stage-1 step cannot cost less than a forward + backward of the one
   trainable extractor and the head; ``step median / floor median`` of the same provider
-  (backbone, batch, image size) says how much the t-1 frozen extractors still cost;
+  (backbone, batch, image size; the floor timed between the step's rounds when the suite did
+  so) says how much the t-1 frozen extractors still cost;
 * **peak memory** per case (what it measures is written in the JSON, ``der_fast.memory``);
 * **parameters** as t grows, the fast plans used, and every skipped case with its reason.
 
@@ -170,10 +171,12 @@ def ratio_table(results, fast: str = "fast") -> list:
     return rows
 
 
-def floor_shares(results) -> list:
-    """For every stage-1 case: ``(key, {provider: (share, floor_provider)})`` where share =
-    step median / floor median; the floor is the same provider's ``floor`` case for that
-    backbone, batch and image size, else the reference's (then floor_provider says so)."""
+def floor_shares(results, stat: str = "median") -> list:
+    """For every stage-1 case: ``(key, {provider: (share, source)})`` where share = step time /
+    floor time. The floor is, by preference: the same provider's floor timed between the
+    rounds of that very case (``extra_info["floor_interleaved_s"]``, source ``"interleaved"``),
+    the same provider's ``floor`` case for that backbone, batch and image size (source: the
+    provider), or the reference's floor case (source ``"reference"``)."""
     floors = {(r.backbone, r.batch, r.hw, r.provider): r for r in results if r.workload == "floor"}
     rows = []
     for key, provs in _by_case(results).items():
@@ -182,6 +185,10 @@ def floor_shares(results) -> list:
         _, bb, b, hw, _, _ = key
         cells = {}
         for p, r in provs.items():
+            inter = r.extra.get("floor_interleaved_s") or {}
+            if inter.get(stat, 0) > 0:
+                cells[p] = (r.median / inter[stat], "interleaved")
+                continue
             fl = floors.get((bb, b, hw, p)) or floors.get((bb, b, hw, "reference"))
             if fl is not None and fl.median > 0:
                 cells[p] = (r.median / fl.median, fl.provider)
@@ -238,8 +245,8 @@ def format_time_table(results) -> str:
     return "\n".join(_table(provs, lines))
 
 
-def format_floor_table(results) -> str:
-    rows = floor_shares(results)
+def format_floor_table(results, stat: str = "median") -> str:
+    rows = floor_shares(results, stat)
     if not rows:
         return "(no stage-1 cases)"
     provs = providers_in(results)
@@ -249,7 +256,8 @@ def format_floor_table(results) -> str:
         for p in provs:
             if p in cells:
                 share, src = cells[p]
-                out.append(f"| {share:.2f}{'*' if src != p else ''} ")
+                mark = "" if src == "interleaved" else "†" if src == p else "*"
+                out.append(f"| {share:.2f}{mark} ")
             else:
                 out.append("| - ")
         lines.append(case_label(key) + "".join(out) + "|")
@@ -317,8 +325,10 @@ def format_report(src, fast: str = "fast", stat: str = "median") -> str:
             f"## {s_name.capitalize()} time per call (ms, ± spread as % of it)", "",
             format_time_table(results), "",
             f"## Share of the floor (stage-1 step / floor step, {s_name}s; 1.00 = the frozen "
-            "extractors cost nothing; * = reference floor used)", "", format_floor_table(results),
-            "",
+            "extractors cost nothing)", "",
+            "Floor timed between the rounds of the same case; † = the provider's separate floor "
+            "case, * = the reference's floor case (minutes apart: the load may have changed).",
+            "", format_floor_table(results, stat), "",
             "## Peak memory (MiB)", "", format_memory_table(results), ""]
     if meta.get("memory"):
         out += [f"Peak memory: {meta['memory']}", ""]

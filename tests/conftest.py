@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Subprocesses started by the tests (`python -m der_fast.train`, torchrun) must import the same
+# der_fast as this process: the installed package, with its compiled kernels. Without this,
+# `python -m` puts the current directory (a source checkout) first on sys.path, and a checkout
+# without built extensions would silently run the pure-PyTorch fallbacks instead.
+os.environ.setdefault("PYTHONSAFEPATH", "1")
 
 
 @pytest.fixture

@@ -43,6 +43,8 @@ def synthetic() -> dict:
         _bench("fast", "stage1", 5, 0.3, 0.05, 0.04, 0.06, params=600_000, plan="loop"),
         _bench("reference", "stage1", 5, 0.3, 0.20, 0.18, 0.22, peak=3 * 2 ** 20),
         _bench("func", "stage1", 5, 0.3, 0.60, 0.50, 0.70),
+        _bench("fast_grouped", "stage1", 5, 0.3, 0.08, 0.07, 0.09,
+               floor_interleaved_s={"median": 0.04, "min": 0.02, "rounds": 5}),
         # floors
         _bench("fast", "floor", 1, None, 0.02, 0.02, 0.02),
         _bench("reference", "floor", 1, None, 0.25, 0.24, 0.26),
@@ -73,8 +75,9 @@ def synthetic() -> dict:
 
 def test_load_ignores_foreign_benchmarks():
     results, _ = R.load(synthetic())
-    assert len(results) == 10
-    assert {r.provider for r in results} == {"fast", "reference", "func", "compile"}
+    assert len(results) == 11
+    assert {r.provider for r in results} == {"fast", "reference", "func", "compile",
+                                             "fast_grouped"}
     r = next(r for r in results if r.provider == "fast" and r.workload == "floor")
     assert r.density is None and r.t == 1 and r.median == pytest.approx(0.02)
 
@@ -119,6 +122,10 @@ def test_floor_share_uses_own_floor_else_reference():
     assert cells["fast"] == (pytest.approx(0.05 / 0.02), "fast")
     assert cells["reference"] == (pytest.approx(0.20 / 0.25), "reference")
     assert cells["func"] == (pytest.approx(0.60 / 0.25), "reference")  # no func floor
+    # a floor timed between the rounds of the case wins over the separate floor cases
+    assert cells["fast_grouped"] == (pytest.approx(0.08 / 0.04), "interleaved")
+    _, cells_min = R.floor_shares(R.load(synthetic(), stat="min")[0], stat="min")[0]
+    assert cells_min["fast_grouped"] == (pytest.approx(0.07 * 0.9 / 0.02), "interleaved")
 
 
 def test_several_files_are_merged(tmp_path):
@@ -158,7 +165,8 @@ def test_format_report_and_cli(tmp_path, capsys):
     assert text.strip() == out.read_text().strip()
     assert "4.00x (3.00-5.50)" in text  # reference / fast, stage 1
     assert "| stage1 | resnet32 b128 32px | 5 | 30% | 50.0 ms |" in text
-    assert "2.50" in text and "2.40*" in text  # floor shares (func uses the reference floor)
+    # floor shares: own floor case (†), the reference's (*), interleaved (no mark)
+    assert "2.50†" in text and "2.40*" in text and "| 2.00 |" in text
     assert "FastDERNet rejects the plan" in text  # skipped cases with their reason
     assert "Failed the equivalence check" in text and "1 of 76 outputs" in text
     assert "42.0 s" in text  # compile time
