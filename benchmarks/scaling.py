@@ -7,8 +7,8 @@ reference vs fast, as markdown.
 
 Every provider is checked against the reference (benchmarks/common.py: prepare) before it is
 timed; providers are timed in interleaved rounds, so a change in the machine's load hits all
-of them alike. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core CPU; the
-suite's stage-1 batch is 128 (pass --batch 128 on a faster machine).
+of them alike. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core
+CPU; the suite's stage-1 batch is 128 (pass --batch 128 on a faster machine).
 """
 
 from __future__ import annotations
