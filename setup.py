@@ -162,6 +162,7 @@ def configure():
                     "csrc/der_fast.cpp",
                     "csrc/masked_gate.cpp",
                     "csrc/concat_linear_head.cpp",
+                    "csrc/conv3x3.cpp",
                 ],
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},

@@ -1,7 +1,8 @@
 // der_fast._C: operator schemas (defined once, here) for the der_fast custom ops.
 //
 // Implementations are registered per dispatch key in other files:
-//   CPU  : csrc/masked_gate.cpp, csrc/concat_linear_head.cpp   (this extension, der_fast._C)
+//   CPU  : csrc/masked_gate.cpp, csrc/concat_linear_head.cpp,
+//          csrc/conv3x3.cpp (CPU only: the frozen path's narrow convs)  (der_fast._C)
 //   CUDA : csrc/cuda/concat_linear_head.cu                      (der_fast._C_cuda)
 //          masked_gate on CUDA is a Triton kernel registered from Python (der_fast/ops.py).
 // Fake (meta) kernels and autograd formulas are registered in Python (der_fast/ops.py).
@@ -36,4 +37,7 @@ TORCH_LIBRARY(der_fast, m) {
       "Tensor? grad_features, Tensor features, Tensor weight, Tensor? aux_weight, "
       "Tensor?[] feats, int[] widths, bool[4] output_mask) "
       "-> (Tensor[], Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "conv3x3_bordered(Tensor x, Tensor weight, Tensor bias, Tensor? residual=None, "
+      "Tensor? gate=None, bool relu=True) -> Tensor");
 }

@@ -12,9 +12,14 @@ differs:
   where there is no residual, option-A shortcuts as index gathers, channels_last, no
   autograd. On CPU with oneDNN, conv + bias + ReLU and conv + bias + residual + ReLU run as
   single fused oneDNN primitives.
-  Two ways to run several frozen extractors, picked per device (``frozen_plan="auto"``) or
-  forced (``"loop"`` / ``"grouped"``):
+  Three ways to run several frozen extractors, picked per device (``frozen_plan="auto"``) or
+  forced (``"loop"`` / ``"grouped"`` / ``"direct"``):
 
+  - ``direct`` (the CPU default, float32): one folded network after the other with every
+    activation kept as a zero-bordered NCHW tensor, narrow 3x3 convs (pruned extractors have
+    5-20 channels per layer) on der_fast's direct conv kernel (``ops.conv3x3_bordered``:
+    ~3x oneDNN at 5 channels, see ``_AUTO_PLAN``), wide ones on oneDNN; under ``"auto"`` an
+    extractor whose multiply-adds are mostly in wide convs runs ``loop`` instead;
   - ``loop``: one folded network after the other;
   - ``grouped``: all of them as one network: the stems are one dense conv with the sum of
     the widths as outputs (they all read the same image), every later conv one grouped conv
@@ -49,9 +54,10 @@ from torch import nn
 from .backbones import MaskedResNet, binarize, shortcut_a_index
 from .reference import DERNet
 
-__all__ = ["FROZEN_PLANS", "FastDERNet", "fold_extractor", "fuse_grouped", "run_folded"]
+__all__ = ["FROZEN_PLANS", "FastDERNet", "direct_share", "fold_extractor", "fuse_grouped",
+           "run_bordered", "run_folded"]
 
-FROZEN_PLANS = ("auto", "loop", "grouped")
+FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 
 # Default frozen plan per device type, from measurements. CPU (2-core Xeon, AVX-512, oneDNN
 # 3.12, resnet32, batch 128, 32x32, t frozen extractors, forward, 1 thread, median of 5
@@ -60,7 +66,17 @@ FROZEN_PLANS = ("auto", "loop", "grouped")
 # with 2 threads (min of 5 rounds, the machine was shared): t=2: 75 / 80, t=5: 192 / 319,
 # t=10: 403 / 796. oneDNN's grouped conv with narrow groups is ~2x slower than separate
 # convs. CUDA: not measured (no GPU was available); "loop" until someone measures.
-_AUTO_PLAN = {"cpu": "loop", "cuda": "loop"}
+#
+# "direct" (CPU, float32): the zero-bordered executor (run_bordered) with der_fast's direct 3x3
+# conv kernel on narrow layers. Per conv, oneDNN (fused, channels_last) vs the direct kernel,
+# 1 thread, batch 128, conv + bias + residual + ReLU: 5->5 at 32x32: 1.86 / 0.63 ms (2.96x);
+# 3->5: 3.1x; 10->8 at 16x16: 1.6x; 19->21 at 8x8: 1.16x; 16->16 at 32x32: 1.13x; 32->32 at
+# 16x16: 0.63x; 64->64 at 8x8: 0.5x; 20->20: 1.2x at 16x16, 1.5x at 32x32; 24->24 at 8x8 and
+# 16x16: 0.95x; 28->28 at 8x8: 0.75x. Under "auto" a conv uses the kernel when
+# C_in * C_out <= _DIRECT_MAX_CIN_COUT, and an extractor runs bordered when at least half of its
+# multiply-adds do (pruned extractors); otherwise it runs the channels_last loop.
+_AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
+_DIRECT_MAX_CIN_COUT = 500
 
 _BIG_LOGIT = 1.0e4  # sigmoid(+-1e4) is exactly 1 / 0 in fp16, bf16, fp32 and fp64
 
@@ -123,6 +139,7 @@ class _Conv:
     stride: int
     padding: int
     groups: int = 1
+    weight_nchw: torch.Tensor | None = None  # contiguous copy for the direct kernel (lazy)
 
 
 @dataclass
@@ -363,6 +380,112 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
     return pooled
 
 
+def _direct_op():
+    """der_fast.ops.conv3x3_bordered, or None where it is unavailable."""
+    try:
+        from . import ops as mod
+    except Exception:  # noqa: BLE001
+        return None
+    fn = getattr(mod, "conv3x3_bordered", None)
+    if fn is None:
+        return None
+    try:
+        torch.ops.der_fast.conv3x3_bordered  # noqa: B018 - an old build may lack the op
+    except (AttributeError, RuntimeError):
+        return None
+    return fn
+
+
+def _is_3x3_s1(c: _Conv) -> bool:
+    return (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 1 and c.padding == 1
+            and c.groups == 1)
+
+
+def _use_direct(c: _Conv, force: bool) -> bool:
+    """Whether the direct kernel runs this conv (bordered executor)."""
+    if not _is_3x3_s1(c):
+        return False
+    return force or c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_MAX_CIN_COUT
+
+
+def _convs_with_size(f: FoldedNet, hw: tuple) -> list:
+    """(conv, output H*W) of every conv of a folded net, for an input of spatial size hw."""
+    def out(h, c):
+        k = c.weight.shape[2]
+        return (h + 2 * c.padding - k) // c.stride + 1
+    h, w = hw
+    res = []
+    h, w = out(h, f.stem), out(w, f.stem)
+    res.append((f.stem, h * w))
+    if f.maxpool:
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    for b in f.blocks:
+        h, w = out(h, b.conv1), out(w, b.conv1)
+        res.append((b.conv1, h * w))
+        res.append((b.conv2, h * w))
+        if b.sc_conv is not None:
+            res.append((b.sc_conv, h * w))
+    return res
+
+
+def direct_share(f: FoldedNet, hw: tuple = (32, 32)) -> float:
+    """Share of a folded net's multiply-adds that the direct kernel would run under "auto"."""
+    tot = dire = 0
+    for c, n in _convs_with_size(f, hw):
+        macs = c.weight.numel() * n
+        tot += macs
+        if _use_direct(c, False):
+            dire += macs
+    return dire / max(tot, 1)
+
+
+def _conv_bordered(xb, c: _Conv, relu: bool, residual=None, gate=None, force=False):
+    """``gate * [relu](conv(x) + bias [+ residual])`` from and to the zero-bordered layout."""
+    if _use_direct(c, force):
+        if c.weight_nchw is None:
+            c.weight_nchw = c.weight.contiguous()
+        return _direct_op()(xb, c.weight_nchw, c.bias, residual, gate, relu)
+    # oneDNN / aten: the border is the conv's padding (or the interior, for padding 0)
+    if c.padding >= 1:
+        y = F.conv2d(xb, c.weight, c.bias, c.stride, c.padding - 1, 1, c.groups)
+    else:
+        y = F.conv2d(xb[:, :, 1:-1, 1:-1], c.weight, c.bias, c.stride, 0, 1, c.groups)
+    if residual is not None:
+        y = y.add_(residual[:, :, 1:-1, 1:-1])
+    if relu:
+        y = y.relu_()
+    if gate is not None:
+        y = y.mul_(gate.view(1, -1, 1, 1))
+    return F.pad(y, (1, 1, 1, 1)).contiguous()
+
+
+def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False) -> torch.Tensor:
+    """Features [N, sum(out_dims)] of a folded network, every activation kept as a
+    zero-bordered NCHW tensor [N, C, H + 2, W + 2] so that narrow 3x3 convs run the direct
+    kernel (``der_fast.ops.conv3x3_bordered``) with no padding copies; other convs run
+    oneDNN on the same tensors. ``force``: the direct kernel for every 3x3 / stride 1 conv,
+    whatever its width. CPU, float32, no autograd."""
+    xb = F.pad(x, (1, 1, 1, 1)).contiguous()
+    y = _conv_bordered(xb, f.stem, True, force=force)
+    if f.maxpool:
+        y = F.pad(F.max_pool2d(y[:, :, 1:-1, 1:-1], 3, 2, 1), (1, 1, 1, 1)).contiguous()
+    for b in f.blocks:
+        h = _conv_bordered(y, b.conv1, True, force=force)
+        if b.sc == "id":
+            r = y
+        elif b.sc == "B":
+            r = _conv_bordered(y, b.sc_conv, False, force=force)
+        else:
+            r = F.pad(_shortcut_a(y[:, :, 1:-1, 1:-1], b), (1, 1, 1, 1)).contiguous()
+        y = _conv_bordered(h, b.conv2, True, residual=r, gate=b.gate, force=force)
+    hw = (y.shape[2] - 2) * (y.shape[3] - 2)
+    pooled = y.sum((2, 3)).div_(hw)  # the border is 0
+    if f.out_index is not None:
+        pooled = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], 1).index_select(
+            1, f.out_index)
+    return pooled
+
+
 # ============================================================================ trainable path
 def _bn_affine(bn: nn.BatchNorm2d, z: torch.Tensor):
     """``(x, scale, shift)`` for ``masked_gate``: ``x = bn(z)`` by PyTorch's native batch
@@ -445,8 +568,10 @@ class FastDERNet(DERNet):
 
     Args:
         frozen_plan: how frozen extractors run: ``"auto"`` (fastest measured plan for the
-            device), ``"loop"`` (one folded extractor after the other) or ``"grouped"`` (all
-            fused into dense-stem + grouped convs). Also settable as an attribute.
+            device: ``"direct"`` on CPU, ``"loop"`` on CUDA), ``"loop"`` (one folded extractor
+            after the other, oneDNN/cuDNN convs), ``"grouped"`` (all fused into dense-stem +
+            grouped convs) or ``"direct"`` (the direct 3x3 kernel for every 3x3 conv; CPU
+            float32 only, elsewhere it runs ``"loop"``). Also settable as an attribute.
         onednn_fusion: on CPU (fp32 / bf16), run the frozen convs as fused oneDNN
             conv + bias [+ residual] + ReLU primitives.
     """
@@ -480,7 +605,8 @@ class FastDERNet(DERNet):
     def to_reference(self) -> DERNet:
         """A plain :class:`DERNet` copy of this model (same state, modes and flags)."""
         ref = copy.deepcopy(self)
-        for name in ("_plan_version", "_plan_cache", "_frozen_plan", "onednn_fusion",
+        for name in ("_plan_version", "_plan_cache", "_frozen_plan", "_last_frozen_run",
+                     "onednn_fusion",
                      "trainable_channels_last"):
             ref.__dict__.pop(name, None)
         ref.__class__ = DERNet
@@ -539,11 +665,19 @@ class FastDERNet(DERNet):
         return out
 
     def resolved_frozen_plan(self, device=None) -> str:
-        """``"loop"`` or ``"grouped"``: the frozen plan used on ``device``."""
+        """``"loop"``, ``"grouped"`` or ``"direct"``: the frozen plan used on ``device``
+        (``"direct"`` falls back to ``"loop"`` per call where it cannot run: not CPU float32,
+        an input gradient needed, or the op not built)."""
         if self.frozen_plan != "auto":
             return self.frozen_plan
         device = torch.device(device) if device is not None else self._device_dtype()[0]
         return _AUTO_PLAN.get(device.type, "loop")
+
+    @staticmethod
+    def _direct_possible(x: torch.Tensor, need_grad: bool) -> bool:
+        """The direct-conv executor's conditions: CPU, float32, no autograd, op built."""
+        return (x.device.type == "cpu" and x.dtype == torch.float32 and not need_grad
+                and _direct_op() is not None)
 
     @staticmethod
     def _inferable(net: MaskedResNet, grad_enabled: bool) -> bool:
@@ -569,7 +703,7 @@ class FastDERNet(DERNet):
         for k in [k for k in cache if k not in alive]:
             del cache[k]
         folded = [self._folded(n) for n in nets]
-        if plan == "loop" or len(nets) == 1:
+        if plan in ("loop", "direct") or len(nets) == 1:
             self._plan_cache["group"] = None
             return folded
         key = (self._plan_version, tuple(id(f) for f in folded))
@@ -585,10 +719,21 @@ class FastDERNet(DERNet):
         needs a gradient)."""
         plan = self.resolved_frozen_plan(x.device)
         need_grad = torch.is_grad_enabled() and x.requires_grad
+        if plan == "direct" and not self._direct_possible(x, need_grad):
+            plan = "loop"
         with torch.set_grad_enabled(need_grad):
             folded = self._frozen_net(nets, plan)
             fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
-            outs = [run_folded(f, x, fused=fused) for f in folded]
+            outs, how = [], []
+            for f in folded:
+                if plan == "direct" and (self.frozen_plan == "direct"
+                                         or direct_share(f, tuple(x.shape[2:])) >= 0.5):
+                    outs.append(run_bordered(f, x, force=self.frozen_plan == "direct"))
+                    how.append("direct")
+                else:
+                    outs.append(run_folded(f, x, fused=fused))
+                    how.append("loop" if plan == "direct" else plan)
+            self._last_frozen_run = how
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
     # ------------------------------------------------------------------ forward
@@ -668,7 +813,20 @@ class FastDERNet(DERNet):
         fused = self.onednn_fusion and _mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
         if not frozen_idx:
             frozen = "none"
+        elif plan == "direct" and device.type == "cpu" and dtype == torch.float32 \
+                and _direct_op() is not None:
+            force = self.frozen_plan == "direct"
+            frozen = ("direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for "
+                      + ("every 3x3/stride-1 conv" if force else
+                         f"narrow 3x3/stride-1 convs (C_in*C_out <= {_DIRECT_MAX_CIN_COUT})")
+                      + ", oneDNN for the others"
+                      + ("" if force else "; extractors with less than half of their "
+                         "multiply-adds in narrow convs run loop-channels_last + oneDNN fused "
+                         "conv/bias/residual/ReLU")
+                      + "; BN and masks folded, off channels removed, no autograd")
         else:
+            if plan == "direct":
+                plan = "loop"
             frozen = ("loop-channels_last" if plan == "loop" or len(frozen_idx) < 2 else
                       "grouped-channels_last (dense stem conv + grouped convs, zero-padded)")
             frozen += (" + oneDNN fused conv/bias/residual/ReLU" if fused else " + aten conv")
@@ -682,6 +840,8 @@ class FastDERNet(DERNet):
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
             "frozen_plan_setting": self.frozen_plan,
             "frozen": frozen, "frozen_extractors": frozen_idx,
+            # per frozen extractor, how the last forward ran it ("direct" / "loop" / "grouped")
+            "frozen_last_run": list(getattr(self, "_last_frozen_run", [])),
             "trainable": trainable, "trainable_extractors": train_idx,
             "head": f"concat_linear_head op ({self._op_impl('concat_linear_head')})",
         }

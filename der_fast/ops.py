@@ -43,6 +43,9 @@ __all__ = [
     "available_backends",
     "concat_linear_head",
     "concat_linear_head_ref",
+    "conv3x3_bordered",
+    "conv3x3_bordered_ref",
+    "border",
     "implementation",
     "masked_gate",
     "masked_gate_ref",
@@ -68,6 +71,10 @@ SCHEMAS = {
         "Tensor? grad_features, Tensor features, Tensor weight, Tensor? aux_weight, "
         "Tensor?[] feats, int[] widths, bool[4] output_mask) "
         "-> (Tensor[], Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "conv3x3_bordered": (
+        "conv3x3_bordered(Tensor x, Tensor weight, Tensor bias, Tensor? residual=None, "
+        "Tensor? gate=None, bool relu=True) -> Tensor"
     ),
 }
 
@@ -374,7 +381,55 @@ def _triton_mg_bwd(grad_y, y, x, scale, e, s, output_mask):
         )
 
 
+def _check_conv3x3(x, weight, bias, residual=None, gate=None) -> None:
+    """Same checks and messages as csrc/conv3x3.cpp."""
+    if x.dim() != 4:
+        raise RuntimeError(f"conv3x3_bordered: x must be [N, C_in, H + 2, W + 2], got {list(x.shape)}")
+    if x.dtype != torch.float32:
+        raise RuntimeError(f"conv3x3_bordered: only float32 is supported, got {x.dtype}")
+    if x.shape[2] < 3 or x.shape[3] < 3:
+        raise RuntimeError("conv3x3_bordered: each plane needs a 1-pixel zero border around at "
+                           f"least 1x1 pixels, got planes of {x.shape[2]}x{x.shape[3]}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3) or weight.shape[0] < 1:
+        raise RuntimeError(f"conv3x3_bordered: weight must be [C_out, {x.shape[1]}, 3, 3], got "
+                           f"{list(weight.shape)}")
+    co = weight.shape[0]
+    if bias.dim() != 1 or bias.shape[0] != co:
+        raise RuntimeError(f"conv3x3_bordered: bias must be [{co}], got {list(bias.shape)}")
+    for t in (weight, bias):
+        if t.dtype != torch.float32 or t.device != x.device:
+            raise RuntimeError(f"conv3x3_bordered: weight and bias must be float32 on {x.device}")
+    if residual is not None and tuple(residual.shape) != (x.shape[0], co, *x.shape[2:]):
+        raise RuntimeError(f"conv3x3_bordered: residual must be {[x.shape[0], co, *x.shape[2:]]}"
+                           f", got {list(residual.shape)}")
+    if gate is not None and (gate.dim() != 1 or gate.shape[0] != co):
+        raise RuntimeError(f"conv3x3_bordered: gate must be a float32 [{co}] tensor")
+
+
+def border(x: Tensor) -> Tensor:
+    """``x`` [N, C, H, W] with a 1-pixel zero border: the layout of :func:`conv3x3_bordered`."""
+    return F.pad(x, (1, 1, 1, 1)).contiguous()
+
+
+def conv3x3_bordered_ref(x, weight, bias, residual=None, gate=None, relu=True):
+    """Reference for :func:`conv3x3_bordered` (PyTorch ops, any dtype)."""
+    y = F.conv2d(x[:, :, 1:-1, 1:-1], weight, bias, padding=1)
+    if residual is not None:
+        y = y + residual[:, :, 1:-1, 1:-1]
+    if relu:
+        y = F.relu(y)
+    if gate is not None:
+        y = y * gate.view(1, -1, 1, 1)
+    return border(y)
+
+
+def _conv3x3_fallback(x, weight, bias, residual=None, gate=None, relu=True):
+    _check_conv3x3(x, weight, bias, residual, gate)
+    return conv3x3_bordered_ref(x, weight, bias, residual, gate, relu)
+
+
 if not HAS_CPU_EXT:
+    _lib.impl("conv3x3_bordered", _conv3x3_fallback, "CPU")
     _lib.impl("masked_gate", _masked_gate_fallback, "CPU")
     _lib.impl("masked_gate_backward", _masked_gate_backward_fallback, "CPU")
     _lib.impl("concat_linear_head", _head_fallback, "CPU")
@@ -393,6 +448,12 @@ if torch.version.cuda:
 
 # ==============================================================================================
 # fake (meta) kernels
+
+
+@torch.library.register_fake("der_fast::conv3x3_bordered")
+def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True):
+    _check_conv3x3(x, weight, bias, residual, gate)
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
 
 @torch.library.register_fake("der_fast::masked_gate")
@@ -564,8 +625,14 @@ def available_backends() -> dict[str, bool]:
 def implementation(op: str, device: str | torch.device) -> str:
     """Which implementation ``op`` ("masked_gate" or "concat_linear_head") uses on ``device``."""
     dev = torch.device(device).type
-    if op not in ("masked_gate", "concat_linear_head"):
+    if op not in ("masked_gate", "concat_linear_head", "conv3x3_bordered"):
         raise ValueError(f"unknown op {op!r}")
+    if op == "conv3x3_bordered":
+        if dev != "cpu":
+            return f"unavailable on {dev} (a CPU kernel: the GPU frozen path uses cuDNN)"
+        if HAS_CPU_EXT:
+            return "cpp (der_fast._C)"
+        return f"ref (PyTorch fallback; der_fast._C missing: {CPU_EXT_ERROR})"
     if dev == "cpu":
         if HAS_CPU_EXT:
             return "cpp (der_fast._C)"
@@ -690,3 +757,26 @@ def concat_linear_head(
         feats, weight, bias, aux_weight, aux_bias
     )
     return logits, (aux if aux_weight is not None else None), features
+
+
+def conv3x3_bordered(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None = None,
+    gate: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """Inference-only direct 3x3 convolution (stride 1, padding 1) for narrow layers, CPU,
+    float32, on zero-bordered planes:
+
+    ``y = gate[c] * act(conv3x3(x, weight) + bias[c] (+ residual))``, act = ReLU if ``relu``.
+
+    ``x``: ``[N, C_in, H + 2, W + 2]`` whose 1-pixel border is zero (see :func:`border`);
+    ``residual`` (optional) ``[N, C_out, H + 2, W + 2]`` in the same layout; ``gate`` (optional)
+    ``[C_out]``. Returns ``[N, C_out, H + 2, W + 2]`` with a zero border, so layers chain
+    without padding copies. No autograd (FastDERNet's frozen extractors only). Faster than
+    oneDNN for layers with few channels (pruned extractors), slower for wide ones: see
+    ``benchmarks/bench_conv.py``.
+    """
+    return torch.ops.der_fast.conv3x3_bordered(x, weight, bias, residual, gate, bool(relu))

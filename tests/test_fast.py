@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from der_fast import masks as M
-from der_fast.fast import FastDERNet, fold_extractor, fuse_grouped, run_folded
+from der_fast.fast import FastDERNet, direct_share, fold_extractor, fuse_grouped, run_bordered, run_folded
 from der_fast.reference import DERNet
 
 ATOL = 1e-5
@@ -217,12 +217,12 @@ def test_forward_backward_match_reference(backbone, t):
         check_forward_backward(ref, fast, x, train)
 
 
-@pytest.mark.parametrize("plan", ["loop", "grouped"])
+@pytest.mark.parametrize("plan", ["loop", "grouped", "direct", "auto"])
 @pytest.mark.parametrize("fusion", [True, False])
 def test_frozen_plans_agree(plan, fusion):
     ref = make_ref("resnet32", 4, prune=(0, 2), seed=3)
     fast = FastDERNet.from_reference(ref, frozen_plan=plan, onednn_fusion=fusion)
-    assert fast.resolved_frozen_plan() == plan
+    assert fast.resolved_frozen_plan() == (plan if plan != "auto" else "direct")
     x = _rand_x("resnet32", 4, seed=4)
     check_forward_backward(ref, fast, x, train=True)
     ref.freeze_conv()
@@ -230,6 +230,15 @@ def test_frozen_plans_agree(plan, fusion):
     check_forward_backward(ref, fast, x, train=True, grads=True)
     with torch.no_grad():
         check_forward_backward(ref, fast, x, train=False, grads=False)
+    if plan in ("auto", "direct"):
+        with torch.no_grad():
+            fast.eval()(x)
+        # auto: an extractor runs direct iff at least half of its multiply-adds are in narrow
+        # convs (here: the two pruned ones yes, the unpruned binary-masked one no)
+        want = ["direct" if plan == "direct" or direct_share(fold_extractor(c), x.shape[2:])
+                >= 0.5 else "loop" for c in fast.convnets]
+        assert fast.plan()["frozen_last_run"] == want
+        assert plan == "direct" or (want[0] == want[2] == "direct" and "loop" in want)
 
 
 def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
@@ -244,8 +253,50 @@ def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
         assert [f.out_dims[0] for f in folded] == [c.out_dim for c in ref.convnets]
         loop = torch.cat([run_folded(f, x) for f in folded], 1)
         grouped = run_folded(fuse_grouped(folded), x)
+        direct = torch.cat([run_bordered(f, x, force=True) for f in folded], 1)
+        mixed = torch.cat([run_bordered(f, x) for f in folded], 1)
     assert_as_good("loop features", loop, got32, want)
     assert_as_good("grouped features", grouped, got32, want)
+    assert_as_good("direct features", direct, got32, want)
+    assert_as_good("direct/oneDNN mixed features", mixed, got32, want)
+
+
+@pytest.mark.parametrize("backbone", ["resnet32", "resnet18"])
+def test_direct_plan_every_backbone_soft_and_pruned(backbone):
+    """The bordered executor on each backbone: 7x7 stride-2 stem + max pool and 1x1 (type B)
+    shortcuts (resnet18), option-A shortcuts with pruned input widths (resnet32), soft gates."""
+    ref = make_ref(backbone, 3, prune=(0, 1), seed=21).eval()
+    ref.convnets[-1].binary_masks = False
+    x = _rand_x(backbone, 2, seed=22)
+    with torch.no_grad():
+        r64 = copy.deepcopy(ref).double()
+        want = torch.cat([c(x.double()) for c in r64.convnets], 1)
+        got32 = torch.cat([c(x) for c in ref.convnets], 1)
+        folded = [fold_extractor(c) for c in ref.convnets]
+        for force in (True, False):
+            got = torch.cat([run_bordered(f, x, force=force) for f in folded], 1)
+            assert_as_good(f"{backbone} direct features (force={force})", got, got32, want)
+        fast = FastDERNet.from_reference(ref, frozen_plan="direct")
+        out, out32, out64 = fast(x), ref(x), r64(x.double())
+        assert fast.plan()["frozen_last_run"] == ["direct"] * 3
+    for k in ("logits", "aux_logits", "features"):
+        assert_as_good(f"{backbone} {k}", out[k], out32[k], out64[k])
+
+
+def test_direct_plan_falls_back_where_it_cannot_run():
+    """float64, or an input that needs a gradient: the direct plan runs the loop executor and
+    still matches the reference."""
+    ref = make_ref("resnet32", 2, prune=(0,), seed=23).eval()
+    fast = FastDERNet.from_reference(ref, frozen_plan="direct")
+    x = _rand_x("resnet32", 2, seed=24)
+    with torch.no_grad():
+        fast.double()(x.double())
+    assert fast.plan()["frozen_last_run"] == ["loop", "loop"]
+    assert "loop" in fast.plan()["frozen"]
+    fast.float()
+    xx = x.clone().requires_grad_(True)
+    fast(xx)["logits"].sum().backward()
+    assert set(fast.plan()["frozen_last_run"]) == {"loop"} and xx.grad is not None
 
 
 # ============================================================================ training
@@ -479,6 +530,8 @@ def test_plan_stays_fresh():
     check("after load_state_dict")
     fast.frozen_plan = "grouped"
     check("after frozen_plan = grouped")
+    fast.frozen_plan = "direct"
+    check("after frozen_plan = direct")
 
 
 def test_stage2_backbone_is_frozen_path_and_only_fc_trains():
@@ -527,7 +580,13 @@ def test_plan_description_and_errors():
     fast.train()
     p = fast.plan()
     assert p["frozen_extractors"] == [0] and p["trainable_extractors"] == [1]
-    assert "masked_gate" in p["trainable"] and p["frozen"].startswith("loop")
+    assert "masked_gate" in p["trainable"]
+    assert p["frozen"].startswith("direct" if fast.resolved_frozen_plan() == "direct" else "loop")
+    with torch.no_grad():  # full-width resnet32: 2/3 of the multiply-adds in wide convs
+        fast.eval()(torch.randn(2, 3, 16, 16))
+    assert fast.plan()["frozen_last_run"] == (
+        ["loop", "loop"] if fast.resolved_frozen_plan() == "direct" else [])
+    fast.train()
     with pytest.raises(ValueError, match="frozen_plan"):
         FastDERNet("resnet32", frozen_plan="nope")
     with pytest.raises(ValueError, match="expected input"):

@@ -1,0 +1,107 @@
+// Body of the direct 3x3 convolution kernel (csrc/conv3x3.cpp includes it once per
+// instruction set, inside a namespace and a `#pragma GCC target` region). Not a standalone
+// header: it has no include guard on purpose.
+//
+// Layout: "zero-bordered planes": x [N, C, H + 2, W + 2] contiguous float, whose first and last
+// rows and columns are 0 (a padded image). The output has the same layout. An output position p
+// (flattened over the bordered plane) reads x at p + (kh - 1) * Wp + (kw - 1); computing every
+// interior row in runs of 16 * V consecutive positions (the border columns inside a run are
+// computed too and then multiplied by 0) turns the conv into unit-stride vector loads with one
+// broadcast weight per FMA: CB output channels x V vectors of accumulators stay in registers.
+
+template <int CB, int V>
+static void conv_block(const float* __restrict__ x, int64_t Cin, int64_t Hp, int64_t Wp,
+                       const float* __restrict__ w, const float* __restrict__ b,
+                       const float* __restrict__ r, const float* __restrict__ g,
+                       const float* __restrict__ colmask, float* __restrict__ y, bool relu) {
+  constexpr int L = 16 * V;
+  const int64_t P = Hp * Wp;
+  const int64_t p0 = Wp + 1, p1 = (Hp - 1) * Wp - 1;  // first / one past last interior position
+  const v16 zero = {};
+  for (int64_t p = p0; p < p1; p += L) {
+    // the last run is shifted back to end at p1 (positions computed twice get the same value)
+    const int64_t q = (p + L > p1) ? p1 - L : p;
+    v16 acc[CB][V];
+    for (int c = 0; c < CB; ++c)
+      for (int v = 0; v < V; ++v) acc[c][v] = zero + b[c];
+    for (int64_t ci = 0; ci < Cin; ++ci) {
+      const float* xc = x + ci * P + q;
+      const float* wc = w + ci * 9;
+      for (int kh = 0; kh < 3; ++kh) {
+        for (int kw = 0; kw < 3; ++kw) {
+          const float* xs = xc + (kh - 1) * Wp + (kw - 1);
+          v16 a[V];
+          for (int v = 0; v < V; ++v) std::memcpy(&a[v], xs + 16 * v, sizeof(v16));
+          const int k = kh * 3 + kw;
+          for (int c = 0; c < CB; ++c) {
+            const float wv = wc[c * Cin * 9 + k];
+            for (int v = 0; v < V; ++v) acc[c][v] += wv * a[v];
+          }
+        }
+      }
+    }
+    for (int c = 0; c < CB; ++c) {
+      for (int v = 0; v < V; ++v) {
+        v16 o = acc[c][v], m;
+        std::memcpy(&m, colmask + q + 16 * v, sizeof(v16));
+        if (r != nullptr) {
+          v16 rr;
+          std::memcpy(&rr, r + c * P + q + 16 * v, sizeof(v16));
+          o += rr;
+        }
+        if (relu) o = (o > zero) ? o : zero;
+        if (g != nullptr) o *= g[c];
+        o *= m;
+        std::memcpy(y + c * P + q + 16 * v, &o, sizeof(v16));
+      }
+    }
+  }
+}
+
+// One image: every output channel, in blocks of at most max_cb (sizes as equal as possible).
+template <int V>
+static void conv_image(const float* x, int64_t Cin, int64_t Hp, int64_t Wp, const float* w,
+                       const float* b, const float* r, const float* g, const float* colmask,
+                       float* y, int64_t Cout, bool relu) {
+  constexpr int MAXCB = (V == 1) ? 16 : 8;
+  const int64_t P = Hp * Wp;
+  const int64_t nb = (Cout + MAXCB - 1) / MAXCB;
+  int64_t c0 = 0;
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t cb = (Cout - c0) / (nb - bi);
+    const float* wb = w + c0 * Cin * 9;
+    const float* bb = b + c0;
+    const float* rb = r ? r + c0 * P : nullptr;
+    const float* gb = g ? g + c0 : nullptr;
+    float* yb = y + c0 * P;
+    switch (cb) {
+#define DER_CB(k)                                                           \
+  case k:                                                                   \
+    if constexpr (k <= MAXCB)                                               \
+      conv_block<k, V>(x, Cin, Hp, Wp, wb, bb, rb, gb, colmask, yb, relu); \
+    break;
+      DER_CB(1) DER_CB(2) DER_CB(3) DER_CB(4) DER_CB(5) DER_CB(6) DER_CB(7) DER_CB(8)
+      DER_CB(9) DER_CB(10) DER_CB(11) DER_CB(12) DER_CB(13) DER_CB(14) DER_CB(15) DER_CB(16)
+#undef DER_CB
+      default:
+        break;
+    }
+    c0 += cb;
+  }
+}
+
+static void conv_images(const float* x, int64_t n0, int64_t n1, int64_t Cin, int64_t Hp,
+                        int64_t Wp, const float* w, const float* b, const float* r,
+                        const float* g, const float* colmask, float* y, int64_t Cout, bool relu,
+                        int V) {
+  const int64_t P = Hp * Wp;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* xn = x + n * Cin * P;
+    const float* rn = r ? r + n * Cout * P : nullptr;
+    float* yn = y + n * Cout * P;
+    if (V == 2)
+      conv_image<2>(xn, Cin, Hp, Wp, w, b, rn, g, colmask, yn, Cout, relu);
+    else
+      conv_image<1>(xn, Cin, Hp, Wp, w, b, rn, g, colmask, yn, Cout, relu);
+  }
+}
