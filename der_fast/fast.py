@@ -459,12 +459,38 @@ def _conv_bordered(xb, c: _Conv, relu: bool, residual=None, gate=None, force=Fal
     return F.pad(y, (1, 1, 1, 1)).contiguous()
 
 
-def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False) -> torch.Tensor:
+# Batch chunk of the bordered executor: narrow layers are memory-bound (a 5 -> 5 channel conv
+# at 32x32 moves 3 x 3 MiB per 128 images), so the batch is cut into chunks whose activations
+# stay in the L2 cache through the whole network. Per image and 5 -> 5 conv + residual + ReLU,
+# 1 thread: 5.6 us at N = 128, 3.6-3.8 us at N = 8..32, 4.3 us at N = 4 (call overhead).
+_CHUNK_BYTES = 1 << 20  # target bytes of the widest activation of one chunk
+_CHUNK_MIN = 8
+
+
+def _bordered_chunk(f: FoldedNet, x: torch.Tensor) -> int:
+    widest = 0
+    for c, hw in _convs_with_size(f, tuple(x.shape[2:])):
+        side = int(round(hw ** 0.5)) + 2
+        widest = max(widest, c.weight.shape[0] * side * side * x.element_size())
+    return max(_CHUNK_MIN, _CHUNK_BYTES // max(widest, 1))
+
+
+def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False,
+                 chunk: int | None = None) -> torch.Tensor:
     """Features [N, sum(out_dims)] of a folded network, every activation kept as a
     zero-bordered NCHW tensor [N, C, H + 2, W + 2] so that narrow 3x3 convs run the direct
     kernel (``der_fast.ops.conv3x3_bordered``) with no padding copies; other convs run
     oneDNN on the same tensors. ``force``: the direct kernel for every 3x3 / stride 1 conv,
-    whatever its width. CPU, float32, no autograd."""
+    whatever its width. ``chunk``: images per pass (default: as many as keep the widest
+    activation within ~1 MiB, so a pass stays in the L2 cache; 0 = the whole batch at once).
+    CPU, float32, no autograd."""
+    chunk = _bordered_chunk(f, x) if chunk is None else chunk
+    if 0 < chunk < x.shape[0]:
+        return torch.cat([_run_bordered(f, xc, force) for xc in x.split(chunk)], 0)
+    return _run_bordered(f, x, force)
+
+
+def _run_bordered(f: FoldedNet, x: torch.Tensor, force: bool) -> torch.Tensor:
     xb = F.pad(x, (1, 1, 1, 1)).contiguous()
     y = _conv_bordered(xb, f.stem, True, force=force)
     if f.maxpool:

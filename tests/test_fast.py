@@ -274,8 +274,11 @@ def test_direct_plan_every_backbone_soft_and_pruned(backbone):
         got32 = torch.cat([c(x) for c in ref.convnets], 1)
         folded = [fold_extractor(c) for c in ref.convnets]
         for force in (True, False):
-            got = torch.cat([run_bordered(f, x, force=force) for f in folded], 1)
-            assert_as_good(f"{backbone} direct features (force={force})", got, got32, want)
+            for chunk in (None, 0, 1):  # batch cut into chunks of 1 image: same features
+                got = torch.cat([run_bordered(f, x, force=force, chunk=chunk) for f in folded],
+                                1)
+                assert_as_good(f"{backbone} direct features (force={force}, chunk={chunk})",
+                               got, got32, want)
         fast = FastDERNet.from_reference(ref, frozen_plan="direct")
         out, out32, out64 = fast(x), ref(x), r64(x.double())
         assert fast.plan()["frozen_last_run"] == ["direct"] * 3

@@ -1,0 +1,86 @@
+"""conv3x3_bordered (the frozen path's direct 3x3 conv) vs oneDNN, side by side, CPU.
+
+    DER_FAST_BENCH_THREADS=1 pytest benchmarks/bench_conv.py --benchmark-only
+
+Providers (one benchmark group per shape, so they line up):
+  op          der_fast.ops.conv3x3_bordered: zero-bordered NCHW in and out, bias + residual +
+              ReLU fused (what FastDERNet's "direct" frozen plan runs)
+  onednn      torch.ops.mkldnn._convolution_pointwise.binary, channels_last, the same fusion
+              (what the "loop" plan runs)
+  aten        F.conv2d + add + relu, NCHW (what an eager nn.Module stack runs)
+Shapes: ResNet-32 layers at batch 128: pruned to ~30 % of the channels (5 / 10 / 19 at 32 /
+16 / 8 px, the benchmark's "30 %" extractors) and full width (16 / 32 / 64). The ratio table
+after the run (benchmarks/conftest.py) gives op / provider: below 1, the op is faster.
+Every provider's output is checked against a float64 convolution first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import der_fast
+from der_fast import ops
+
+if os.environ.get("DER_FAST_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
+
+SHAPES = [  # (N, C_in, C_out, HW)
+    (128, 3, 5, 32),  # pruned stem
+    (128, 5, 5, 32),
+    (128, 10, 10, 16),
+    (128, 19, 19, 8),
+    (128, 16, 16, 32),  # full width
+    (128, 32, 32, 16),
+    (128, 64, 64, 8),
+]
+PROVIDERS = ["op", "onednn", "aten"]
+
+
+def _inputs(N, ci, co, hw):
+    g = torch.Generator().manual_seed(N + 100 * ci + 10 * co + hw)
+    x = torch.randn(N, ci, hw, hw, generator=g)
+    w = torch.randn(co, ci, 3, 3, generator=g) / (3 * ci ** 0.5)
+    b = torch.randn(co, generator=g)
+    r = torch.randn(N, co, hw, hw, generator=g)
+    return x, w, b, r
+
+
+def _fn(provider, x, w, b, r):
+    if provider == "op":
+        xb, rb = ops.border(x), ops.border(r)
+        return lambda: ops.conv3x3_bordered(xb, w, b, rb, None, True)[:, :, 1:-1, 1:-1]
+    if provider == "onednn":
+        cl = torch.channels_last
+        xc, wc, rc = (t.contiguous(memory_format=cl) for t in (x, w, r))
+        return lambda: torch.ops.mkldnn._convolution_pointwise.binary(
+            xc, rc, wc, b, [1, 1], [1, 1], [1, 1], 1, "add", None, "relu", [], "")
+    return lambda: F.conv2d(x, w, b, padding=1).add_(r).relu_()
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C not built")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"N{s[0]}-{s[1]}to{s[2]}-HW{s[3]}")
+def test_conv3x3(benchmark, shape, provider):
+    if provider == "onednn" and not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        pytest.skip("this torch has no oneDNN fused convolution")
+    N, ci, co, hw = shape
+    x, w, b, r = _inputs(N, ci, co, hw)
+    fn = _fn(provider, x, w, b, r)
+    want = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double())
+    with torch.no_grad():
+        torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-4)
+    benchmark.group = f"conv3x3 N={N} {ci}->{co} {hw}x{hw} +bias+residual+relu"
+    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=list(shape),
+                                threads=torch.get_num_threads(), der_fast=der_fast.__version__,
+                                torch=torch.__version__)
+
+    def run():
+        with torch.no_grad():
+            fn()
+
+    run()
+    benchmark(run)
