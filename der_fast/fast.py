@@ -381,13 +381,14 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
 
 
 def _direct_op():
-    """der_fast.ops.conv3x3_bordered, or None where it is unavailable."""
+    """der_fast.ops.conv3x3_bordered, or None where the compiled kernel is unavailable (its
+    pure-PyTorch fallback would be slower than the loop plan)."""
     try:
         from . import ops as mod
     except Exception:  # noqa: BLE001
         return None
     fn = getattr(mod, "conv3x3_bordered", None)
-    if fn is None:
+    if fn is None or not getattr(mod, "HAS_CPU_EXT", False):
         return None
     try:
         torch.ops.der_fast.conv3x3_bordered  # noqa: B018 - an old build may lack the op

@@ -155,6 +155,17 @@ _NO_EXT_SCRIPT = textwrap.dedent(
         assert "not available" in str(err)
     else:
         raise AssertionError("backend='cpp' without the extension did not raise")
+    xb = ops.border(torch.randn(2, 3, 6, 5, generator=g))
+    wc, bc = torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    torch.testing.assert_close(ops.conv3x3_bordered(xb, wc, bc),
+                               ops.conv3x3_bordered_ref(xb, wc, bc))
+    from der_fast.fast import FastDERNet
+    net = FastDERNet("resnet32", frozen_plan="direct")
+    net.update_fc(2)
+    net.update_fc(4)
+    with torch.no_grad():
+        net.eval()(torch.randn(2, 3, 8, 8, generator=g))
+    assert net.plan()["frozen_last_run"] == ["loop", "loop"], net.plan()  # no slow fallback
     print("FALLBACK_OK")
     """
 )
