@@ -355,8 +355,11 @@ def _shortcut_a(y, b: _Block):
 
 
 def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
-    """Features [N, sum(out_dims)] of a folded (possibly fused) network."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    """Features [N, sum(out_dims)] of a folded (possibly fused) network.
+
+    The input is not converted to channels_last: with channels_last weights the stem conv
+    reads NCHW directly and writes channels_last (measured faster than converting first,
+    1.40 vs 1.74 ms for the resnet32 stem at batch 128, and no extra copy of the batch)."""
     if fused is None:
         fused = _mkldnn_ok(x) and not (torch.is_grad_enabled() and x.requires_grad)
     y = _conv(x, f.stem, True, fused=fused)
