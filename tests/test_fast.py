@@ -407,7 +407,8 @@ def _update_deviation(sd, sd_ref, sd_init):
     return (num / den) ** 0.5
 
 
-def test_training_trajectory_float32():
+@pytest.mark.parametrize("plan", ["auto", "direct"])
+def test_training_trajectory_float32(plan):
     """float32: ReLU networks trained in fp32 do not follow one trajectory: a ReLU input
     within rounding of 0 lands on either side and the difference grows. After these 20
     steps the fp32 reference itself is 10-60% of the update away from its float64 run (20%
@@ -418,6 +419,7 @@ def test_training_trajectory_float32():
     chaotic: started from one state, both must match closely. The exact check of the
     training procedure is the float64 test."""
     ref, fast, n_old, data = _trajectory_setup(torch.float32)
+    fast.frozen_plan = plan
     r64 = copy.deepcopy(ref).double()
     ref_cl = copy.deepcopy(ref)  # the reference fed channels_last images, as the fast model
     init = {k: v.clone() for k, v in ref.state_dict().items() if isinstance(v, torch.Tensor)}
