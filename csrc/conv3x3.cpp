@@ -15,7 +15,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "common.h"
@@ -33,17 +35,20 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
 namespace isa_avx512 {
+constexpr int kRegs = 32;
 #include "conv3x3_body.h"
 }
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
+constexpr int kRegs = 16;
 #include "conv3x3_body.h"
 }
 #pragma GCC pop_options
 #endif
 namespace isa_base {
+constexpr int kRegs = 16;
 #include "conv3x3_body.h"
 }
 #pragma GCC pop_options
@@ -52,25 +57,29 @@ using ConvFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_
                         const float*, const float*, const float*, const float*, float*, int64_t,
                         bool, int);
 
-ConvFn pick_isa(const char** name) {
+// The best instruction set the CPU has; DER_FAST_CONV_ISA=avx2|baseline caps it (the tests
+// use it to run the other variants on an AVX-512 machine).
+ConvFn pick_isa(int64_t* level) {
+  const char* cap_env = std::getenv("DER_FAST_CONV_ISA");
+  const std::string cap = cap_env ? cap_env : "";
 #ifdef DER_CONV_MULTI
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512dq")) {
-    *name = "avx512";
+  if (cap != "avx2" && cap != "baseline" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    *level = 2;
     return &isa_avx512::conv_images;
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    *name = "avx2";
+  if (cap != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    *level = 1;
     return &isa_avx2::conv_images;
   }
 #endif
-  *name = "baseline";
+  *level = 0;
   return &isa_base::conv_images;
 }
 
-const char* g_isa_name = nullptr;  // kept for debugging (gdb: print g_isa_name)
-const ConvFn g_conv = pick_isa(&g_isa_name);
+int64_t g_isa_level = -1;  // 0 baseline, 1 avx2, 2 avx512
+const ConvFn g_conv = pick_isa(&g_isa_level);
 
 at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& bias, const c10::optional<at::Tensor>& residual,
@@ -123,8 +132,8 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
   std::vector<float> colmask(P + 16, 0.f);
   for (int64_t h = 1; h <= H; ++h)
     for (int64_t w = 1; w <= W; ++w) colmask[h * Wp + w] = 1.f;
-  const int V = (W >= 16) ? 2 : 1;
   const int64_t span = H * Wp - 2;  // interior positions computed per plane
+  const int V = (W >= 16 && span >= 32) ? 2 : 1;
   const float* xp = xc.data_ptr<float>();
   const float* wp = wc.data_ptr<float>();
   const float* bp = bc.data_ptr<float>();
@@ -172,8 +181,14 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+int64_t conv3x3_isa() { return g_isa_level; }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(der_fast, CPU, m) { m.impl("conv3x3_bordered", &conv3x3_bordered_cpu); }
+
+// Which variant of the kernel runs (0 baseline x86-64, 1 AVX2+FMA, 2 AVX-512): for tests and
+// der_fast.info. Not in ops.SCHEMAS: it exists only with the compiled extension.
+TORCH_LIBRARY_FRAGMENT(der_fast, m) { m.def("conv3x3_isa() -> int", &conv3x3_isa); }
 
 }  // namespace der_fast

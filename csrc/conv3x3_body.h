@@ -49,9 +49,9 @@ static void conv_block(const float* __restrict__ x, int64_t Cin, int64_t Hp, int
           std::memcpy(&rr, r + c * P + q + 16 * v, sizeof(v16));
           o += rr;
         }
-        if (relu) o = (o > zero) ? o : zero;
+        if (relu) o = (o < zero) ? zero : o;  // NaN stays NaN, as in torch.relu
         if (g != nullptr) o *= g[c];
-        o *= m;
+        o = (m != zero) ? o : zero;  // border columns: exactly 0 (a select: no inf * 0)
         std::memcpy(y + c * P + q + 16 * v, &o, sizeof(v16));
       }
     }
@@ -63,7 +63,8 @@ template <int V>
 static void conv_image(const float* x, int64_t Cin, int64_t Hp, int64_t Wp, const float* w,
                        const float* b, const float* r, const float* g, const float* colmask,
                        float* y, int64_t Cout, bool relu) {
-  constexpr int MAXCB = (V == 1) ? 16 : 8;
+  // accumulators: MAXCB x V vectors; kRegs is the register file of the ISA (32 zmm / 16 ymm)
+  constexpr int MAXCB = (V == 1) ? kRegs / 2 : kRegs / 4;
   const int64_t P = Hp * Wp;
   const int64_t nb = (Cout + MAXCB - 1) / MAXCB;
   int64_t c0 = 0;

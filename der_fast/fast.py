@@ -139,7 +139,9 @@ class _Conv:
     stride: int
     padding: int
     groups: int = 1
-    weight_nchw: torch.Tensor | None = None  # contiguous copy for the direct kernel (lazy)
+    # contiguous copy for the direct kernel, made on first use: the folded net is rebuilt
+    # whenever the model changes; set it to None after editing ``weight`` in place yourself
+    weight_nchw: torch.Tensor | None = None
 
 
 @dataclass
@@ -473,9 +475,9 @@ _CHUNK_MIN = 8
 
 def _bordered_chunk(f: FoldedNet, x: torch.Tensor) -> int:
     widest = 0
-    for c, hw in _convs_with_size(f, tuple(x.shape[2:])):
-        side = int(round(hw ** 0.5)) + 2
-        widest = max(widest, c.weight.shape[0] * side * side * x.element_size())
+    for c, hw in _convs_with_size(f, tuple(x.shape[2:])):  # (h+2)(w+2) <= hw + 4 sqrt(hw) + 4
+        bordered = hw + 4 * int(hw ** 0.5 + 1) + 4
+        widest = max(widest, c.weight.shape[0] * bordered * x.element_size())
     return max(_CHUNK_MIN, _CHUNK_BYTES // max(widest, 1))
 
 
@@ -488,6 +490,9 @@ def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False,
     whatever its width. ``chunk``: images per pass (default: as many as keep the widest
     activation within ~1 MiB, so a pass stays in the L2 cache; 0 = the whole batch at once).
     CPU, float32, no autograd."""
+    if _direct_op() is None:
+        raise RuntimeError("run_bordered needs der_fast's compiled CPU extension (der_fast._C, "
+                           "with the conv3x3_bordered kernel); use run_folded without it")
     chunk = _bordered_chunk(f, x) if chunk is None else chunk
     if 0 < chunk < x.shape[0]:
         return torch.cat([_run_bordered(f, xc, force) for xc in x.split(chunk)], 0)
@@ -829,8 +834,9 @@ class FastDERNet(DERNet):
         trainable path and the head, for the current train/eval modes (``grad_enabled``
         defaults to torch's current setting). For example, stage 1 on CPU::
 
-            {"frozen": "loop-channels_last + oneDNN fused conv/bias/residual/ReLU, ...",
-             "frozen_extractors": [0, 1], "trainable_extractors": [2],
+            {"frozen": "direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for ...",
+             "frozen_extractors": [0, 1], "frozen_last_run": ["direct", "loop"],
+             "trainable_extractors": [2],
              "trainable": "native BatchNorm + masked_gate op (cpp (der_fast._C)), ...",
              "head": "concat_linear_head op (cpp (der_fast._C))", ...}
         """

@@ -45,6 +45,7 @@ __all__ = [
     "concat_linear_head_ref",
     "conv3x3_bordered",
     "conv3x3_bordered_ref",
+    "conv3x3_isa",
     "border",
     "implementation",
     "masked_gate",
@@ -399,11 +400,18 @@ def _check_conv3x3(x, weight, bias, residual=None, gate=None) -> None:
     for t in (weight, bias):
         if t.dtype != torch.float32 or t.device != x.device:
             raise RuntimeError(f"conv3x3_bordered: weight and bias must be float32 on {x.device}")
-    if residual is not None and tuple(residual.shape) != (x.shape[0], co, *x.shape[2:]):
-        raise RuntimeError(f"conv3x3_bordered: residual must be {[x.shape[0], co, *x.shape[2:]]}"
-                           f", got {list(residual.shape)}")
-    if gate is not None and (gate.dim() != 1 or gate.shape[0] != co):
-        raise RuntimeError(f"conv3x3_bordered: gate must be a float32 [{co}] tensor")
+    if residual is not None:
+        if tuple(residual.shape) != (x.shape[0], co, *x.shape[2:]):
+            raise RuntimeError("conv3x3_bordered: residual must be "
+                               f"{[x.shape[0], co, *x.shape[2:]]}, got {list(residual.shape)}")
+        if residual.dtype != torch.float32 or residual.device != x.device:
+            raise RuntimeError(f"conv3x3_bordered: residual must be float32 on {x.device}")
+    if gate is not None and (gate.dim() != 1 or gate.shape[0] != co
+                             or gate.dtype != torch.float32 or gate.device != x.device):
+        raise RuntimeError(f"conv3x3_bordered: gate must be a float32 [{co}] tensor on "
+                           f"{x.device}")
+    if x.device.type != "cpu" and x.device.type != "meta":
+        raise RuntimeError(f"conv3x3_bordered: CPU tensors only, got {x.device}")
 
 
 def border(x: Tensor) -> Tensor:
@@ -454,6 +462,19 @@ if torch.version.cuda:
 def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True):
     _check_conv3x3(x, weight, bias, residual, gate)
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _conv3x3_no_backward(ctx, grad):
+    raise RuntimeError("der_fast.conv3x3_bordered is inference-only (FastDERNet's frozen "
+                       "extractors): it has no gradient; use F.conv2d where one is needed")
+
+
+def _conv3x3_setup_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("der_fast::conv3x3_bordered", _conv3x3_no_backward,
+                                setup_context=_conv3x3_setup_context)
 
 
 @torch.library.register_fake("der_fast::masked_gate")
@@ -631,7 +652,7 @@ def implementation(op: str, device: str | torch.device) -> str:
         if dev != "cpu":
             return f"unavailable on {dev} (a CPU kernel: the GPU frozen path uses cuDNN)"
         if HAS_CPU_EXT:
-            return "cpp (der_fast._C)"
+            return f"cpp (der_fast._C, {conv3x3_isa()})"
         return f"ref (PyTorch fallback; der_fast._C missing: {CPU_EXT_ERROR})"
     if dev == "cpu":
         if HAS_CPU_EXT:
@@ -780,3 +801,13 @@ def conv3x3_bordered(
     ``benchmarks/bench_conv.py``.
     """
     return torch.ops.der_fast.conv3x3_bordered(x, weight, bias, residual, gate, bool(relu))
+
+
+def conv3x3_isa() -> str:
+    """The instruction set :func:`conv3x3_bordered`'s kernel runs with: "avx512", "avx2",
+    "baseline" (x86-64 without AVX), or "unavailable" without the compiled extension.
+    ``DER_FAST_CONV_ISA=avx2|baseline`` (read when der_fast._C loads) caps it."""
+    if not HAS_CPU_EXT or not hasattr(torch.ops.der_fast, "conv3x3_isa"):
+        return "unavailable"
+    return {0: "baseline", 1: "avx2", 2: "avx512"}.get(int(torch.ops.der_fast.conv3x3_isa()),
+                                                          "unknown")

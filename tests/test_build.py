@@ -166,6 +166,14 @@ _NO_EXT_SCRIPT = textwrap.dedent(
     with torch.no_grad():
         net.eval()(torch.randn(2, 3, 8, 8, generator=g))
     assert net.plan()["frozen_last_run"] == ["loop", "loop"], net.plan()  # no slow fallback
+    from der_fast.fast import fold_extractor, run_bordered
+    try:
+        run_bordered(fold_extractor(net.convnets[0]), torch.randn(2, 3, 8, 8))
+    except RuntimeError as err:
+        assert "compiled CPU extension" in str(err)
+    else:
+        raise AssertionError("run_bordered without the extension did not raise")
+    assert ops.conv3x3_isa() == "unavailable"
     print("FALLBACK_OK")
     """
 )

@@ -1,9 +1,15 @@
 """der_fast.ops.conv3x3_bordered (the frozen path's direct 3x3 conv kernel) against a float64
 convolution, on random data, for every code path of the kernel: vector runs of 32 positions
-(W >= 16) and of 16 (W < 16), the scalar path for tiny planes, output-channel blocks of every
-size 1..16 and uneven splits, with and without residual, gate and ReLU."""
+(W >= 16) and of 16, a plane exactly one run long, the scalar path for tiny planes,
+output-channel blocks of several sizes (1 .. 16, uneven splits), with and without residual,
+gate and ReLU; and the AVX2 and baseline variants of the kernel (DER_FAST_CONV_ISA)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -44,6 +50,10 @@ SHAPES = [  # (N, C_in, C_out, H, W)
     (2, 4, 3, 2, 2),  # scalar path (plane too small for a vector run)
     (2, 2, 1, 1, 7),  # scalar path, one row
     (2, 6, 9, 13, 31),  # odd sizes, last run shifted back
+    (1, 2, 3, 2, 7),  # the plane is exactly one run of 16
+    (1, 1, 2, 1, 32),  # exactly one run of 32
+    (1, 2, 2, 1, 20),  # one row, W >= 16 but shorter than a run of 32: runs of 16
+    (2, 3, 12, 6, 6),  # 12 channels: one block (AVX-512) or 2 blocks (AVX2, baseline)
 ]
 
 
@@ -121,7 +131,69 @@ def test_errors():
         ops.conv3x3_bordered(xb, wt, b, gate=gt[:2])
     with pytest.raises(RuntimeError, match="zero border"):
         ops.conv3x3_bordered(torch.randn(1, 3, 2, 5), wt, b)
+    with pytest.raises(RuntimeError, match="gate must be"):
+        ops.conv3x3_bordered(xb, wt, b, gate=gt.double())
+    with pytest.raises(RuntimeError, match="residual must be"):
+        ops.conv3x3_bordered(xb, wt, b, residual=rb.double())
     assert ops.conv3x3_bordered(xb[:0], wt, b).shape == (0, 4, 10, 10)
+
+
+def test_no_gradient_is_an_error_not_a_silent_none():
+    x, wt, b, _, _ = _case(2, 3, 4, 8, 8, seed=12, residual=False, gate=False)
+    xb = ops.border(x).requires_grad_(True)
+    y = ops.conv3x3_bordered(xb, wt, b)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        y.sum().backward()
+
+
+def test_nonfinite_values_propagate_like_torch():
+    """NaN stays NaN through the ReLU (as torch.relu), and an inf next to the border does not
+    turn the border into NaN (inf * 0)."""
+    x, wt, b, _, _ = _case(1, 2, 3, 6, 6, seed=13, residual=False, gate=False)
+    x[0, 0, 2, 3] = float("nan")
+    x[0, 1, 0, 0] = float("inf")
+    got = ops.conv3x3_bordered(ops.border(x), wt, b)
+    want = ops.conv3x3_bordered_ref(ops.border(x), wt, b)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert got[:, :, 0].eq(0).all() and got[:, :, :, 0].eq(0).all()
+
+
+_ISA_SCRIPT = textwrap.dedent(
+    r"""
+    import sys, torch
+    import torch.nn.functional as F
+    from der_fast import ops
+    want_isa = sys.argv[1]
+    assert ops.conv3x3_isa() == want_isa, (ops.conv3x3_isa(), want_isa)
+    g = torch.Generator().manual_seed(0)
+    for n, ci, co, h, w in [(2, 5, 5, 32, 32), (2, 3, 17, 16, 16), (2, 19, 21, 8, 8),
+                            (1, 7, 33, 5, 9), (1, 2, 3, 2, 7), (2, 4, 3, 2, 2)]:
+        x = torch.randn(n, ci, h, w, generator=g)
+        wt = torch.randn(co, ci, 3, 3, generator=g)
+        b = torch.randn(co, generator=g)
+        r = torch.randn(n, co, h, w, generator=g)
+        gt = torch.rand(co, generator=g)
+        got = ops.conv3x3_bordered(ops.border(x), wt, b, ops.border(r), gt)
+        want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), padding=1) + r.double())
+        want = want * gt.double().view(1, -1, 1, 1)
+        err = float((got[:, :, 1:-1, 1:-1].double() - want).abs().max())
+        assert err <= 1e-5 * max(1.0, float(want.abs().max())), (n, ci, co, h, w, err)
+        assert got[:, :, 0].eq(0).all() and got[:, :, :, -1].eq(0).all()
+    print("ISA_OK", want_isa)
+    """
+)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_other_instruction_sets(isa):
+    """The kernel is compiled three times (AVX-512, AVX2+FMA, baseline x86-64); this machine
+    picks the best, so the others run here only when capped with DER_FAST_CONV_ISA."""
+    if isa == "avx2" and ops.conv3x3_isa() == "baseline":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, DER_FAST_CONV_ISA=isa, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, isa], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == 0 and f"ISA_OK {isa}" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_opcheck_and_fake_shapes():
