@@ -1,4 +1,4 @@
-// der_fast::conv3x3_bordered: an inference-only direct 3x3 / stride 1 / padding 1 convolution
+// der_fast::conv3x3_bordered: an inference-only direct 3x3 / stride 1 or 2 / padding 1 convolution
 // for narrow layers (the frozen, pruned extractors of DER), CPU, float32:
 //
 //   y = g[c] * act(conv3x3(x, w) + bias[c] (+ residual))      act = ReLU or identity
@@ -56,10 +56,17 @@ constexpr int kRegs = 16;
 using ConvFn = void (*)(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, const float*,
                         const float*, const float*, const float*, const float*, float*, int64_t,
                         bool, int);
+using ConvS2Fn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                          const float*, const float*, const float*, const float*, float*, int64_t,
+                          int64_t, int64_t, bool);
+struct Kernels {
+  ConvFn s1;
+  ConvS2Fn s2;
+};
 
 // The best instruction set the CPU has; DER_FAST_CONV_ISA=avx2|baseline caps it (the tests
 // use it to run the other variants on an AVX-512 machine).
-ConvFn pick_isa(int64_t* level) {
+Kernels pick_isa(int64_t* level) {
   const char* cap_env = std::getenv("DER_FAST_CONV_ISA");
   const std::string cap = cap_env ? cap_env : "";
 #ifdef DER_CONV_MULTI
@@ -67,23 +74,24 @@ ConvFn pick_isa(int64_t* level) {
   if (cap != "avx2" && cap != "baseline" && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
     *level = 2;
-    return &isa_avx512::conv_images;
+    return {&isa_avx512::conv_images, &isa_avx512::conv_images_s2};
   }
   if (cap != "baseline" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     *level = 1;
-    return &isa_avx2::conv_images;
+    return {&isa_avx2::conv_images, &isa_avx2::conv_images_s2};
   }
 #endif
   *level = 0;
-  return &isa_base::conv_images;
+  return {&isa_base::conv_images, &isa_base::conv_images_s2};
 }
 
 int64_t g_isa_level = -1;  // 0 baseline, 1 avx2, 2 avx512
-const ConvFn g_conv = pick_isa(&g_isa_level);
+const Kernels g_kernels = pick_isa(&g_isa_level);
 
 at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
                                 const at::Tensor& bias, const c10::optional<at::Tensor>& residual,
-                                const c10::optional<at::Tensor>& gate, bool relu) {
+                                const c10::optional<at::Tensor>& gate, bool relu,
+                                int64_t stride) {
   TORCH_CHECK(x.dim() == 4, "conv3x3_bordered: x must be [N, C_in, H + 2, W + 2], got ",
               x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat, "conv3x3_bordered: only float32 is supported, got ",
@@ -96,8 +104,12 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
               "conv3x3_bordered: weight must be [C_out, ", x.size(1), ", 3, 3], got ",
               weight.sizes());
   TORCH_CHECK(weight.size(0) >= 1, "conv3x3_bordered: weight has no output channels");
+  TORCH_CHECK(stride == 1 || stride == 2, "conv3x3_bordered: stride must be 1 or 2, got ",
+              stride);
   const int64_t N = x.size(0), Cin = x.size(1), Hp = x.size(2), Wp = x.size(3);
   const int64_t Cout = weight.size(0);
+  // output planes (bordered): H_out = (H - 1) / stride + 1 for padding 1
+  const int64_t Ho = (Hp - 3) / stride + 1, Wo = (Wp - 3) / stride + 1;
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == Cout, "conv3x3_bordered: bias must be [",
               Cout, "], got ", bias.sizes());
   for (const at::Tensor* t : {&weight, &bias}) {
@@ -106,9 +118,9 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
   }
   TORCH_CHECK(x.device().is_cpu(), "conv3x3_bordered: CPU tensors only, got ", x.device());
   if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef({N, Cout, Hp, Wp}),
-                "conv3x3_bordered: residual must be [", N, ", ", Cout, ", ", Hp, ", ", Wp,
-                "], got ", residual->sizes());
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({N, Cout, Ho + 2, Wo + 2}),
+                "conv3x3_bordered: residual must be [", N, ", ", Cout, ", ", Ho + 2, ", ",
+                Wo + 2, "], got ", residual->sizes());
     TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->device() == x.device(),
                 "conv3x3_bordered: residual must be float32 on ", x.device());
   }
@@ -123,6 +135,21 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
   at::Tensor rc, gc;
   if (residual.has_value()) rc = residual->contiguous();
   if (gate.has_value()) gc = gate->contiguous();
+  if (stride == 2) {
+    at::Tensor y = at::zeros({N, Cout, Ho + 2, Wo + 2}, x.options());
+    if (N == 0) return y;
+    const float* xp = xc.data_ptr<float>();
+    const float* x_end = xp + xc.numel();
+    const float* wp = wc.data_ptr<float>();
+    const float* bp = bc.data_ptr<float>();
+    const float* rp = rc.defined() ? rc.data_ptr<float>() : nullptr;
+    const float* gp = gc.defined() ? gc.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      g_kernels.s2(xp, x_end, n0, n1, Cin, Hp, Wp, wp, bp, rp, gp, yp, Cout, Ho, Wo, relu);
+    });
+    return y;
+  }
   at::Tensor y = at::empty({N, Cout, Hp, Wp}, x.options());
   if (N == 0) return y;
   const int64_t P = Hp * Wp;
@@ -176,7 +203,7 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
         std::memset(yc + (Hp - 1) * Wp - 1, 0, sizeof(float) * (Wp + 1));
       }
     }
-    g_conv(xp, n0, n1, Cin, Hp, Wp, wp, bp, rp, gp, colmask.data(), yp, Cout, relu, V);
+    g_kernels.s1(xp, n0, n1, Cin, Hp, Wp, wp, bp, rp, gp, colmask.data(), yp, Cout, relu, V);
   });
   return y;
 }

@@ -106,3 +106,96 @@ static void conv_images(const float* x, int64_t n0, int64_t n1, int64_t Cin, int
       conv_image<1>(xn, Cin, Hp, Wp, w, b, rn, g, colmask, yn, Cout, relu);
   }
 }
+
+// ---- stride 2 ----------------------------------------------------------------------------
+// Output row i, columns j0 .. j0+15 read bordered input rows 2i + kh and columns 2j + kw: two
+// vector loads of 32 consecutive floats and one even-lane shuffle per (ci, kh, kw), shared by
+// the CB output channels. Loads that would pass the end of the input tensor go through a
+// zero-filled buffer; lanes past the row's end are computed and not stored. The caller
+// zero-fills y (its border).
+template <int CB>
+static void conv_block_s2(const float* __restrict__ x, int64_t Cin, int64_t Hpi, int64_t Wpi,
+                          const float* x_end, const float* __restrict__ w,
+                          const float* __restrict__ b, const float* __restrict__ r,
+                          const float* __restrict__ g, float* __restrict__ y, int64_t Ho,
+                          int64_t Wo, bool relu) {
+  typedef int v16i __attribute__((vector_size(64)));
+  const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const int64_t Pi = Hpi * Wpi, Wpo = Wo + 2, Po = (Ho + 2) * Wpo;
+  const v16 zero = {};
+  for (int64_t i = 0; i < Ho; ++i) {
+    for (int64_t j0 = 0; j0 < Wo; j0 += 16) {
+      const int64_t n = (Wo - j0 < 16) ? Wo - j0 : 16;
+      v16 acc[CB];
+      for (int c = 0; c < CB; ++c) acc[c] = zero + b[c];
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        for (int kh = 0; kh < 3; ++kh) {
+          const float* row = x + ci * Pi + (2 * i + kh) * Wpi + 2 * j0;
+          for (int kw = 0; kw < 3; ++kw) {
+            const float* src = row + kw;
+            v16 a0, a1;
+            if (src + 32 <= x_end) {
+              std::memcpy(&a0, src, sizeof(v16));
+              std::memcpy(&a1, src + 16, sizeof(v16));
+            } else {
+              float tmp[32] = {};
+              std::memcpy(tmp, src, sizeof(float) * (x_end - src));
+              std::memcpy(&a0, tmp, sizeof(v16));
+              std::memcpy(&a1, tmp + 16, sizeof(v16));
+            }
+            const v16 xv = __builtin_shuffle(a0, a1, even);
+            const float* wc = w + ci * 9 + kh * 3 + kw;
+            for (int c = 0; c < CB; ++c) acc[c] += wc[c * Cin * 9] * xv;
+          }
+        }
+      }
+      const int64_t o = (i + 1) * Wpo + 1 + j0;
+      for (int c = 0; c < CB; ++c) {
+        v16 v = acc[c];
+        if (r != nullptr) {
+          float tmp[16] = {};
+          std::memcpy(tmp, r + c * Po + o, sizeof(float) * n);
+          v16 rr;
+          std::memcpy(&rr, tmp, sizeof(v16));
+          v += rr;
+        }
+        if (relu) v = (v < zero) ? zero : v;
+        if (g != nullptr) v *= g[c];
+        std::memcpy(y + c * Po + o, &v, sizeof(float) * n);
+      }
+    }
+  }
+}
+
+static void conv_images_s2(const float* x, const float* x_end, int64_t n0, int64_t n1,
+                           int64_t Cin, int64_t Hpi, int64_t Wpi, const float* w, const float* b,
+                           const float* r, const float* g, float* y, int64_t Cout, int64_t Ho,
+                           int64_t Wo, bool relu) {
+  constexpr int MAXCB = kRegs / 2;
+  const int64_t Pi = Hpi * Wpi, Po = (Ho + 2) * (Wo + 2);
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* xn = x + n * Cin * Pi;
+    const int64_t nb = (Cout + MAXCB - 1) / MAXCB;
+    int64_t c0 = 0;
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const int64_t cb = (Cout - c0) / (nb - bi);
+      const float* wb = w + c0 * Cin * 9;
+      const float* rb = r ? r + (n * Cout + c0) * Po : nullptr;
+      const float* gb = g ? g + c0 : nullptr;
+      float* yb = y + (n * Cout + c0) * Po;
+      switch (cb) {
+#define DER_CB(k)                                                                          \
+  case k:                                                                                  \
+    if constexpr (k <= MAXCB)                                                              \
+      conv_block_s2<k>(xn, Cin, Hpi, Wpi, x_end, wb, b + c0, rb, gb, yb, Ho, Wo, relu);   \
+    break;
+        DER_CB(1) DER_CB(2) DER_CB(3) DER_CB(4) DER_CB(5) DER_CB(6) DER_CB(7) DER_CB(8)
+        DER_CB(9) DER_CB(10) DER_CB(11) DER_CB(12) DER_CB(13) DER_CB(14) DER_CB(15) DER_CB(16)
+#undef DER_CB
+        default:
+          break;
+      }
+      c0 += cb;
+    }
+  }
+}

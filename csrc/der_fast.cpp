@@ -39,5 +39,5 @@ TORCH_LIBRARY(der_fast, m) {
       "-> (Tensor[], Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "conv3x3_bordered(Tensor x, Tensor weight, Tensor bias, Tensor? residual=None, "
-      "Tensor? gate=None, bool relu=True) -> Tensor");
+      "Tensor? gate=None, bool relu=True, int stride=1) -> Tensor");
 }

@@ -75,7 +75,7 @@ SCHEMAS = {
     ),
     "conv3x3_bordered": (
         "conv3x3_bordered(Tensor x, Tensor weight, Tensor bias, Tensor? residual=None, "
-        "Tensor? gate=None, bool relu=True) -> Tensor"
+        "Tensor? gate=None, bool relu=True, int stride=1) -> Tensor"
     ),
 }
 
@@ -382,7 +382,11 @@ def _triton_mg_bwd(grad_y, y, x, scale, e, s, output_mask):
         )
 
 
-def _check_conv3x3(x, weight, bias, residual=None, gate=None) -> None:
+def _conv3x3_out_hw(x, stride):
+    return (x.shape[2] - 3) // stride + 3, (x.shape[3] - 3) // stride + 3
+
+
+def _check_conv3x3(x, weight, bias, residual=None, gate=None, stride=1) -> None:
     """Same checks and messages as csrc/conv3x3.cpp."""
     if x.dim() != 4:
         raise RuntimeError(f"conv3x3_bordered: x must be [N, C_in, H + 2, W + 2], got {list(x.shape)}")
@@ -394,6 +398,8 @@ def _check_conv3x3(x, weight, bias, residual=None, gate=None) -> None:
     if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3) or weight.shape[0] < 1:
         raise RuntimeError(f"conv3x3_bordered: weight must be [C_out, {x.shape[1]}, 3, 3], got "
                            f"{list(weight.shape)}")
+    if stride not in (1, 2):
+        raise RuntimeError(f"conv3x3_bordered: stride must be 1 or 2, got {stride}")
     co = weight.shape[0]
     if bias.dim() != 1 or bias.shape[0] != co:
         raise RuntimeError(f"conv3x3_bordered: bias must be [{co}], got {list(bias.shape)}")
@@ -401,9 +407,10 @@ def _check_conv3x3(x, weight, bias, residual=None, gate=None) -> None:
         if t.dtype != torch.float32 or t.device != x.device:
             raise RuntimeError(f"conv3x3_bordered: weight and bias must be float32 on {x.device}")
     if residual is not None:
-        if tuple(residual.shape) != (x.shape[0], co, *x.shape[2:]):
-            raise RuntimeError("conv3x3_bordered: residual must be "
-                               f"{[x.shape[0], co, *x.shape[2:]]}, got {list(residual.shape)}")
+        want = (x.shape[0], co, *_conv3x3_out_hw(x, stride))
+        if tuple(residual.shape) != want:
+            raise RuntimeError(f"conv3x3_bordered: residual must be {list(want)}, got "
+                               f"{list(residual.shape)}")
         if residual.dtype != torch.float32 or residual.device != x.device:
             raise RuntimeError(f"conv3x3_bordered: residual must be float32 on {x.device}")
     if gate is not None and (gate.dim() != 1 or gate.shape[0] != co
@@ -419,9 +426,9 @@ def border(x: Tensor) -> Tensor:
     return F.pad(x, (1, 1, 1, 1)).contiguous()
 
 
-def conv3x3_bordered_ref(x, weight, bias, residual=None, gate=None, relu=True):
+def conv3x3_bordered_ref(x, weight, bias, residual=None, gate=None, relu=True, stride=1):
     """Reference for :func:`conv3x3_bordered` (PyTorch ops, any dtype)."""
-    y = F.conv2d(x[:, :, 1:-1, 1:-1], weight, bias, padding=1)
+    y = F.conv2d(x[:, :, 1:-1, 1:-1], weight, bias, stride=stride, padding=1)
     if residual is not None:
         y = y + residual[:, :, 1:-1, 1:-1]
     if relu:
@@ -431,9 +438,9 @@ def conv3x3_bordered_ref(x, weight, bias, residual=None, gate=None, relu=True):
     return border(y)
 
 
-def _conv3x3_fallback(x, weight, bias, residual=None, gate=None, relu=True):
-    _check_conv3x3(x, weight, bias, residual, gate)
-    return conv3x3_bordered_ref(x, weight, bias, residual, gate, relu)
+def _conv3x3_fallback(x, weight, bias, residual=None, gate=None, relu=True, stride=1):
+    _check_conv3x3(x, weight, bias, residual, gate, stride)
+    return conv3x3_bordered_ref(x, weight, bias, residual, gate, relu, stride)
 
 
 if not HAS_CPU_EXT:
@@ -459,9 +466,9 @@ if torch.version.cuda:
 
 
 @torch.library.register_fake("der_fast::conv3x3_bordered")
-def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True):
-    _check_conv3x3(x, weight, bias, residual, gate)
-    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True, stride=1):
+    _check_conv3x3(x, weight, bias, residual, gate, stride)
+    return x.new_empty((x.shape[0], weight.shape[0], *_conv3x3_out_hw(x, stride)))
 
 
 def _conv3x3_no_backward(ctx, grad):
@@ -787,20 +794,23 @@ def conv3x3_bordered(
     residual: Tensor | None = None,
     gate: Tensor | None = None,
     relu: bool = True,
+    stride: int = 1,
 ) -> Tensor:
-    """Inference-only direct 3x3 convolution (stride 1, padding 1) for narrow layers, CPU,
-    float32, on zero-bordered planes:
+    """Inference-only direct 3x3 convolution (padding 1, stride 1 or 2) for narrow layers,
+    CPU, float32, on zero-bordered planes:
 
     ``y = gate[c] * act(conv3x3(x, weight) + bias[c] (+ residual))``, act = ReLU if ``relu``.
 
     ``x``: ``[N, C_in, H + 2, W + 2]`` whose 1-pixel border is zero (see :func:`border`);
     ``residual`` (optional) ``[N, C_out, H + 2, W + 2]`` in the same layout; ``gate`` (optional)
-    ``[C_out]``. Returns ``[N, C_out, H + 2, W + 2]`` with a zero border, so layers chain
+    ``[C_out]``. Returns ``[N, C_out, H' + 2, W' + 2]`` (``H' = (H - 1) // stride + 1``; the
+    residual has that shape too) with a zero border, so layers chain
     without padding copies. No autograd (FastDERNet's frozen extractors only). Faster than
     oneDNN for layers with few channels (pruned extractors), slower for wide ones: see
     ``benchmarks/bench_conv.py``.
     """
-    return torch.ops.der_fast.conv3x3_bordered(x, weight, bias, residual, gate, bool(relu))
+    return torch.ops.der_fast.conv3x3_bordered(x, weight, bias, residual, gate, bool(relu),
+                                               int(stride))
 
 
 def conv3x3_isa() -> str:

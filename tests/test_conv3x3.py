@@ -2,7 +2,8 @@
 convolution, on random data, for every code path of the kernel: vector runs of 32 positions
 (W >= 16) and of 16, a plane exactly one run long, the scalar path for tiny planes,
 output-channel blocks of several sizes (1 .. 16, uneven splits), with and without residual,
-gate and ReLU; and the AVX2 and baseline variants of the kernel (DER_FAST_CONV_ISA)."""
+gate and ReLU; stride 2; and the AVX2 and baseline variants of the kernel
+(DER_FAST_CONV_ISA)."""
 
 from __future__ import annotations
 
@@ -82,6 +83,42 @@ def test_matches_float64_conv(n, ci, co, h, w, residual, gate, relu):
         assert float(inner.min()) >= 0.0
 
 
+S2_SHAPES = [  # (N, C_in, C_out, H, W): stride 2
+    (3, 5, 10, 32, 32),  # runs of 16 output columns
+    (2, 10, 19, 16, 16),  # 8 output columns: half a vector stored
+    (2, 3, 4, 7, 9),  # odd sizes
+    (1, 2, 3, 1, 1),  # one pixel: the loads pass the end of the tensor (zero-filled buffer)
+    (2, 4, 17, 2, 3),  # 2 channel blocks
+    (1, 3, 5, 16, 40),  # 20 output columns: a full run and a partial one
+]
+
+
+@pytest.mark.parametrize("n,ci,co,h,w", S2_SHAPES)
+@pytest.mark.parametrize("extras", [False, True])
+def test_stride2_matches_float64_conv(n, ci, co, h, w, extras):
+    ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    x, wt, b, _, gt = _case(n, ci, co, h, w, seed=ci * 100 + co + h, residual=False)
+    r = torch.randn(n, co, ho, wo, generator=torch.Generator().manual_seed(3)) if extras \
+        else None
+    gt = gt if extras else None
+    got = ops.conv3x3_bordered(ops.border(x), wt, b, None if r is None else ops.border(r), gt,
+                               True, 2)
+    assert got.shape == (n, co, ho + 2, wo + 2)
+    assert got[:, :, 0].eq(0).all() and got[:, :, -1].eq(0).all()
+    assert got[:, :, :, 0].eq(0).all() and got[:, :, :, -1].eq(0).all()
+    want = F.conv2d(x.double(), wt.double(), b.double(), stride=2, padding=1)
+    if r is not None:
+        want = want + r.double()
+    want = F.relu(want)
+    if gt is not None:
+        want = want * gt.double().view(1, -1, 1, 1)
+    err = float((got[:, :, 1:-1, 1:-1].double() - want).abs().max())
+    assert err <= 1e-5 * max(1.0, float(want.abs().max())), err
+    ref = ops.conv3x3_bordered_ref(ops.border(x), wt, b, None if r is None else ops.border(r),
+                                   gt, True, 2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_chained_layers_and_noncontiguous_inputs():
     """Two layers chained on the bordered layout equal two padded convs; non-contiguous
     weight / input views are accepted."""
@@ -135,7 +172,12 @@ def test_errors():
         ops.conv3x3_bordered(xb, wt, b, gate=gt.double())
     with pytest.raises(RuntimeError, match="residual must be"):
         ops.conv3x3_bordered(xb, wt, b, residual=rb.double())
+    with pytest.raises(RuntimeError, match="stride must be 1 or 2"):
+        ops.conv3x3_bordered(xb, wt, b, stride=3)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        ops.conv3x3_bordered(xb, wt, b, residual=rb, stride=2)  # stride 2: [2, 4, 6, 6]
     assert ops.conv3x3_bordered(xb[:0], wt, b).shape == (0, 4, 10, 10)
+    assert ops.conv3x3_bordered(xb[:0], wt, b, stride=2).shape == (0, 4, 6, 6)
 
 
 def test_no_gradient_is_an_error_not_a_silent_none():
@@ -179,6 +221,14 @@ _ISA_SCRIPT = textwrap.dedent(
         err = float((got[:, :, 1:-1, 1:-1].double() - want).abs().max())
         assert err <= 1e-5 * max(1.0, float(want.abs().max())), (n, ci, co, h, w, err)
         assert got[:, :, 0].eq(0).all() and got[:, :, :, -1].eq(0).all()
+    for n, ci, co, h, w in [(2, 5, 10, 32, 32), (2, 10, 19, 16, 16), (1, 2, 3, 1, 1)]:
+        x = torch.randn(n, ci, h, w, generator=g)
+        wt = torch.randn(co, ci, 3, 3, generator=g)
+        b = torch.randn(co, generator=g)
+        got = ops.conv3x3_bordered(ops.border(x), wt, b, None, None, True, 2)
+        want = F.relu(F.conv2d(x.double(), wt.double(), b.double(), stride=2, padding=1))
+        err = float((got[:, :, 1:-1, 1:-1].double() - want).abs().max())
+        assert err <= 1e-5 * max(1.0, float(want.abs().max())), ("s2", n, ci, co, h, w, err)
     print("ISA_OK", want_isa)
     """
 )
@@ -206,4 +256,9 @@ def test_opcheck_and_fake_shapes():
     with FakeTensorMode() as mode:
         fx = mode.from_tensor(args[0])
         out = torch.ops.der_fast.conv3x3_bordered(fx, mode.from_tensor(wt), mode.from_tensor(b))
-    assert tuple(out.shape) == (2, 4, 10, 10)
+        out2 = torch.ops.der_fast.conv3x3_bordered(fx, mode.from_tensor(wt), mode.from_tensor(b),
+                                                   None, None, True, 2)
+    assert tuple(out.shape) == (2, 4, 10, 10) and tuple(out2.shape) == (2, 4, 6, 6)
+    torch.library.opcheck(torch.ops.der_fast.conv3x3_bordered.default,
+                          (args[0], wt, b, None, gt, True, 2),
+                          test_utils=("test_schema", "test_faketensor"))
