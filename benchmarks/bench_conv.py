@@ -11,7 +11,8 @@ Providers (one benchmark group per shape, so they line up):
 Shapes: ResNet-32 layers at batch 128: pruned to ~30 % of the channels (5 / 10 / 19 at 32 /
 16 / 8 px, the benchmark's "30 %" extractors) and full width (16 / 32 / 64). The ratio table
 after the run (benchmarks/conftest.py) gives op / provider: below 1, the op is faster.
-Every provider's output is checked against a float64 convolution first.
+Every provider's output is checked against a float64 convolution first. The stride-2 group
+compares the op with the direct plan's alternative for such a conv (oneDNN + padding copy).
 """
 
 from __future__ import annotations
@@ -77,6 +78,42 @@ def test_conv3x3(benchmark, shape, provider):
     benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=list(shape),
                                 threads=torch.get_num_threads(), der_fast=der_fast.__version__,
                                 torch=torch.__version__)
+
+    def run():
+        with torch.no_grad():
+            fn()
+
+    run()
+    benchmark(run)
+
+
+S2_SHAPES = [  # (N, C_in, C_out, HW in): pruned ResNet-32 downsampling convs
+    (128, 5, 10, 32),
+    (128, 10, 19, 16),
+]
+S2_PROVIDERS = ["op", "fallback"]
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C not built")
+@pytest.mark.parametrize("provider", S2_PROVIDERS)
+@pytest.mark.parametrize("shape", S2_SHAPES, ids=lambda s: f"N{s[0]}-{s[1]}to{s[2]}-HW{s[3]}")
+def test_conv3x3_stride2(benchmark, shape, provider):
+    """Stride 2 + bias + ReLU, bordered in and out: the op vs what the direct plan otherwise
+    runs for such a conv (oneDNN on the bordered input, then a padding copy)."""
+    N, ci, co, hw = shape
+    x, w, b, _ = _inputs(N, ci, co, hw)
+    xb = ops.border(x)
+    if provider == "op":
+        fn = lambda: ops.conv3x3_bordered(xb, w, b, None, None, True, 2)  # noqa: E731
+    else:
+        fn = lambda: F.pad(F.conv2d(xb, w, b, 2, 0).relu_(), (1, 1, 1, 1)).contiguous()  # noqa
+    want = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=2, padding=1))
+    with torch.no_grad():
+        torch.testing.assert_close(fn()[:, :, 1:-1, 1:-1].double(), want, rtol=1e-4, atol=1e-4)
+    benchmark.group = f"conv3x3 stride 2 N={N} {ci}->{co} {hw}x{hw} +bias+relu, bordered"
+    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=list(shape),
+                                stride=2, threads=torch.get_num_threads(),
+                                der_fast=der_fast.__version__, torch=torch.__version__)
 
     def run():
         with torch.no_grad():

@@ -58,6 +58,23 @@ static void conv_block(const float* __restrict__ x, int64_t Cin, int64_t Hp, int
   }
 }
 
+// Calls f(std::integral_constant<int, cb>) for a block of cb (1 .. MAXCB <= 16) output
+// channels: the block size is a template argument so the accumulators stay in registers.
+template <int MAXCB, typename F>
+static void with_block_size(int64_t cb, F&& f) {
+  switch (cb) {
+#define DER_CB(k) \
+  case k:         \
+    if constexpr (k <= MAXCB) f(std::integral_constant<int, k>{}); \
+    break;
+    DER_CB(1) DER_CB(2) DER_CB(3) DER_CB(4) DER_CB(5) DER_CB(6) DER_CB(7) DER_CB(8)
+    DER_CB(9) DER_CB(10) DER_CB(11) DER_CB(12) DER_CB(13) DER_CB(14) DER_CB(15) DER_CB(16)
+#undef DER_CB
+    default:
+      break;
+  }
+}
+
 // One image: every output channel, in blocks of at most max_cb (sizes as equal as possible).
 template <int V>
 static void conv_image(const float* x, int64_t Cin, int64_t Hp, int64_t Wp, const float* w,
@@ -75,18 +92,9 @@ static void conv_image(const float* x, int64_t Cin, int64_t Hp, int64_t Wp, cons
     const float* rb = r ? r + c0 * P : nullptr;
     const float* gb = g ? g + c0 : nullptr;
     float* yb = y + c0 * P;
-    switch (cb) {
-#define DER_CB(k)                                                           \
-  case k:                                                                   \
-    if constexpr (k <= MAXCB)                                               \
-      conv_block<k, V>(x, Cin, Hp, Wp, wb, bb, rb, gb, colmask, yb, relu); \
-    break;
-      DER_CB(1) DER_CB(2) DER_CB(3) DER_CB(4) DER_CB(5) DER_CB(6) DER_CB(7) DER_CB(8)
-      DER_CB(9) DER_CB(10) DER_CB(11) DER_CB(12) DER_CB(13) DER_CB(14) DER_CB(15) DER_CB(16)
-#undef DER_CB
-      default:
-        break;
-    }
+    with_block_size<MAXCB>(cb, [&](auto k) {
+      conv_block<decltype(k)::value, V>(x, Cin, Hp, Wp, wb, bb, rb, gb, colmask, yb, relu);
+    });
     c0 += cb;
   }
 }
@@ -183,18 +191,10 @@ static void conv_images_s2(const float* x, const float* x_end, int64_t n0, int64
       const float* rb = r ? r + (n * Cout + c0) * Po : nullptr;
       const float* gb = g ? g + c0 : nullptr;
       float* yb = y + (n * Cout + c0) * Po;
-      switch (cb) {
-#define DER_CB(k)                                                                          \
-  case k:                                                                                  \
-    if constexpr (k <= MAXCB)                                                              \
-      conv_block_s2<k>(xn, Cin, Hpi, Wpi, x_end, wb, b + c0, rb, gb, yb, Ho, Wo, relu);   \
-    break;
-        DER_CB(1) DER_CB(2) DER_CB(3) DER_CB(4) DER_CB(5) DER_CB(6) DER_CB(7) DER_CB(8)
-        DER_CB(9) DER_CB(10) DER_CB(11) DER_CB(12) DER_CB(13) DER_CB(14) DER_CB(15) DER_CB(16)
-#undef DER_CB
-        default:
-          break;
-      }
+      with_block_size<MAXCB>(cb, [&](auto k) {
+        conv_block_s2<decltype(k)::value>(xn, Cin, Hpi, Wpi, x_end, wb, b + c0, rb, gb, yb, Ho,
+                                          Wo, relu);
+      });
       c0 += cb;
     }
   }

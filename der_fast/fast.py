@@ -45,7 +45,7 @@ says so.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,8 @@ class FoldedNet:
     out_index: torch.Tensor | None  # gather into [pooled, 0] -> features; None = identity
     out_dims: list  # feature width of every extractor it computes (full, unpruned width)
     n_nets: int = 1
+    # per input size: derived plan facts (direct_share, batch chunk), computed once
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def _fold_conv(conv, bn, rows, cols, gate, dtype, groups=1) -> _Conv:
@@ -386,9 +388,18 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
     return pooled
 
 
+_DIRECT_OP: list = []  # [op or None], resolved on first use
+
+
 def _direct_op():
     """der_fast.ops.conv3x3_bordered, or None where the compiled kernel is unavailable (its
-    pure-PyTorch fallback would be slower than the loop plan)."""
+    pure-PyTorch fallback would be slower than the loop plan). Resolved once per process."""
+    if not _DIRECT_OP:
+        _DIRECT_OP.append(_resolve_direct_op())
+    return _DIRECT_OP[0]
+
+
+def _resolve_direct_op():
     try:
         from . import ops as mod
     except Exception:  # noqa: BLE001
@@ -410,8 +421,9 @@ def _is_3x3_s1(c: _Conv) -> bool:
 
 def _use_direct(c: _Conv, force: bool, out_w: int | None = None) -> bool:
     """Whether the direct kernel runs this conv (bordered executor). Stride 2: only for very
-    narrow convs with output rows of >= 16 pixels (5 -> 10 channels at 32 -> 16 px: 1.31x
-    oneDNN + pad; 10 -> 19 at 16 -> 8 px: 0.56x, half of every vector wasted)."""
+    narrow convs with output rows of >= 16 pixels (5 -> 10 channels at 32 -> 16 px: 1.31-1.32x
+    oneDNN + pad; 10 -> 19 at 16 -> 8 px: 0.56-0.65x, half of every vector
+    wasted; benchmarks/bench_conv.py, stride-2 group)."""
     if (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 2 and c.padding == 1
             and c.groups == 1):
         return out_w is not None and (force or (
@@ -443,13 +455,17 @@ def _convs_with_size(f: FoldedNet, hw: tuple) -> list:
 
 def direct_share(f: FoldedNet, hw: tuple = (32, 32)) -> float:
     """Share of a folded net's multiply-adds that the direct kernel would run under "auto"."""
+    key = ("share", tuple(hw))
+    if key in f.memo:
+        return f.memo[key]
     tot = dire = 0
     for c, n in _convs_with_size(f, hw):
         macs = c.weight.numel() * n
         tot += macs
         if _use_direct(c, False):
             dire += macs
-    return dire / max(tot, 1)
+    f.memo[key] = dire / max(tot, 1)
+    return f.memo[key]
 
 
 def _conv_bordered(xb, c: _Conv, relu: bool, residual=None, gate=None, force=False):
@@ -482,11 +498,15 @@ _CHUNK_MIN = 8
 
 
 def _bordered_chunk(f: FoldedNet, x: torch.Tensor) -> int:
+    key = ("chunk", tuple(x.shape[2:]), x.element_size())
+    if key in f.memo:
+        return f.memo[key]
     widest = 0
     for c, hw in _convs_with_size(f, tuple(x.shape[2:])):  # (h+2)(w+2) <= hw + 4 sqrt(hw) + 4
         bordered = hw + 4 * int(hw ** 0.5 + 1) + 4
         widest = max(widest, c.weight.shape[0] * bordered * x.element_size())
-    return max(_CHUNK_MIN, _CHUNK_BYTES // max(widest, 1))
+    f.memo[key] = max(_CHUNK_MIN, _CHUNK_BYTES // max(widest, 1))
+    return f.memo[key]
 
 
 def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False,
@@ -717,9 +737,9 @@ class FastDERNet(DERNet):
         return _AUTO_PLAN.get(device.type, "loop")
 
     @staticmethod
-    def _direct_possible(x: torch.Tensor, need_grad: bool) -> bool:
+    def _direct_possible(device: torch.device, dtype: torch.dtype, need_grad: bool) -> bool:
         """The direct-conv executor's conditions: CPU, float32, no autograd, op built."""
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and not need_grad
+        return (device.type == "cpu" and dtype == torch.float32 and not need_grad
                 and _direct_op() is not None)
 
     @staticmethod
@@ -762,7 +782,7 @@ class FastDERNet(DERNet):
         needs a gradient)."""
         plan = self.resolved_frozen_plan(x.device)
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        if plan == "direct" and not self._direct_possible(x, need_grad):
+        if plan == "direct" and not self._direct_possible(x.device, x.dtype, need_grad):
             plan = "loop"
         with torch.set_grad_enabled(need_grad):
             folded = self._frozen_net(nets, plan)
@@ -857,12 +877,12 @@ class FastDERNet(DERNet):
         fused = self.onednn_fusion and _mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
         if not frozen_idx:
             frozen = "none"
-        elif plan == "direct" and device.type == "cpu" and dtype == torch.float32 \
-                and _direct_op() is not None:
+        elif plan == "direct" and self._direct_possible(device, dtype, False):
             force = self.frozen_plan == "direct"
             frozen = ("direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for "
-                      + ("every 3x3/stride-1 conv" if force else
-                         f"narrow 3x3/stride-1 convs (C_in*C_out <= {_DIRECT_MAX_CIN_COUT})")
+                      + ("every 3x3 conv (stride 1 or 2)" if force else
+                         f"narrow 3x3 convs (stride 1: C_in*C_out <= {_DIRECT_MAX_CIN_COUT}, "
+                         f"stride 2: <= {_DIRECT_S2_MAX_CIN_COUT})")
                       + ", oneDNN for the others"
                       + ("" if force else "; extractors with less than half of their "
                          "multiply-adds in narrow convs run loop-channels_last + oneDNN fused "
