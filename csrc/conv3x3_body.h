@@ -26,7 +26,7 @@ static void conv_block(const float* __restrict__ x, int64_t Cin, int64_t Hp, int
       for (int v = 0; v < V; ++v) acc[c][v] = zero + b[c];
     for (int64_t ci = 0; ci < Cin; ++ci) {
       const float* xc = x + ci * P + q;
-      const float* wc = w + ci * 9;
+      const float* wc = w + ci * 9 * CB;
       for (int kh = 0; kh < 3; ++kh) {
         for (int kw = 0; kw < 3; ++kw) {
           const float* xs = xc + (kh - 1) * Wp + (kw - 1);
@@ -34,7 +34,7 @@ static void conv_block(const float* __restrict__ x, int64_t Cin, int64_t Hp, int
           for (int v = 0; v < V; ++v) std::memcpy(&a[v], xs + 16 * v, sizeof(v16));
           const int k = kh * 3 + kw;
           for (int c = 0; c < CB; ++c) {
-            const float wv = wc[c * Cin * 9 + k];
+            const float wv = wc[k * CB + c];
             for (int v = 0; v < V; ++v) acc[c][v] += wv * a[v];
           }
         }
@@ -75,6 +75,20 @@ static void with_block_size(int64_t cb, F&& f) {
   }
 }
 
+// Weights [Cout, Cin, 3, 3] repacked per block of output channels (the same split as the
+// callers below): block [c0, c0 + cb) at out + c0 * Cin * 9, laid out [Cin][9][cb], so the
+// kernel's broadcasts walk one pointer (one block = cb consecutive floats per tap).
+static void pack_blocks(const float* w, int64_t Cin, int64_t Cout, int64_t maxcb, float* out) {
+  const int64_t nb = (Cout + maxcb - 1) / maxcb;
+  int64_t c0 = 0;
+  for (int64_t bi = 0; bi < nb; ++bi) {
+    const int64_t cb = (Cout - c0) / (nb - bi);
+    for (int64_t c = 0; c < cb; ++c)
+      for (int64_t j = 0; j < Cin * 9; ++j) out[c0 * Cin * 9 + j * cb + c] = w[(c0 + c) * Cin * 9 + j];
+    c0 += cb;
+  }
+}
+
 // One image: every output channel, in blocks of at most max_cb (sizes as equal as possible).
 template <int V>
 static void conv_image(const float* x, int64_t Cin, int64_t Hp, int64_t Wp, const float* w,
@@ -104,14 +118,16 @@ static void conv_images(const float* x, int64_t n0, int64_t n1, int64_t Cin, int
                         const float* g, const float* colmask, float* y, int64_t Cout, bool relu,
                         int V) {
   const int64_t P = Hp * Wp;
+  std::vector<float> packed(Cout * Cin * 9);
+  pack_blocks(w, Cin, Cout, V == 2 ? kRegs / 4 : kRegs / 2, packed.data());
   for (int64_t n = n0; n < n1; ++n) {
     const float* xn = x + n * Cin * P;
     const float* rn = r ? r + n * Cout * P : nullptr;
     float* yn = y + n * Cout * P;
     if (V == 2)
-      conv_image<2>(xn, Cin, Hp, Wp, w, b, rn, g, colmask, yn, Cout, relu);
+      conv_image<2>(xn, Cin, Hp, Wp, packed.data(), b, rn, g, colmask, yn, Cout, relu);
     else
-      conv_image<1>(xn, Cin, Hp, Wp, w, b, rn, g, colmask, yn, Cout, relu);
+      conv_image<1>(xn, Cin, Hp, Wp, packed.data(), b, rn, g, colmask, yn, Cout, relu);
   }
 }
 
@@ -121,6 +137,19 @@ static void conv_images(const float* x, int64_t n0, int64_t n1, int64_t Cin, int
 // the CB output channels. Loads that would pass the end of the input tensor go through a
 // zero-filled buffer; lanes past the row's end are computed and not stored. The caller
 // zero-fills y (its border).
+// 16 floats from src; those at or past end (the tensor's end) read as 0.
+static inline v16 load16_until(const float* src, const float* end) {
+  v16 a;
+  if (src + 16 <= end) {
+    std::memcpy(&a, src, sizeof(v16));
+  } else {
+    float tmp[16] = {};
+    if (src < end) std::memcpy(tmp, src, sizeof(float) * (end - src));
+    std::memcpy(&a, tmp, sizeof(v16));
+  }
+  return a;
+}
+
 template <int CB>
 static void conv_block_s2(const float* __restrict__ x, int64_t Cin, int64_t Hpi, int64_t Wpi,
                           const float* x_end, const float* __restrict__ w,
@@ -131,6 +160,47 @@ static void conv_block_s2(const float* __restrict__ x, int64_t Cin, int64_t Hpi,
   const v16i even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
   const int64_t Pi = Hpi * Wpi, Wpo = Wo + 2, Po = (Ho + 2) * Wpo;
   const v16 zero = {};
+  if (Wo <= 8) {
+    // rows of at most 8 outputs: two output rows per vector (lanes 0-7 row i, 8-15 row i + 1),
+    // from one 16-float load per input row: no half-empty vectors
+    for (int64_t i = 0; i < Ho; i += 2) {
+      const bool two = i + 1 < Ho;
+      v16 acc[CB];
+      for (int c = 0; c < CB; ++c) acc[c] = zero + b[c];
+      for (int64_t ci = 0; ci < Cin; ++ci) {
+        for (int kh = 0; kh < 3; ++kh) {
+          const float* row0 = x + ci * Pi + (2 * i + kh) * Wpi;
+          const float* row1 = row0 + 2 * Wpi;
+          for (int kw = 0; kw < 3; ++kw) {
+            const v16 a0 = load16_until(row0 + kw, x_end);
+            const v16 a1 = load16_until(row1 + kw, x_end);
+            const v16 xv = __builtin_shuffle(a0, a1, even);
+            const float* wc = w + (ci * 9 + kh * 3 + kw) * CB;
+            for (int c = 0; c < CB; ++c) acc[c] += wc[c] * xv;
+          }
+        }
+      }
+      const int64_t o = (i + 1) * Wpo + 1;
+      for (int c = 0; c < CB; ++c) {
+        v16 v = acc[c];
+        if (r != nullptr) {
+          float tmp[16] = {};
+          std::memcpy(tmp, r + c * Po + o, sizeof(float) * Wo);
+          if (two) std::memcpy(tmp + 8, r + c * Po + o + Wpo, sizeof(float) * Wo);
+          v16 rr;
+          std::memcpy(&rr, tmp, sizeof(v16));
+          v += rr;
+        }
+        if (relu) v = (v < zero) ? zero : v;
+        if (g != nullptr) v *= g[c];
+        float out[16];
+        std::memcpy(out, &v, sizeof(v16));
+        std::memcpy(y + c * Po + o, out, sizeof(float) * Wo);
+        if (two) std::memcpy(y + c * Po + o + Wpo, out + 8, sizeof(float) * Wo);
+      }
+    }
+    return;
+  }
   for (int64_t i = 0; i < Ho; ++i) {
     for (int64_t j0 = 0; j0 < Wo; j0 += 16) {
       const int64_t n = (Wo - j0 < 16) ? Wo - j0 : 16;
@@ -152,8 +222,8 @@ static void conv_block_s2(const float* __restrict__ x, int64_t Cin, int64_t Hpi,
               std::memcpy(&a1, tmp + 16, sizeof(v16));
             }
             const v16 xv = __builtin_shuffle(a0, a1, even);
-            const float* wc = w + ci * 9 + kh * 3 + kw;
-            for (int c = 0; c < CB; ++c) acc[c] += wc[c * Cin * 9] * xv;
+            const float* wc = w + (ci * 9 + kh * 3 + kw) * CB;
+            for (int c = 0; c < CB; ++c) acc[c] += wc[c] * xv;
           }
         }
       }
@@ -181,6 +251,9 @@ static void conv_images_s2(const float* x, const float* x_end, int64_t n0, int64
                            int64_t Wo, bool relu) {
   constexpr int MAXCB = kRegs / 2;
   const int64_t Pi = Hpi * Wpi, Po = (Ho + 2) * (Wo + 2);
+  std::vector<float> packed(Cout * Cin * 9);
+  pack_blocks(w, Cin, Cout, MAXCB, packed.data());
+  w = packed.data();
   for (int64_t n = n0; n < n1; ++n) {
     const float* xn = x + n * Cin * Pi;
     const int64_t nb = (Cout + MAXCB - 1) / MAXCB;

@@ -75,9 +75,23 @@ FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 # 16x16: 0.95x; 28->28 at 8x8: 0.75x. Under "auto" a conv uses the kernel when
 # C_in * C_out <= _DIRECT_MAX_CIN_COUT, and an extractor runs bordered when at least half of its
 # multiply-adds do (pruned extractors); otherwise it runs the channels_last loop.
+#
+# Inside the bordered executor the alternative to the kernel is oneDNN on NCHW bordered planes
+# (layout reorders included), which the kernel beats on much wider convs (benchmarks/
+# bench_conv.py, "bordered" groups; 1 thread, conv + bias + residual + ReLU, per image):
+# stride 1: 1.5-3.2x up to 40 -> 40 channels, 1.2-1.4x at 48 and 64 channels at 16x16 and
+# 32x32, 0.96x at 48 -> 48 and 0.78x at 64 -> 64 at 8x8; stride 2: 2.4-2.6x at 5 -> 10,
+# 1.4-1.9x at 10 -> 19, 1.2x at 19 -> 38, 1.0x at 24 -> 48, 0.9x at 32 -> 64. So a conv of a
+# bordered extractor runs the kernel when C_in * C_out <= _BORDERED_S1_MAX (stride 1) or
+# _BORDERED_S2_MAX (stride 2).
 _AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
-_DIRECT_MAX_CIN_COUT = 500
-_DIRECT_S2_MAX_CIN_COUT = 100
+# "narrow" (counts toward an extractor's direct share): whole-extractor measurements with the
+# compiled executor, t = 2..10, 1 thread: bordered vs loop at channel density 0.3: 2.3x, 0.6:
+# 1.5x, 0.8: 1.07x, 1.0 (16/32/64 channels): 0.9-1.0x; a threshold of 700 sends 0.6-density
+# extractors (stage-2 convs ~19 -> 19) bordered and keeps full-width ones (32 -> 32) on loop.
+_DIRECT_MAX_CIN_COUT = 700
+_BORDERED_S1_MAX = 2048
+_BORDERED_S2_MAX = 720
 
 _BIG_LOGIT = 1.0e4  # sigmoid(+-1e4) is exactly 1 / 0 in fp16, bf16, fp32 and fp64
 
@@ -419,18 +433,28 @@ def _is_3x3_s1(c: _Conv) -> bool:
             and c.groups == 1)
 
 
-def _use_direct(c: _Conv, force: bool, out_w: int | None = None) -> bool:
-    """Whether the direct kernel runs this conv (bordered executor). Stride 2: only for very
-    narrow convs with output rows of >= 16 pixels (5 -> 10 channels at 32 -> 16 px: 1.31-1.32x
-    oneDNN + pad; 10 -> 19 at 16 -> 8 px: 0.56-0.65x, half of every vector
-    wasted; benchmarks/bench_conv.py, stride-2 group)."""
-    if (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 2 and c.padding == 1
-            and c.groups == 1):
-        return out_w is not None and (force or (
-            out_w >= 16 and c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_S2_MAX_CIN_COUT))
+def _is_3x3_s2(c: _Conv) -> bool:
+    return (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 2 and c.padding == 1
+            and c.groups == 1)
+
+
+def _use_direct(c: _Conv, force: bool) -> bool:
+    """Whether the bordered executor runs this conv on the direct kernel (else oneDNN on the
+    bordered NCHW planes): 3x3 convs of stride 1 or 2 up to the widths where the kernel stops
+    beating oneDNN on that layout (``force``: every 3x3 conv of stride 1 or 2)."""
+    cc = c.weight.shape[0] * c.weight.shape[1]
+    if _is_3x3_s2(c):
+        return force or cc <= _BORDERED_S2_MAX
     if not _is_3x3_s1(c):
         return False
-    return force or c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_MAX_CIN_COUT
+    return force or cc <= _BORDERED_S1_MAX
+
+
+def _narrow(c: _Conv) -> bool:
+    """A conv where the kernel beats oneDNN in its best layout (channels_last, fused): 3x3,
+    stride 1, C_in * C_out <= _DIRECT_MAX_CIN_COUT. The share of an extractor's multiply-adds
+    in such convs decides between the bordered executor and the channels_last loop."""
+    return _is_3x3_s1(c) and c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_MAX_CIN_COUT
 
 
 def _convs_with_size(f: FoldedNet, hw: tuple) -> list:
@@ -462,7 +486,7 @@ def direct_share(f: FoldedNet, hw: tuple = (32, 32)) -> float:
     for c, n in _convs_with_size(f, hw):
         macs = c.weight.numel() * n
         tot += macs
-        if _use_direct(c, False):
+        if _narrow(c):
             dire += macs
     f.memo[key] = dire / max(tot, 1)
     return f.memo[key]
@@ -470,8 +494,7 @@ def direct_share(f: FoldedNet, hw: tuple = (32, 32)) -> float:
 
 def _conv_bordered(xb, c: _Conv, relu: bool, residual=None, gate=None, force=False):
     """``gate * [relu](conv(x) + bias [+ residual])`` from and to the zero-bordered layout."""
-    out_w = (xb.shape[3] - 3) // c.stride + 1
-    if _use_direct(c, force, out_w):
+    if _use_direct(c, force):
         if c.weight_nchw is None:
             c.weight_nchw = c.weight.contiguous()
         return _direct_op()(xb, c.weight_nchw, c.bias, residual, gate, relu, c.stride)
@@ -510,21 +533,80 @@ def _bordered_chunk(f: FoldedNet, x: torch.Tensor) -> int:
 
 
 def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False,
-                 chunk: int | None = None) -> torch.Tensor:
+                 chunk: int | None = None, executor: bool | None = None) -> torch.Tensor:
     """Features [N, sum(out_dims)] of a folded network, every activation kept as a
     zero-bordered NCHW tensor [N, C, H + 2, W + 2] so that narrow 3x3 convs run the direct
     kernel (``der_fast.ops.conv3x3_bordered``) with no padding copies; other convs run
     oneDNN on the same tensors. ``force``: the direct kernel for every 3x3 / stride 1 conv,
     whatever its width. ``chunk``: images per pass (default: as many as keep the widest
     activation within ~1 MiB, so a pass stays in the L2 cache; 0 = the whole batch at once).
+    ``executor``: run the whole network in one call of the compiled executor
+    (``der_fast::bordered_resnet``: same kernels, no per-layer tensors or dispatch; the
+    default where the extension has it), or (False) layer by layer from Python.
     CPU, float32, no autograd."""
     if _direct_op() is None:
         raise RuntimeError("run_bordered needs der_fast's compiled CPU extension (der_fast._C, "
                            "with the conv3x3_bordered kernel); use run_folded without it")
     chunk = _bordered_chunk(f, x) if chunk is None else chunk
+    exe = _executor_op() if executor is None else (_executor_op() if executor else None)
+    if executor and exe is None:
+        raise RuntimeError("this build of der_fast._C has no bordered_resnet executor")
+    if exe is not None:
+        prog = _bordered_program(f, force)
+        return exe(x.contiguous(), *prog, chunk)
     if 0 < chunk < x.shape[0]:
         return torch.cat([_run_bordered(f, xc, force) for xc in x.split(chunk)], 0)
     return _run_bordered(f, x, force)
+
+
+_EXECUTOR_OP: list = []  # [op or None], resolved on first use
+
+
+def _executor_op():
+    """torch.ops.der_fast.bordered_resnet, or None where the extension lacks it."""
+    if not _EXECUTOR_OP:
+        op = None
+        if _direct_op() is not None:
+            try:
+                op = torch.ops.der_fast.bordered_resnet
+            except (AttributeError, RuntimeError):
+                op = None
+        _EXECUTOR_OP.append(op)
+    return _EXECUTOR_OP[0]
+
+
+def _bordered_program(f: FoldedNet, force: bool) -> tuple:
+    """The arguments of ``der_fast::bordered_resnet`` for a folded net (memoized): convs in the
+    order stem, then per block conv1, conv2 [, shortcut conv], each with (stride, padding,
+    groups, direct kernel?) chosen by the same rule as the Python executor (_use_direct)."""
+    key = ("program", force)
+    if key in f.memo:
+        return f.memo[key]
+    empty = f.stem.bias.new_empty(0)
+    weights, biases, meta, blocks, idx, gates = [], [], [], [], [], []
+
+    def add(c: _Conv) -> None:
+        direct = _use_direct(c, force)
+        if direct and c.weight_nchw is None:
+            c.weight_nchw = c.weight.contiguous()
+        weights.append(c.weight_nchw if direct else c.weight)
+        biases.append(c.bias)
+        meta.extend([c.stride, c.padding, c.groups, int(direct)])
+
+    add(f.stem)
+    for b in f.blocks:
+        add(b.conv1)
+        add(b.conv2)
+        if b.sc == "B":
+            add(b.sc_conv)
+        blocks.extend([{"id": 0, "A": 1, "B": 2}[b.sc], b.sc_stride])
+        idx.append(b.sc_index if b.sc == "A" else empty.long())
+        gates.append(b.gate if b.gate is not None else empty)
+    last = f.blocks[-1].conv2 if f.blocks else f.stem
+    out_dim = sum(f.out_dims) if f.out_index is not None else last.weight.shape[0]
+    prog = (weights, biases, meta, blocks, idx, gates, f.out_index, int(out_dim), f.maxpool)
+    f.memo[key] = prog
+    return prog
 
 
 def _run_bordered(f: FoldedNet, x: torch.Tensor, force: bool) -> torch.Tensor:
@@ -881,11 +963,12 @@ class FastDERNet(DERNet):
             force = self.frozen_plan == "direct"
             frozen = ("direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for "
                       + ("every 3x3 conv (stride 1 or 2)" if force else
-                         f"narrow 3x3 convs (stride 1: C_in*C_out <= {_DIRECT_MAX_CIN_COUT}, "
-                         f"stride 2: <= {_DIRECT_S2_MAX_CIN_COUT})")
+                         f"3x3 convs with C_in*C_out <= {_BORDERED_S1_MAX} (stride 1) or "
+                         f"<= {_BORDERED_S2_MAX} (stride 2)")
                       + ", oneDNN for the others"
                       + ("" if force else "; extractors with less than half of their "
-                         "multiply-adds in narrow convs run loop-channels_last + oneDNN fused "
+                         f"multiply-adds in narrow convs (3x3 stride 1, C_in*C_out <= "
+                         f"{_DIRECT_MAX_CIN_COUT}) run loop-channels_last + oneDNN fused "
                          "conv/bias/residual/ReLU")
                       + "; BN and masks folded, off channels removed, no autograd")
         else:

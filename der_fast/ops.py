@@ -484,6 +484,21 @@ torch.library.register_autograd("der_fast::conv3x3_bordered", _conv3x3_no_backwa
                                 setup_context=_conv3x3_setup_context)
 
 
+if HAS_CPU_EXT and hasattr(torch.ops.der_fast, "bordered_resnet"):
+    # the compiled whole-extractor executor (csrc/conv3x3.cpp; exists only with der_fast._C)
+    @torch.library.register_fake("der_fast::bordered_resnet")
+    def _bordered_resnet_fake(x, weights, biases, conv_meta, block_meta, sc_index, gates,
+                              out_index, out_dim, maxpool, chunk):
+        return x.new_empty((x.shape[0], out_dim))
+
+    def _bordered_resnet_no_backward(ctx, grad):
+        raise RuntimeError("der_fast.bordered_resnet is inference-only (FastDERNet's frozen "
+                           "extractors): it has no gradient")
+
+    torch.library.register_autograd("der_fast::bordered_resnet", _bordered_resnet_no_backward,
+                                    setup_context=_conv3x3_setup_context)
+
+
 @torch.library.register_fake("der_fast::masked_gate")
 def _masked_gate_fake(x, scale, shift, e=None, s=1.0, residual=None):
     _check_masked_gate(x, scale, shift, e, residual)

@@ -85,7 +85,10 @@ def test_matches_float64_conv(n, ci, co, h, w, residual, gate, relu):
 
 S2_SHAPES = [  # (N, C_in, C_out, H, W): stride 2
     (3, 5, 10, 32, 32),  # runs of 16 output columns
-    (2, 10, 19, 16, 16),  # 8 output columns: half a vector stored
+    (2, 10, 19, 16, 16),  # 8 output columns: two output rows per vector
+    (2, 6, 7, 13, 16),  # 8 columns, an odd number of rows (the last vector half stored)
+    (3, 3, 5, 5, 4),  # rows of 6 bordered floats: one 16-float load spans 3 rows
+    (1, 3, 20, 9, 10),  # 5 columns, odd rows, 2 channel blocks
     (2, 3, 4, 7, 9),  # odd sizes
     (1, 2, 3, 1, 1),  # one pixel: the loads pass the end of the tensor (zero-filled buffer)
     (2, 4, 17, 2, 3),  # 2 channel blocks

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from der_fast import masks as M
+from der_fast import fast as fast_mod
 from der_fast import ops
 from der_fast.fast import FastDERNet, direct_share, fold_extractor, fuse_grouped, run_bordered, run_folded
 from der_fast.reference import DERNet
@@ -220,7 +221,10 @@ def test_forward_backward_match_reference(backbone, t):
 
 @pytest.mark.parametrize("plan", ["loop", "grouped", "direct", "auto"])
 @pytest.mark.parametrize("fusion", [True, False])
-def test_frozen_plans_agree(plan, fusion):
+def test_frozen_plans_agree(plan, fusion, monkeypatch):
+    # the "narrow" threshold fixed so that auto mixes plans on these random widths: at 500,
+    # extractor 1 (a 22 -> 23 channel stage-2 conv) has less than half of its MACs narrow
+    monkeypatch.setattr(fast_mod, "_DIRECT_MAX_CIN_COUT", 500)
     ref = make_ref("resnet32", 4, prune=(0, 2), seed=3)
     fast = FastDERNet.from_reference(ref, frozen_plan=plan, onednn_fusion=fusion)
     assert fast.resolved_frozen_plan() == (plan if plan != "auto" else "direct")
@@ -279,15 +283,76 @@ def test_direct_plan_every_backbone_soft_and_pruned(backbone):
         folded = [fold_extractor(c) for c in ref.convnets]
         for force in (True, False):
             for chunk in (None, 0, 1):  # batch cut into chunks of 1 image: same features
-                got = torch.cat([run_bordered(f, x, force=force, chunk=chunk) for f in folded],
-                                1)
-                assert_as_good(f"{backbone} direct features (force={force}, chunk={chunk})",
-                               got, got32, want)
+                for exe in (True, False):  # compiled whole-network executor / Python layers
+                    got = torch.cat([run_bordered(f, x, force=force, chunk=chunk, executor=exe)
+                                     for f in folded], 1)
+                    assert_as_good(f"{backbone} direct features (force={force}, "
+                                   f"chunk={chunk}, executor={exe})", got, got32, want)
         fast = FastDERNet.from_reference(ref, frozen_plan="direct")
         out, out32, out64 = fast(x), ref(x), r64(x.double())
         assert fast.plan()["frozen_last_run"] == ["direct"] * 3
     for k in ("logits", "aux_logits", "features"):
         assert_as_good(f"{backbone} {k}", out[k], out32[k], out64[k])
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C (the direct kernel) not built")
+@pytest.mark.parametrize("backbone", ["resnet32", "resnet18_cifar", "resnet18"])
+def test_compiled_executor_matches_python_executor(backbone):
+    """der_fast::bordered_resnet runs the same kernels as the layer-by-layer Python executor:
+    equal features up to the pooling's summation order, for uneven chunks, soft gates, every
+    shortcut type; and the same features with 1 or 2 threads (chunks are independent)."""
+    ref = make_ref(backbone, 3, prune=(0,), seed=31).eval()
+    ref.convnets[-1].binary_masks = False
+    x = _rand_x(backbone, 7, seed=32)
+    folded = [fold_extractor(c) for c in ref.convnets]
+    with torch.no_grad():
+        for f in folded:
+            for force in (False, True):
+                py = run_bordered(f, x, force=force, executor=False)
+                for chunk in (3, 0):
+                    got = run_bordered(f, x, force=force, chunk=chunk, executor=True)
+                    torch.testing.assert_close(got, py, rtol=2e-6, atol=2e-6)
+            one = run_bordered(f, x, chunk=2, executor=True)
+            before = torch.get_num_threads()
+            torch.set_num_threads(2)
+            try:
+                two = run_bordered(f, x, chunk=2, executor=True)
+            finally:
+                torch.set_num_threads(before)
+            # the kernel's convs give the same bits; oneDNN's (wide and 1x1 convs) may pick
+            # another algorithm with another thread count
+            torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C (the direct kernel) not built")
+def test_compiled_executor_rejects_bad_programs():
+    from der_fast.fast import _bordered_program
+    ref = make_ref("resnet32", 1, seed=33).eval()
+    f = fold_extractor(ref.convnets[0])
+    w, b, meta, blocks, idx, gates, oi, od, mp = _bordered_program(f, False)
+    x = _rand_x("resnet32", 2, seed=34)
+    op = torch.ops.der_fast.bordered_resnet
+    assert op(x, w, b, meta, blocks, idx, gates, oi, od, mp, 0).shape == (2, od)
+    with pytest.raises(RuntimeError, match="inconsistent program"):
+        op(x, w[:-1], b, meta, blocks, idx, gates, oi, od, mp, 0)
+    with pytest.raises(RuntimeError, match="float32 CPU tensor"):
+        op(x.double(), w, b, meta, blocks, idx, gates, oi, od, mp, 0)
+    with pytest.raises(RuntimeError, match="stem expects 3 channels"):
+        op(x[:, :2], w, b, meta, blocks, idx, gates, oi, od, mp, 0)
+    with pytest.raises(RuntimeError, match="out_dim"):
+        op(x, w, b, meta, blocks, idx, gates, None, od + 1, mp, 0)
+    bad = list(blocks)
+    bad[0] = 7
+    with pytest.raises(RuntimeError, match="bad shortcut kind"):
+        op(x, w, b, meta, bad, idx, gates, oi, od, mp, 0)
+    g2 = list(gates)
+    g2[1] = torch.rand(3)
+    with pytest.raises(RuntimeError, match="bad gate"):
+        op(x, w, b, meta, blocks, idx, g2, oi, od, mp, 0)
+    tiny = x[:, :, :1, :1].contiguous()  # 1x1 images: the scalar path of every conv
+    torch.testing.assert_close(op(tiny, w, b, meta, blocks, idx, gates, oi, od, mp, 0),
+                               run_bordered(f, tiny, executor=False), rtol=2e-6, atol=2e-6)
+    assert op(x[:0], w, b, meta, blocks, idx, gates, oi, od, mp, 0).shape == (0, od)
 
 
 def test_direct_plan_falls_back_where_it_cannot_run():
