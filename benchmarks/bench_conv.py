@@ -121,3 +121,57 @@ def test_conv3x3_stride2(benchmark, shape, provider):
 
     run()
     benchmark(run)
+
+
+BORDERED_SHAPES = [  # (C_in, C_out, HW in, stride): where the executor's per-conv rule switches
+    (19, 19, 8, 1),
+    (40, 40, 8, 1),
+    (48, 48, 8, 1),
+    (64, 64, 8, 1),
+    (32, 32, 16, 1),
+    (64, 64, 16, 1),
+    (10, 19, 16, 2),
+    (19, 38, 16, 2),
+    (32, 64, 16, 2),
+]
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C not built")
+@pytest.mark.parametrize("provider", S2_PROVIDERS)
+@pytest.mark.parametrize("shape", BORDERED_SHAPES,
+                         ids=lambda s: f"{s[0]}to{s[1]}-HW{s[2]}-s{s[3]}")
+def test_conv3x3_bordered_choice(benchmark, shape, provider):
+    """Inside the bordered executor (der_fast::bordered_resnet) a conv runs either the op or
+    oneDNN on the bordered NCHW planes with the folded channels_last weight, then the residual,
+    ReLU and a padding copy; at the executor's batch chunk (activations of ~1 MiB). These
+    groups set fast._BORDERED_S1_MAX / _BORDERED_S2_MAX."""
+    ci, co, hw, stride = shape
+    ho = (hw - 1) // stride + 1
+    N = max(8, (1 << 20) // (4 * co * (ho + 2) ** 2))
+    x, w, b, _ = _inputs(N, ci, co, hw)
+    r = torch.randn(N, co, ho, ho, generator=torch.Generator().manual_seed(hw))
+    xb, rb = ops.border(x), ops.border(r)
+    if provider == "op":
+        fn = lambda: ops.conv3x3_bordered(xb, w, b, rb, None, True, stride)  # noqa: E731
+    else:
+        wc = w.contiguous(memory_format=torch.channels_last)
+
+        def fn():
+            y = F.conv2d(xb, wc, b, stride, 0).add_(rb[:, :, 1:-1, 1:-1]).relu_()
+            return F.pad(y, (1, 1, 1, 1)).contiguous()
+    want = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=stride, padding=1)
+                  + r.double())
+    with torch.no_grad():
+        torch.testing.assert_close(fn()[:, :, 1:-1, 1:-1].double(), want, rtol=1e-4, atol=1e-4)
+    benchmark.group = (f"conv3x3 in the bordered executor N={N} {ci}->{co} {hw}x{hw} "
+                       f"stride {stride} +bias+residual+relu")
+    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=[N, ci, co, hw],
+                                stride=stride, threads=torch.get_num_threads(),
+                                der_fast=der_fast.__version__, torch=torch.__version__)
+
+    def run():
+        with torch.no_grad():
+            fn()
+
+    run()
+    benchmark(run)

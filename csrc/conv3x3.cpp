@@ -404,10 +404,12 @@ at::Tensor bordered_resnet_cpu(const at::Tensor& x, at::TensorList weights,
   chunk = (chunk <= 0 || chunk > N) ? N : chunk;
   const int64_t nchunks = (N + chunk - 1) / chunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t q0, int64_t q1) {
-    // four activation buffers, reused for every layer of every chunk of this thread
+    // four activation buffers, reused for every layer of every chunk of this thread (a tensor,
+    // so that PyTorch's memory accounting and profiler see it)
     const int64_t cap = widest * chunk;
-    std::vector<float> bufs(4 * cap);
-    float* B[4] = {bufs.data(), bufs.data() + cap, bufs.data() + 2 * cap, bufs.data() + 3 * cap};
+    at::Tensor bufs = at::empty({4 * cap}, at::TensorOptions().dtype(at::kFloat));
+    float* B[4] = {bufs.data_ptr<float>(), bufs.data_ptr<float>() + cap,
+                   bufs.data_ptr<float>() + 2 * cap, bufs.data_ptr<float>() + 3 * cap};
     std::vector<double> pooled(C_last);
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n0 = q * chunk, n = std::min(chunk, N - n0);

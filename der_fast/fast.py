@@ -78,7 +78,8 @@ FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 #
 # Inside the bordered executor the alternative to the kernel is oneDNN on NCHW bordered planes
 # (layout reorders included), which the kernel beats on much wider convs (benchmarks/
-# bench_conv.py, "bordered" groups; 1 thread, conv + bias + residual + ReLU, per image):
+# bench_conv.py, test_conv3x3_bordered_choice; 1 thread, conv + bias + residual + ReLU, at the
+# executor's ~1 MiB batch chunk, oneDNN time / kernel time):
 # stride 1: 1.5-3.2x up to 40 -> 40 channels, 1.2-1.4x at 48 and 64 channels at 16x16 and
 # 32x32, 0.96x at 48 -> 48 and 0.78x at 64 -> 64 at 8x8; stride 2: 2.4-2.6x at 5 -> 10,
 # 1.4-1.9x at 10 -> 19, 1.2x at 19 -> 38, 1.0x at 24 -> 48, 0.9x at 32 -> 64. So a conv of a
