@@ -16,10 +16,13 @@ differs:
   forced (``"loop"`` / ``"grouped"`` / ``"direct"``):
 
   - ``direct`` (the CPU default, float32): one folded network after the other with every
-    activation kept as a zero-bordered NCHW tensor, narrow 3x3 convs (pruned extractors have
-    5-20 channels per layer) on der_fast's direct conv kernel (``ops.conv3x3_bordered``:
-    ~3x oneDNN at 5 channels, see ``_AUTO_PLAN``), wide ones on oneDNN; under ``"auto"`` an
-    extractor whose multiply-adds are mostly in wide convs runs ``loop`` instead;
+    activation kept as a zero-bordered NCHW tensor and 3x3 convs up to ~40 channels on
+    der_fast's direct conv kernel (``ops.conv3x3_bordered``: ~3x oneDNN at 5 channels, see
+    ``_AUTO_PLAN``), wider ones on oneDNN. The whole network runs in one call of the compiled
+    executor ``der_fast::bordered_resnet`` (batch chunks that stay in L2, four reused buffers,
+    no per-layer tensors or dispatch; ``run_bordered(..., executor=False)`` is the same
+    computation layer by layer from Python). Under ``"auto"`` an extractor whose
+    multiply-adds are mostly in wide convs (full-width ones) runs ``loop`` instead;
   - ``loop``: one folded network after the other;
   - ``grouped``: all of them as one network: the stems are one dense conv with the sum of
     the widths as outputs (they all read the same image), every later conv one grouped conv
@@ -77,14 +80,13 @@ FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 # multiply-adds do (pruned extractors); otherwise it runs the channels_last loop.
 #
 # Inside the bordered executor the alternative to the kernel is oneDNN on NCHW bordered planes
-# (layout reorders included), which the kernel beats on much wider convs (benchmarks/
-# bench_conv.py, test_conv3x3_bordered_choice; 1 thread, conv + bias + residual + ReLU, at the
-# executor's ~1 MiB batch chunk, oneDNN time / kernel time):
-# stride 1: 1.5-3.2x up to 40 -> 40 channels, 1.2-1.4x at 48 and 64 channels at 16x16 and
-# 32x32, 0.96x at 48 -> 48 and 0.78x at 64 -> 64 at 8x8; stride 2: 2.4-2.6x at 5 -> 10,
-# 1.4-1.9x at 10 -> 19, 1.2x at 19 -> 38, 1.0x at 24 -> 48, 0.9x at 32 -> 64. So a conv of a
-# bordered extractor runs the kernel when C_in * C_out <= _BORDERED_S1_MAX (stride 1) or
-# _BORDERED_S2_MAX (stride 2).
+# (layout reorders included), which the kernel beats on much wider convs. Kernel time / oneDNN
+# time (benchmarks/bench_conv.py test_conv3x3_bordered_choice: 1 thread, conv + bias +
+# residual + ReLU at the executor's ~1 MiB batch chunk, medians): stride 1: 19 -> 19 at 8x8
+# 0.40, 32 -> 32 at 16x16 0.72, 40 -> 40 at 8x8 0.76, 48 -> 48 at 8x8 1.19, 64 -> 64 at 8x8
+# 1.28 (at 16x16 0.86); stride 2 (16 -> 8 px): 10 -> 19 0.70, 19 -> 38 0.83, 32 -> 64 1.15.
+# So a conv of a bordered extractor runs the kernel when C_in * C_out <= _BORDERED_S1_MAX
+# (stride 1) or _BORDERED_S2_MAX (stride 2).
 _AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
 # "narrow" (counts toward an extractor's direct share): whole-extractor measurements with the
 # compiled executor, t = 2..10, 1 thread: bordered vs loop at channel density 0.3: 2.3x, 0.6:
