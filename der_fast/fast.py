@@ -973,6 +973,8 @@ class FastDERNet(DERNet):
                          f"multiply-adds in narrow convs (3x3 stride 1, C_in*C_out <= "
                          f"{_DIRECT_MAX_CIN_COUT}) run loop-channels_last + oneDNN fused "
                          "conv/bias/residual/ReLU")
+                      + ("; each extractor in one compiled call (der_fast::bordered_resnet)"
+                         if _executor_op() is not None else "; layer by layer from Python")
                       + "; BN and masks folded, off channels removed, no autograd")
         else:
             if plan == "direct":

@@ -657,6 +657,8 @@ def test_plan_description_and_errors():
     assert "masked_gate" in p["trainable"]
     direct = fast.resolved_frozen_plan() == "direct" and ops.HAS_CPU_EXT
     assert p["frozen"].startswith("direct" if direct else "loop")
+    if direct:
+        assert "one compiled call (der_fast::bordered_resnet)" in p["frozen"]
     with torch.no_grad():  # full-width resnet32: 2/3 of the multiply-adds in wide convs
         fast.eval()(torch.randn(2, 3, 16, 16))
     assert fast.plan()["frozen_last_run"] == (
