@@ -50,6 +50,15 @@ def _inputs(N, ci, co, hw):
     return x, w, b, r
 
 
+def _time(benchmark, fn):
+    def run():
+        with torch.no_grad():
+            fn()
+
+    run()  # warm-up
+    benchmark(run)
+
+
 def _fn(provider, x, w, b, r):
     if provider == "op":
         xb, rb = ops.border(x), ops.border(r)
@@ -79,12 +88,7 @@ def test_conv3x3(benchmark, shape, provider):
                                 threads=torch.get_num_threads(), der_fast=der_fast.__version__,
                                 torch=torch.__version__)
 
-    def run():
-        with torch.no_grad():
-            fn()
-
-    run()
-    benchmark(run)
+    _time(benchmark, fn)
 
 
 S2_SHAPES = [  # (N, C_in, C_out, HW in): pruned ResNet-32 downsampling convs
@@ -115,12 +119,7 @@ def test_conv3x3_stride2(benchmark, shape, provider):
                                 stride=2, threads=torch.get_num_threads(),
                                 der_fast=der_fast.__version__, torch=torch.__version__)
 
-    def run():
-        with torch.no_grad():
-            fn()
-
-    run()
-    benchmark(run)
+    _time(benchmark, fn)
 
 
 BORDERED_SHAPES = [  # (C_in, C_out, HW in, stride): where the executor's per-conv rule switches
@@ -169,9 +168,4 @@ def test_conv3x3_bordered_choice(benchmark, shape, provider):
                                 stride=stride, threads=torch.get_num_threads(),
                                 der_fast=der_fast.__version__, torch=torch.__version__)
 
-    def run():
-        with torch.no_grad():
-            fn()
-
-    run()
-    benchmark(run)
+    _time(benchmark, fn)
