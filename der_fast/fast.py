@@ -75,9 +75,9 @@ FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 # 1 thread, batch 128, conv + bias + residual + ReLU: 5->5 at 32x32: 1.86 / 0.63 ms (2.96x);
 # 3->5: 3.1x; 10->8 at 16x16: 1.6x; 19->21 at 8x8: 1.16x; 16->16 at 32x32: 1.13x; 32->32 at
 # 16x16: 0.63x; 64->64 at 8x8: 0.5x; 20->20: 1.2x at 16x16, 1.5x at 32x32; 24->24 at 8x8 and
-# 16x16: 0.95x; 28->28 at 8x8: 0.75x. Under "auto" a conv uses the kernel when
-# C_in * C_out <= _DIRECT_MAX_CIN_COUT, and an extractor runs bordered when at least half of its
-# multiply-adds do (pruned extractors); otherwise it runs the channels_last loop.
+# 16x16: 0.95x; 28->28 at 8x8: 0.75x. Under "auto" an extractor runs bordered when at least
+# half of its multiply-adds are in narrow convs (_narrow: pruned extractors); otherwise it runs
+# the channels_last loop.
 #
 # Inside the bordered executor the alternative to the kernel is oneDNN on NCHW bordered planes
 # (layout reorders included), which the kernel beats on much wider convs. Kernel time / oneDNN
@@ -88,10 +88,12 @@ FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
 # So a conv of a bordered extractor runs the kernel when C_in * C_out <= _BORDERED_S1_MAX
 # (stride 1) or _BORDERED_S2_MAX (stride 2).
 _AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
-# "narrow" (counts toward an extractor's direct share): whole-extractor measurements with the
-# compiled executor, t = 2..10, 1 thread: bordered vs loop at channel density 0.3: 2.3x, 0.6:
-# 1.5x, 0.8: 1.07x, 1.0 (16/32/64 channels): 0.9-1.0x; a threshold of 700 sends 0.6-density
-# extractors (stage-2 convs ~19 -> 19) bordered and keeps full-width ones (32 -> 32) on loop.
+# "narrow" (counts toward an extractor's direct share): ad-hoc whole-extractor A/Bs in one
+# process (not a benchmarks/ case; FastDERNet inference, resnet32, batch 128, 1 thread, 5
+# rounds), bordered executor vs loop: channel density 0.3 (t = 2): 2.3x, 0.6 (t = 5): 1.45x,
+# 0.8 (t = 5): 1.06x, 1.0 (16/32/64 channels): 0.99x at t = 2, 0.90x at t = 10. A threshold
+# of 700 sends 0.6-density extractors (stage-2 convs ~19 -> 19) bordered and keeps full-width
+# ones (32 -> 32) on loop.
 _DIRECT_MAX_CIN_COUT = 700
 _BORDERED_S1_MAX = 2048
 _BORDERED_S2_MAX = 720
@@ -454,9 +456,9 @@ def _use_direct(c: _Conv, force: bool) -> bool:
 
 
 def _narrow(c: _Conv) -> bool:
-    """A conv where the kernel beats oneDNN in its best layout (channels_last, fused): 3x3,
-    stride 1, C_in * C_out <= _DIRECT_MAX_CIN_COUT. The share of an extractor's multiply-adds
-    in such convs decides between the bordered executor and the channels_last loop."""
+    """3x3, stride 1, C_in * C_out <= _DIRECT_MAX_CIN_COUT: the share of an extractor's
+    multiply-adds in such convs decides between the bordered executor and the channels_last
+    loop (see the comment at _DIRECT_MAX_CIN_COUT)."""
     return _is_3x3_s1(c) and c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_MAX_CIN_COUT
 
 
