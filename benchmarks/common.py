@@ -665,7 +665,7 @@ class Workload:
             m.compensate_mask_grads(s, S_MAX)
         self.opt.step()
         if self.case.workload != "stage2":
-            m.clamp_masks()
+            m.clamp_masks(S_MAX)
         return loss.detach()
 
     def step(self):

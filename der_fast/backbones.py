@@ -19,13 +19,23 @@ Those buffers are in the ``state_dict``, so a checkpoint describes its own shape
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ARCHS", "Arch", "MaskedResNet", "make_backbone", "conv_layers"]
+__all__ = ["ARCHS", "Arch", "MaskedResNet", "make_backbone", "conv_layers", "binarize",
+           "STREAM_FLOOR"]
+
+# Fewest channels a residual stream keeps when binarised, as a fraction of its full width.
+# A stream mask is shared by every block of its stage, so its channels carry the sparsity
+# pressure of ~10 convs and, without a floor, the streams are pruned to one channel before any
+# block's inner width moves (the last one is also the feature output the classifiers read).
+# Structured-pruning studies of ResNets prune the residual stream least or not at all (Li et
+# al., "Pruning Filters for Efficient ConvNets", 2017). Inner points keep at least 1 channel.
+STREAM_FLOOR = 0.5
 
 
 @dataclass(frozen=True)
@@ -122,10 +132,13 @@ class MaskedResNet(nn.Module):
         masked: whether it carries learnable mask embeddings ``e`` (``mask_e``).
         kept: for a pruned network, the sorted original channel indices kept at each mask
             point (dict point -> LongTensor); default: every channel.
-        mask_init: initial value of every mask embedding ``e``.
+        mask_init: initial mask embeddings: a float ``b`` draws every ``e`` from U(0, b)
+            (torch's global generator): all channels on, at spread-out margins, so that under
+            sparsity pressure they turn off one by one rather than a whole layer at once; or
+            a dict point -> tensor of per-channel initial values.
     """
 
-    def __init__(self, arch="resnet32", in_channels=3, masked=False, kept=None, mask_init=1.0):
+    def __init__(self, arch="resnet32", in_channels=3, masked=False, kept=None, mask_init=0.03):
         super().__init__()
         if isinstance(arch, str):
             if arch not in ARCHS:
@@ -171,9 +184,11 @@ class MaskedResNet(nn.Module):
             self.stages.append(blocks)
         self.mask_e = None
         if masked:
+            init = mask_init if isinstance(mask_init, dict) else \
+                {p: torch.rand(w) * float(mask_init) for p, w in widths.items()}
             self.mask_e = nn.ParameterDict(
-                {p: nn.Parameter(torch.full((w,), float(mask_init))) for p, w in widths.items()}
-            )
+                {p: nn.Parameter(torch.as_tensor(init[p], dtype=torch.float32).clone().cpu())
+                 for p in widths})
         self.s = 1.0  # mask temperature, set by the trainer (masks.set_s)
         self.binary_masks = False  # use (e > 0) instead of sigmoid(s * e)
         self.reset_parameters()
@@ -198,13 +213,31 @@ class MaskedResNet(nn.Module):
     def kept(self, point: str) -> torch.Tensor:
         return getattr(self, f"kept_{point}")
 
+    @property
+    def feature_point(self) -> str:
+        """The mask point of the output features (the last stage's stream)."""
+        return f"stream{len(self.arch.stages) - 1}"
+
+    def min_on(self, point: str) -> int:
+        """Fewest channels a mask point keeps when binarised (see :func:`binarize`):
+        :data:`STREAM_FLOOR` of the full width on a residual stream, one on an inner point."""
+        if point.startswith("stream"):
+            return max(1, math.ceil(STREAM_FLOOR * self.full_widths[point]))
+        return 1
+
+    def binary_mask(self, point: str) -> torch.Tensor:
+        """The binarised mask of a point (bool, local channels): ``e > 0``, at least
+        :meth:`min_on` channels."""
+        return binarize(self.mask_e[point].detach(), self.min_on(point))
+
     def gate(self, point: str):
-        """The mask of a point: sigmoid(s * e), or (e > 0) when binarised, None if unmasked."""
+        """The mask of a point: sigmoid(s * e), or the binary mask when binarised, None if
+        unmasked."""
         if self.mask_e is None:
             return None
         e = self.mask_e[point]
         if self.binary_masks:
-            return binarize(e).to(e.dtype)
+            return self.binary_mask(point).to(e.dtype)
         return torch.sigmoid(self.s * e)
 
     # ------------------------------------------------------------------ forward
@@ -249,13 +282,16 @@ def shortcut_a_index(kept_in: torch.Tensor, kept_out: torch.Tensor) -> torch.Ten
     return torch.where(match.any(1), src, torch.full_like(src, kept_in.numel()))
 
 
-def binarize(e: torch.Tensor) -> torch.Tensor:
-    """Binary mask of an embedding: sigmoid(s_max * e) > 0.5, i.e. e > 0. At least one channel
-    stays on (the largest e), so no layer is ever removed entirely."""
+def binarize(e: torch.Tensor, min_on: int = 1) -> torch.Tensor:
+    """Binary mask of an embedding: sigmoid(s_max * e) > 0.5, i.e. e > 0, and at least
+    ``min_on`` channels on (the largest e; ties by lower index), so no layer is ever removed
+    entirely."""
     m = e > 0
-    if not bool(m.any()):
-        m = torch.zeros_like(m)
-        m[int(torch.argmax(e))] = True
+    k = min(max(1, int(min_on)), e.numel())
+    if int(m.sum()) < k:
+        order = torch.argsort(-e.float(), stable=True)[:k]
+        m = m.clone()
+        m[order] = True
     return m
 
 

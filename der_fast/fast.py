@@ -54,7 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import MaskedResNet, binarize, shortcut_a_index
+from . import masks as M
+from .backbones import MaskedResNet, shortcut_a_index
 from .reference import DERNet
 
 __all__ = ["FROZEN_PLANS", "FastDERNet", "direct_share", "fold_extractor", "fuse_grouped",
@@ -233,8 +234,7 @@ def fold_extractor(net: MaskedResNet, dtype=None) -> FoldedNet:
     masked = net.mask_e is not None
     soft = masked and not net.binary_masks
     if masked and net.binary_masks:
-        loc = {p: torch.nonzero(binarize(e.detach())).flatten().to(dev)
-               for p, e in net.mask_e.items()}
+        loc = {p: torch.nonzero(net.binary_mask(p)).flatten().to(dev) for p in net.mask_e}
     else:
         loc = {p: torch.arange(w, device=dev) for p, w in net.widths.items()}
     loc["input"] = torch.arange(net.in_channels, device=dev)
@@ -416,6 +416,25 @@ def _direct_op():
     if not _DIRECT_OP:
         _DIRECT_OP.append(_resolve_direct_op())
     return _DIRECT_OP[0]
+
+
+def _direct_isa() -> str:
+    """The instruction set the direct kernel was dispatched to ("avx512", "avx2",
+    "baseline"), or "" where it is unavailable."""
+    if not _DIRECT_ISA:
+        isa = ""
+        if _direct_op() is not None:
+            try:
+                from . import ops as mod
+
+                isa = mod.conv3x3_isa()
+            except Exception:  # noqa: BLE001
+                isa = ""
+        _DIRECT_ISA.append(isa)
+    return _DIRECT_ISA[0]
+
+
+_DIRECT_ISA: list = []
 
 
 def _resolve_direct_op():
@@ -663,7 +682,7 @@ def _gate_args(net: MaskedResNet, point: str):
         return None, 1.0
     e = net.mask_e[point]
     if net.binary_masks:  # (e > 0) as sigmoid(+-big): exactly 1 / 0, no gradient to e
-        return (binarize(e.detach()).to(e.dtype) * 2 - 1) * _BIG_LOGIT, 1.0
+        return (net.binary_mask(point).to(e.dtype) * 2 - 1) * _BIG_LOGIT, 1.0
     return e, float(net.s)
 
 
@@ -727,7 +746,8 @@ class FastDERNet(DERNet):
     """
 
     def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
-                 mask_init: float = 1.0, pretrained: bool = False, frozen_plan: str = "auto",
+                 mask_init: float = M.MASK_INIT, pretrained: bool = False,
+                 frozen_plan: str = "auto",
                  onednn_fusion: bool = True):
         super().__init__(backbone, in_channels, use_masks, mask_init, pretrained)
         self._init_fast(frozen_plan, onednn_fusion)
@@ -821,7 +841,10 @@ class FastDERNet(DERNet):
         if self.frozen_plan != "auto":
             return self.frozen_plan
         device = torch.device(device) if device is not None else self._device_dtype()[0]
-        return _AUTO_PLAN.get(device.type, "loop")
+        plan = _AUTO_PLAN.get(device.type, "loop")
+        if plan == "direct" and _direct_isa() != "avx512":
+            plan = "loop"  # the kernel's AVX2 build measured slower than oneDNN (RESULTS.md)
+        return plan
 
     @staticmethod
     def _direct_possible(device: torch.device, dtype: torch.dtype, need_grad: bool) -> bool:

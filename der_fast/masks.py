@@ -6,18 +6,32 @@ Mask of a point with embedding ``e``: ``m = sigmoid(s * e)``. Where masks sit is
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .backbones import MaskedResNet, binarize, conv_layers
+from .backbones import MaskedResNet, conv_layers
 
 __all__ = [
     "anneal_s", "set_s", "compensate_grads", "clamp_embeddings", "sparsity_loss",
-    "binary_masks", "prune", "count_params",
+    "binary_masks", "prune", "count_params", "keep_ratio", "shift_to_budget", "extractor_macs",
+    "expand_from",
+    "BudgetController", "S_MAX", "LOGIT_BOUND", "MASK_INIT", "MASK_LR",
 ]
 
 THRES_COSH = 50.0  # HAT's clamp inside cosh
-THRES_EMB = 6.0  # HAT's clamp of e after every step
+S_MAX = 400.0  # HAT's s_max
+# e is clamped to |e| <= LOGIT_BOUND / s_max after every step, so |s e| <= LOGIT_BOUND at every
+# s <= s_max. In float32 sigmoid(x) rounds to exactly 1 for x >= ~16.7, and then the gate's
+# gradient (and HAT's compensation of it) is exactly 0; at 12, 1 - sigmoid(12) = 6e-6 is still
+# resolved to ~1 %, so every mask gets its (compensated) gradient in every batch, while the
+# gate at s_max is within 6e-6 of binary. (HAT clamps |e| <= 6, i.e. |s_max e| <= 2400.)
+LOGIT_BOUND = 12.0
+# Initial e ~ U(0, MASK_INIT): every channel on, logits at s_max spread over (0, LOGIT_BOUND).
+MASK_INIT = LOGIT_BOUND / S_MAX
+# Learning rate of e (plain SGD, constant); see benchmarks/RESULTS.md "Masks".
+MASK_LR = 1e-4
 
 
 def anneal_s(batch_index: int, n_batches: int, s_max: float) -> float:
@@ -50,17 +64,21 @@ def compensate_grads(net: MaskedResNet, s: float, s_max: float) -> None:
             e.grad.mul_(s_max / s * num / den)
 
 
-def clamp_embeddings(net: MaskedResNet, thres: float = THRES_EMB) -> None:
-    """HAT clamps e to [-6, 6] after each optimiser step."""
+def clamp_embeddings(net: MaskedResNet, s_max: float = S_MAX) -> None:
+    """Clamp e to ``|e| <= LOGIT_BOUND / s_max`` after each optimiser step (HAT clamps to
+    [-6, 6]; see :data:`LOGIT_BOUND` for why tighter)."""
     if net.mask_e is None:
         return
+    bound = LOGIT_BOUND / float(s_max)
     with torch.no_grad():
         for e in net.mask_e.values():
-            e.clamp_(-thres, thres)
+            e.clamp_(-bound, bound)
 
 
 def _mask_sums(net: MaskedResNet) -> dict:
-    sums = {p: net.gate(p).sum() for p in net.mask_e}
+    # a point never counts fewer channels than binarisation keeps (net.min_on): no sparsity
+    # pressure below that floor
+    sums = {p: torch.clamp(net.gate(p).sum(), min=float(net.min_on(p))) for p in net.mask_e}
     sums["input"] = torch.tensor(float(net.in_channels), device=next(iter(sums.values())).device)
     return sums
 
@@ -68,7 +86,8 @@ def _mask_sums(net: MaskedResNet) -> dict:
 def sparsity_loss(net: MaskedResNet) -> torch.Tensor:
     """Ratio of weights in use (DER.md):
     ``sum_l K_l |m_{l-1}|_1 |m_l|_1 / sum_l K_l c_{l-1} c_l`` over every conv ``l``, with the
-    image as layer 0 (``|m_0|_1`` = its channel count). Differentiable in the embeddings."""
+    image as layer 0 (``|m_0|_1`` = its channel count). Differentiable in the embeddings.
+    ``|m_l|_1`` is floored at the channels binarisation keeps (:meth:`MaskedResNet.min_on`)."""
     if net.mask_e is None:
         raise ValueError("sparsity_loss needs a masked extractor (masked=True)")
     sums = _mask_sums(net)
@@ -85,7 +104,85 @@ def binary_masks(net: MaskedResNet) -> dict:
     """The binarised masks (s = s_max, threshold 0.5 -> e > 0), point -> bool tensor."""
     if net.mask_e is None:
         raise ValueError("binary_masks needs a masked extractor")
-    return {p: binarize(e.detach()) for p, e in net.mask_e.items()}
+    return {p: net.binary_mask(p) for p in net.mask_e}
+
+
+def _params_of(net: MaskedResNet, widths: dict) -> int:
+    """Parameters of ``net``'s architecture at the given widths: every conv and its BN."""
+    widths = dict(widths, input=net.in_channels)
+    return sum(k * widths[src] * widths[dst] + 2 * widths[dst]
+               for _, src, dst, k in conv_layers(net.arch))
+
+
+def keep_ratio(net: MaskedResNet, s: float | None = None) -> float:
+    """Fraction of ``net``'s parameters that pruning now would keep (binary masks), or with
+    ``s`` its soft version: channel counts ``sum sigmoid(s e)`` (floored like the sparsity
+    loss), which moves with ``e`` before any mask changes sign."""
+    if net.mask_e is None:
+        return 1.0
+    with torch.no_grad():
+        if s is None:
+            on = {p: int(m.sum()) for p, m in binary_masks(net).items()}
+        else:
+            on = {p: max(float(torch.sigmoid(s * e.float()).sum()), float(net.min_on(p)))
+                  for p, e in net.mask_e.items()}
+    return _params_of(net, on) / _params_of(net, net.widths)
+
+
+def shift_to_budget(net: MaskedResNet, target: float) -> float:
+    """Shift every ``e`` of ``net`` by one constant so that the binary keep ratio comes as close
+    to ``target`` as whole channels allow (the channels with the lowest margins go, or come
+    back). Returns the keep ratio after the shift. Binarisation stays ``e > 0``."""
+    if net.mask_e is None:
+        return 1.0
+    with torch.no_grad():
+        values = torch.cat([e.detach().flatten() for e in net.mask_e.values()]).double()
+        cuts = torch.unique(values)  # sorted; cut k turns off every e <= cuts[k]
+        shifts = torch.cat([cuts[:1] - 1.0, (cuts[:-1] + cuts[1:]) / 2, cuts[-1:] + 1.0])
+
+        def keep_at(shift: float) -> float:
+            for e in net.mask_e.values():
+                e.sub_(shift)
+            k = keep_ratio(net)
+            for e in net.mask_e.values():
+                e.add_(shift)
+            return k
+
+        lo, hi = 0, len(shifts) - 1  # keep_at falls as the shift grows
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if keep_at(float(shifts[mid])) >= target:
+                lo = mid
+            else:
+                hi = mid
+        best = min((lo, hi), key=lambda i: abs(keep_at(float(shifts[i])) - target))
+        for e in net.mask_e.values():
+            e.sub_(float(shifts[best]))
+    return keep_ratio(net)
+
+
+def extractor_macs(net: MaskedResNet, hw: tuple) -> int:
+    """Multiply-accumulates of the convolutions for one ``hw`` image (the extractor's cost;
+    BatchNorm, ReLU, masks and pooling are not counted)."""
+    arch = net.arch
+    widths = dict(net.widths, input=net.in_channels)
+    h, w = hw
+
+    def down(n, k, stride):
+        return (n + 2 * (k // 2) - k) // stride + 1
+
+    h, w = down(h, arch.stem_kernel, arch.stem_stride), down(w, arch.stem_kernel,
+                                                              arch.stem_stride)
+    total = arch.stem_kernel ** 2 * widths["input"] * widths["stream0"] * h * w
+    if arch.stem_maxpool:
+        h, w = down(h, 3, 2), down(w, 3, 2)
+    for path, src, dst, k in conv_layers(arch)[1:]:
+        si, bi = (int(v) for v in path.split(".")[1:3])
+        stride = arch.stages[si][2] if bi == 0 else 1
+        if path.endswith("conv1"):
+            h, w = down(h, 3, stride), down(w, 3, stride)
+        total += k * widths[src] * widths[dst] * h * w
+    return int(total)
 
 
 def count_params(module: nn.Module, include_masks: bool = False) -> int:
@@ -127,22 +224,39 @@ def prune(net: MaskedResNet) -> MaskedResNet:
     return new
 
 
-def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = 1.0) -> MaskedResNet:
+def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = MASK_INIT) -> MaskedResNet:
     """A new full-width extractor initialised from ``prev`` (DER: F_t starts from F_{t-1}).
 
     Channels that ``prev`` kept get its weights and BN state; channels pruned away from ``prev``
-    keep a fresh initialisation (they were judged unimportant for the old task and start anew).
+    get a fresh initialisation (they were judged unimportant for the old task and start anew),
+    but their connections *into* kept channels start at zero, so the kept channels compute
+    ``prev``'s function at first. Masks (``masked``): kept channels start at
+    ``e ~ U(0, mask_init)`` (on), the fresh ones at ``e = 0`` (off when binarised, gate 1/2
+    while soft): with binary masks the new extractor starts as exactly ``prev`` (its kept
+    features, zero elsewhere).
     """
-    new = MaskedResNet(prev.arch, prev.in_channels, masked=masked, mask_init=mask_init)
+    full = MaskedResNet(prev.arch, prev.in_channels).full_widths
     p0 = next(prev.parameters())
+    init = None
+    if masked:
+        init = {p: torch.zeros(w) for p, w in full.items()}
+        for p in init:
+            k = prev.kept(p).cpu()
+            init[p][k] = torch.rand(k.numel()) * float(mask_init)
+    new = MaskedResNet(prev.arch, prev.in_channels, masked=masked, mask_init=init)
     new = new.to(device=p0.device, dtype=p0.dtype)
     idx = {p: prev.kept(p).to(p0.device) for p in prev.widths}
     idx["input"] = torch.arange(prev.in_channels, device=p0.device)
+    fresh = {p: torch.ones(full[p], dtype=torch.bool, device=p0.device) for p in full}
+    for p in full:
+        fresh[p][idx[p]] = False
+    fresh["input"] = torch.zeros(prev.in_channels, dtype=torch.bool, device=p0.device)
     with torch.no_grad():
         for path, src, dst, _ in conv_layers(prev.arch):
             w_new = new.get_submodule(path).weight
             w_old = prev.get_submodule(path).weight
             w_new[idx[dst][:, None], idx[src][None, :]] = w_old.detach()
+            w_new[idx[dst][:, None], torch.nonzero(fresh[src]).flatten()[None, :]] = 0
             head, _, leaf = path.rpartition(".")
             bn = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "sc_conv": "sc_bn"}[leaf]
             b_new, b_old = new.get_submodule(f"{head}.{bn}"), prev.get_submodule(f"{head}.{bn}")
@@ -151,3 +265,58 @@ def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = 1.0) -> Mas
             b_new.num_batches_tracked.copy_(b_old.num_batches_tracked)
     return new
 
+
+
+class BudgetController:
+    """Adapts the sparsity weight so that pruning keeps ``target`` of the extractor's
+    parameters at the end of stage 1.
+
+    The budget is approached gradually (as in gradual pruning, Zhu and Gupta 2017), while
+    the learning rate is still high (before the usual milestones), so the weights adapt: the
+    keep ratio aimed at after a fraction ``f`` of the stage's optimiser steps is 1 until
+    ``start``, then ``target + (1 - target) * (1 - (f - start) / (end - start)) ** 3`` until
+    ``end``, then ``target``: the network first learns, then adapts while channels go, then
+    trains at the budget (with the masks fixed: see ``finished``). After every step, with
+    ``keep`` = :func:`keep_ratio` and ``aim`` the ratio aimed at,
+    ``err = clip((keep - aim) / aim, -1, 1)`` and
+
+        log lambda = log I + kp * err,   I <- I * exp(ki * err),   lambda within [lo, hi]:
+
+    a proportional-integral controller in log space, relative to the budget (the same for keep
+    0.5 and 0.05). The integral finds the weight that holds the budget; the proportional term
+    backs off at once when the masks overshoot (they respond with a lag). ``keep`` is the
+    binary ratio: with e initialised spread out (:data:`MASK_INIT`) channels flip one by one,
+    so it moves smoothly."""
+
+    def __init__(self, target: float, total_steps: int, lam: float = 1.0, kp: float = 2.0,
+                 ki: float = 0.2, start: float = 0.1, end: float = 0.5, lo: float = 1e-3,
+                 hi: float = 1e3):
+        if not 0.0 < target <= 1.0:
+            raise ValueError(f"target keep ratio must be in (0, 1], got {target}")
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"need 0 <= start < end <= 1, got {start}, {end}")
+        self.target, self.total = float(target), int(total_steps)
+        self.kp, self.ki, self.start, self.end, self.lo, self.hi = kp, ki, start, end, lo, hi
+        self.integral = min(hi, max(lo, float(lam)))
+        self.lam = self.integral
+        self.done = 0
+
+    def aim(self) -> float:
+        f = (self.done / self.total - self.start) / (self.end - self.start)
+        f = min(1.0, max(0.0, f))
+        return self.target + (1.0 - self.target) * (1.0 - f) ** 3
+
+    @property
+    def finished(self) -> bool:
+        """The ramp is over (the trainer then fixes the binary masks and fine-tunes)."""
+        return self.done >= self.end * self.total
+
+    def update(self, keep: float) -> float:
+        self.done += 1
+        aim = self.aim()
+        err = max(-1.0, min(1.0, (keep - aim) / aim))
+        self.integral = min(self.hi, max(self.lo, self.integral * math.exp(self.ki * err)))
+        self.lam = min(self.hi, max(self.lo, self.integral * math.exp(self.kp * err)))
+        return self.lam

@@ -32,7 +32,8 @@ __all__ = ["CSV_COLUMNS", "write_csv", "csv_text", "load_run", "plot_runs", "plo
 #: columns of metrics.csv, in this order (missing values are empty; lists joined with ';')
 CSV_COLUMNS = ("step", "n_classes", "n_new", "top1", "top5", "per_task_top1", "params",
                "params_unpruned", "extractor_params", "extractor_params_unpruned",
-               "sparsity_kept", "memory_size", "n_test", "loss_stage1", "loss_stage2",
+               "keep", "lambda_s", "keep_trace", "macs", "macs_unpruned", "extractor_macs",
+               "extractor_macs_unpruned", "memory_size", "n_test", "loss_stage1", "loss_stage2",
                "weight_align_gamma", "time_stage1_s", "time_prune_s", "time_stage2_s",
                "time_memory_s", "time_eval_s", "time_total_s")
 
@@ -121,22 +122,34 @@ def _accuracy_panel(ax, runs) -> None:
     ax.legend(fontsize="small")
 
 
-def _params_panel(ax, runs) -> None:
+def _cost_panel(ax, runs, key: str, ylabel: str, title: str) -> None:
+    """Sum over extractors of ``key`` (``extractor_params`` / ``extractor_macs``), pruned and,
+    where recorded, unpruned, in millions."""
     for i, (label, m) in enumerate(runs):
-        steps = m.get("steps", [])
+        steps = [s for s in m.get("steps", []) if key in s]
         x = [s["n_classes"] for s in steps]
         color = f"C{i % 10}"
-        pruned = all("params_unpruned" in s for s in steps)
-        ax.plot(x, [s["params"] / 1e6 for s in steps], "o-", color=color,
-                label=f"{label} {'pruned' if pruned else 'params'}")
-        if steps and pruned:
-            ax.plot(x, [s["params_unpruned"] / 1e6 for s in steps], "x--", color=color,
+        pruned = bool(steps) and all(f"{key}_unpruned" in s for s in steps)
+        ax.plot(x, [sum(s[key]) / 1e6 for s in steps], "o-", color=color,
+                label=f"{label} {'pruned' if pruned else ''}".strip())
+        if pruned:
+            ax.plot(x, [sum(s[f"{key}_unpruned"]) / 1e6 for s in steps], "x--", color=color,
                     label=f"{label} unpruned")
     ax.set_xlabel("classes seen")
-    ax.set_ylabel("parameters (M)")
-    ax.set_title("parameters after each step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
+
+
+def _params_panel(ax, runs) -> None:
+    _cost_panel(ax, runs, "extractor_params", "parameters (M)",
+                "extractor parameters after each step")
+
+
+def _macs_panel(ax, runs) -> None:
+    _cost_panel(ax, runs, "extractor_macs", "MACs per image (M)",
+                "super-feature extractor MACs")
 
 
 def _save(fig, path: Path, plt) -> Path:
@@ -157,19 +170,22 @@ def plot_accuracy(runs, path) -> Path:
 
 
 def plot_params(runs, path) -> Path:
-    """``runs``: list of (label, metrics). One panel: parameters per step."""
+    """``runs``: list of (label, metrics). Two panels: extractor parameters and MACs per
+    step."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), layout="constrained")
-    _params_panel(ax, runs)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained")
+    _params_panel(a, runs)
+    _macs_panel(b, runs)
     return _save(fig, path, plt)
 
 
 def plot_runs(runs, path) -> Path:
     """Both panels side by side for several runs (list of (label, metrics))."""
     plt = _pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5), layout="constrained")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(18, 4.5), layout="constrained")
     _accuracy_panel(a, runs)
     _params_panel(b, runs)
+    _macs_panel(c, runs)
     return _save(fig, path, plt)
 
 

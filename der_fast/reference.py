@@ -30,11 +30,12 @@ class DERNet(nn.Module):
             dict with ``"convnet_type"`` is accepted too.
         in_channels: image channels.
         use_masks: give every new extractor DER's channel masks (needed for pruning).
-        mask_init: initial value of the mask embeddings e.
+        mask_init: new mask embeddings e are drawn from U(0, mask_init) (``masks.MASK_INIT``:
+            logits at s_max = 400 spread over (0, ``masks.LOGIT_BOUND``)).
     """
 
     def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
-                 mask_init: float = 1.0, pretrained: bool = False):
+                 mask_init: float = M.MASK_INIT, pretrained: bool = False):
         super().__init__()
         if isinstance(backbone, dict):  # PyCIL: DERNet(args, pretrained)
             if isinstance(in_channels, bool):  # PyCIL's 2nd positional argument is `pretrained`
@@ -161,8 +162,17 @@ class DERNet(nn.Module):
     def compensate_mask_grads(self, s: float, s_max: float) -> None:
         M.compensate_grads(self.convnets[-1], s, s_max)
 
-    def clamp_masks(self) -> None:
-        M.clamp_embeddings(self.convnets[-1])
+    def clamp_masks(self, s_max: float = M.S_MAX) -> None:
+        M.clamp_embeddings(self.convnets[-1], s_max)
+
+    def keep_ratio(self, s: float | None = None) -> float:
+        """Fraction of the newest extractor's parameters that pruning now would keep (with
+        ``s``: its soft version, see :func:`masks.keep_ratio`)."""
+        return M.keep_ratio(self.convnets[-1], s)
+
+    def extractor_macs(self, hw: tuple) -> list:
+        """Multiply-accumulates of each extractor's convolutions for one ``hw`` image."""
+        return [M.extractor_macs(net, hw) for net in self.convnets]
 
     def prune(self) -> dict:
         """Binarise the newest extractor's masks and remove its off channels (and the matching

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import math
@@ -44,7 +45,7 @@ from . import __version__
 from . import data as D
 from . import presets as P
 from .backbones import ARCHS
-from .masks import anneal_s
+from .masks import MASK_INIT, MASK_LR, BudgetController, anneal_s, shift_to_budget
 
 __all__ = ["Config", "ConfigError", "NonFiniteLoss", "Interrupted", "aux_targets",
            "run", "main", "config_from_args"]
@@ -82,11 +83,15 @@ class Config:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lambda_a: float = 1.0
-    lambda_s: float = 1e-3
+    # the parameter budget: fraction of each new extractor's parameters that pruning keeps
+    # (lambda_s is then adapted during stage 1 to land there); None = manual lambda_s
+    keep: Optional[float] = 0.2
+    lambda_s: Optional[float] = None  # manual sparsity weight (only without keep)
     s_max: float = 400.0
     masks: bool = True
     prune: bool = True
-    mask_init: float = 1.0
+    mask_init: float = MASK_INIT
+    mask_lr: float = MASK_LR  # plain SGD (no momentum, no decay) for the mask embeddings
     stage2: str = "retrain"
     epochs_stage2: int = 4
     lr_stage2: float = 0.1
@@ -138,8 +143,17 @@ class Config:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.lr_stage2 <= 0 or self.s_max <= 0 or self.temperature <= 0:
             raise ConfigError("lr, lr_stage2, s_max and temperature must be > 0")
-        if self.lambda_s < 0 or self.lambda_a < 0:
-            raise ConfigError("lambda_s and lambda_a must be >= 0")
+        if self.lambda_a < 0:
+            raise ConfigError("lambda_a must be >= 0")
+        if (self.keep is None) == (self.lambda_s is None):
+            raise ConfigError("give exactly one of keep (a parameter budget) / lambda_s (a "
+                              "manual sparsity weight)")
+        if self.lambda_s is not None and not self.lambda_s >= 0:
+            raise ConfigError(f"lambda_s must be >= 0, got {self.lambda_s}")
+        if self.keep is not None and not 0.0 < self.keep <= 1.0:
+            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        if not self.mask_lr > 0:
+            raise ConfigError(f"mask_lr must be > 0, got {self.mask_lr}")
         if self.prune and not self.masks:
             raise ConfigError("pruning needs masks: use --no-prune with --no-masks")
         if self.accum_steps < 1:
@@ -173,11 +187,13 @@ class Config:
 
 def _merge(base: dict, layer: dict) -> dict:
     """``base`` updated with ``layer``; a layer that sets one memory budget (total or per
-    class) clears the other, so ``--memory N`` overrides a per-class preset and vice versa."""
+    class) clears the other, so ``--memory N`` overrides a per-class preset and vice versa;
+    likewise a parameter budget ``keep`` and a manual ``lambda_s``."""
     out = dict(base)
     out.update(layer)
     for mine, other in (("memory_total", "memory_per_class"),
-                        ("memory_per_class", "memory_total")):
+                        ("memory_per_class", "memory_total"),
+                        ("keep", "lambda_s"), ("lambda_s", "keep")):
         if layer.get(mine) is not None and other not in layer:
             out[other] = None
     return out
@@ -599,6 +615,17 @@ class _Runtime:
     on_epoch: Optional[object] = None  # callable(tag, epoch, loss)
 
 
+def make_optimizer(params, cfg, lr: float) -> torch.optim.SGD:
+    """SGD for a stage: the weights with ``lr`` (scheduled), ``cfg.momentum`` and
+    ``cfg.weight_decay``; the mask embeddings ``e`` with plain SGD at the constant
+    ``cfg.mask_lr`` (no momentum, no weight decay; HAT trains them so)."""
+    groups = [{"params": [p for n, p in params if "mask_e" not in n], "lr": lr,
+               "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "scheduled": True},
+              {"params": [p for n, p in params if "mask_e" in n], "lr": cfg.mask_lr,
+               "momentum": 0.0, "weight_decay": 0.0, "scheduled": False}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr)
+
+
 def _run_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, warmup, seed_salt,
                 device, loss_fn, after_backward=None, after_step=None, desc="", s_anneal=False,
                 rt: Optional[_Runtime] = None, tag: str = ""):
@@ -611,11 +638,7 @@ def _run_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, wa
     ``backward()``, i.e. after DDP's all-reduce, and the clamp (``after_step``) after the
     optimiser step, identically on every rank."""
     rt = rt or _Runtime()
-    groups = [{"params": [p for n, p in params if "mask_e" not in n],
-               "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in params if "mask_e" in n], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    opt = torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    opt = make_optimizer(params, cfg, lr)
     # only the parameters being trained require grad during the stage (DDP reduces exactly
     # those; e.g. the auxiliary classifier is out of stage 2's loss); restored afterwards
     training = {id(p) for _, p in params}
@@ -643,7 +666,8 @@ def _epochs_loop(model, opt, data, indices, cfg, *, epochs, lr, milestones, warm
     last = float("nan")
     for epoch in range(epochs):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(epoch, lr, warmup, milestones)
+            if g["scheduled"]:
+                g["lr"] = _lr_at(epoch, lr, warmup, milestones)
         idx = pick(epoch)
         n_batches = max(1, math.ceil(len(idx) / cfg.batch_size))
         if bar is None:
@@ -706,8 +730,16 @@ def _epochs_loop(model, opt, data, indices, cfg, *, epochs, lr, milestones, warm
     return last
 
 
-def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] = None) -> float:
+def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] = None,
+           lambda_s0: Optional[float] = None, report: Optional[dict] = None) -> float:
+    """Representation learning of step t: CE + aux CE + lambda_s * sparsity, masks annealed.
+
+    With a budget (``cfg.keep``) lambda_s starts at ``lambda_s0`` (the previous step's final
+    value) and is adapted after every step (:class:`masks.BudgetController`). ``report``
+    receives ``lambda_s`` (final) and ``keep_trace`` (the binary keep ratio after each
+    epoch)."""
     rt = rt or _Runtime()
+    report = {} if report is None else report
     lambda_a = cfg.lambda_a if t > 0 else 0.0
     use_masks = model.convnets[-1].mask_e is not None
     aux_used = lambda_a > 0 and len(model.convnets) > 1
@@ -716,27 +748,80 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
     params = [(n, p) for n, p in model.named_parameters()
               if p.requires_grad and (aux_used or not n.startswith("aux_fc."))]
 
+    new = model.convnets[-1]
+    control = None
+    if use_masks and cfg.keep is not None:
+        n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
+        control = BudgetController(cfg.keep, cfg.epochs * n_batches,
+                                   lambda_s0 if lambda_s0 is not None else 1.0)
+    lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
+
     def loss_fn(net, x, y):
         out = net(x)
         loss = F.cross_entropy(out["logits"], y)
         if aux_used and out["aux_logits"] is not None:
             loss = loss + lambda_a * F.cross_entropy(out["aux_logits"], aux_targets(y, n_old))
-        if use_masks and cfg.lambda_s > 0:
-            loss = loss + cfg.lambda_s * model.sparsity_loss()
+        if use_masks and new.binary_masks:  # fine-tuning phase: e stays in the graph (DDP)
+            loss = loss + 0.0 * sum(e.sum() for e in new.mask_e.values())
+        elif use_masks and lam[0] > 0:
+            loss = loss + lam[0] * model.sparsity_loss()
         return loss
 
+    def after_step():
+        model.clamp_masks(cfg.s_max)
+        if control is not None and not new.binary_masks:
+            lam[0] = control.update(model.keep_ratio())
+            if control.finished:  # end of the ramp: land on the budget, fine-tune the rest
+                shift_to_budget(new, cfg.keep)
+                new.binary_masks = True
+
     after_backward = (lambda s: model.compensate_mask_grads(s, cfg.s_max)) if use_masks else None
-    after_step = model.clamp_masks if use_masks else None
+    trace = []
+
+    def on_epoch(tag, epoch, loss):
+        if use_masks:
+            trace.append(round(model.keep_ratio(), 4))
+        if rt.on_epoch is not None:
+            rt.on_epoch(tag, epoch, loss)
     milestones = cfg.milestones or [int(0.6 * cfg.epochs), int(0.85 * cfg.epochs)]
     loss = _run_epochs(model, params, data, indices, cfg, epochs=cfg.epochs, lr=cfg.lr,
                        milestones=[m for m in milestones if m > 0], warmup=cfg.warmup_epochs,
                        seed_salt=(t, 1), device=device, loss_fn=loss_fn,
-                       after_backward=after_backward, after_step=after_step,
-                       desc=f"step {t} stage 1", s_anneal=use_masks, rt=rt,
-                       tag="train/loss_stage1")
+                       after_backward=after_backward,
+                       after_step=after_step if use_masks else None,
+                       desc=f"step {t} stage 1", s_anneal=use_masks,
+                       rt=dataclasses.replace(rt, on_epoch=on_epoch), tag="train/loss_stage1")
     if use_masks:
         model.set_s(cfg.s_max)
+        new.binary_masks = True
+        recalibrate_bn(model, data, indices, cfg, device)
+        report["lambda_s"] = lam[0]
+        report["keep_trace"] = trace
     return loss
+
+
+@torch.no_grad()
+def recalibrate_bn(model, data, indices, cfg, device) -> None:
+    """Re-estimate the newest extractor's BatchNorm statistics with its binary masks: the
+    plain average of the batch statistics over ``indices`` (no augmentation). During stage 1
+    its masks move from soft (s ~ 0: every gate ~ 1/2) to binary within every epoch, so the
+    running averages mix inputs of other scales, and in eval mode the errors compound over
+    the layers. Every process computes the same statistics from the same data."""
+    net = model.convnets[-1]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    try:
+        for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
+            model(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
 
 
 def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> float:
@@ -827,21 +912,40 @@ def _summary(steps: list) -> dict:
     if "top5" in steps[0]:
         out["avg_incremental_top5"] = float(np.mean([s["top5"] for s in steps]))
         out["last_top5"] = steps[-1]["top5"]
+    ext = [sum(s["extractor_params"]) for s in steps]
+    out["avg_extractor_params"] = float(np.mean(ext))
+    out["final_extractor_params"] = ext[-1]
+    if all("macs" in s for s in steps):
+        out["avg_macs"] = float(np.mean([s["macs"] for s in steps]))
+        out["final_macs"] = steps[-1]["macs"]
     if all("params_unpruned" in s for s in steps):
         out["avg_params_unpruned"] = float(np.mean([s["params_unpruned"] for s in steps]))
+        unp = [sum(s["extractor_params_unpruned"]) for s in steps]
+        out["avg_extractor_params_unpruned"] = float(np.mean(unp))
+        out["final_extractor_params_unpruned"] = unp[-1]
+        out["avg_macs_unpruned"] = float(np.mean([s["macs_unpruned"] for s in steps]))
+        out["final_macs_unpruned"] = steps[-1]["macs_unpruned"]
     return out
 
 
 def format_table(steps: list) -> str:
-    head = (f"{'step':>4} {'classes':>7} {'top1':>7} {'top5':>7} {'params':>10} "
-            f"{'unpruned':>10} {'stage1 s':>9} {'stage2 s':>9}")
+    """One line per step. ``extractors``: parameters of all extractors (pruned / unpruned);
+    ``keep``: the newest extractor's kept fraction; ``MMACs``: multiply-accumulates of one
+    image through the super-feature extractor, in millions (pruned / unpruned)."""
+    head = (f"{'step':>4} {'classes':>7} {'top1':>7} {'top5':>7} {'extractors':>10} "
+            f"{'unpruned':>10} {'keep':>5} {'MMACs':>7} {'unpruned':>8} {'stage1 s':>9} "
+            f"{'stage2 s':>9}")
     lines = [head, "-" * len(head)]
     for s in steps:
         top5 = f"{s['top5']:7.2f}" if "top5" in s else f"{'-':>7}"
-        unp = f"{s['params_unpruned']:>10,}" if "params_unpruned" in s else f"{'-':>10}"
+        unp = f"{sum(s['extractor_params_unpruned']):>10,}" \
+            if "extractor_params_unpruned" in s else f"{'-':>10}"
+        keep = f"{s['keep']:5.2f}" if "keep" in s else f"{'-':>5}"
+        macs = f"{s['macs'] / 1e6:7.1f}" if "macs" in s else f"{'-':>7}"
+        unm = f"{s['macs_unpruned'] / 1e6:8.1f}" if "macs_unpruned" in s else f"{'-':>8}"
         lines.append(f"{s['step']:>4} {s['n_classes']:>7} {s['top1']:7.2f} {top5} "
-                     f"{s['params']:>10,} {unp} {s['time_stage1_s']:9.1f} "
-                     f"{s['time_stage2_s']:9.1f}")
+                     f"{sum(s['extractor_params']):>10,} {unp} {keep} {macs} {unm} "
+                     f"{s['time_stage1_s']:9.1f} {s['time_stage2_s']:9.1f}")
     return "\n".join(lines)
 
 
@@ -1053,6 +1157,7 @@ def _run_steps(cfg, resume, say, d, device, out, data, memory, outputs) -> dict:
         if stop:
             raise Interrupted(stop, f"the end of {done}")
 
+    hw = (data.info.image_size, data.info.image_size)
     for t in range(start_t, data.num_steps):
         n_old, n_known = data.num_old(t), data.num_known(t)
         stage = start_stage if t == start_t else 0
@@ -1064,15 +1169,21 @@ def _run_steps(cfg, resume, say, d, device, out, data, memory, outputs) -> dict:
             model.to(device)
             train_idx = np.concatenate([data.train_indices(t), memory.indices()])
             t0 = time.perf_counter()
-            partial["loss_stage1"] = stage1(model, data, train_idx, cfg, t, n_old, device, rt)
+            prev = metrics["steps"][-1] if metrics["steps"] else {}
+            report = {}
+            partial["loss_stage1"] = stage1(model, data, train_idx, cfg, t, n_old, device, rt,
+                                            lambda_s0=prev.get("lambda_s"), report=report)
             partial["time_stage1_s"] = time.perf_counter() - t0
+            partial.update(report)
             partial["params_unpruned"] = model.num_params()
             partial["extractor_params_unpruned"] = model.extractor_params()
+            partial["extractor_macs_unpruned"] = model.extractor_macs(hw)
             if cfg.masks and cfg.prune:
                 t0 = time.perf_counter()
-                rep = model.prune()
+                model.prune()
                 partial["time_prune_s"] = time.perf_counter() - t0
-                partial["sparsity_kept"] = rep["params_after"] / rep["params_before"]
+                partial["keep"] = (model.extractor_params()[-1]
+                                   / partial["extractor_params_unpruned"][-1])
             stage = 1
             ckpt(t, 1, partial)
             check_stop(f"step {t} stage 1")
@@ -1102,13 +1213,26 @@ def _run_steps(cfg, resume, say, d, device, out, data, memory, outputs) -> dict:
                 t0 = time.perf_counter()
                 ev = evaluate(model, data, t, cfg, device)
                 time_eval = time.perf_counter() - t0
+                macs = model.extractor_macs(hw)
                 row = {"step": t, "n_classes": n_known, "n_new": n_known - n_old, **ev,
                        "params": model.num_params(),
                        "extractor_params": model.extractor_params(),
+                       "macs": sum(macs), "extractor_macs": macs,
                        "memory_size": len(memory), "time_eval_s": time_eval, **partial}
-                if not (cfg.masks and cfg.prune):
-                    row.pop("params_unpruned", None)
-                    row.pop("extractor_params_unpruned", None)
+                if cfg.masks and cfg.prune:
+                    # unpruned: every extractor at the width it had before its own pruning
+                    unp = [s["extractor_params_unpruned"][-1] for s in metrics["steps"]]
+                    row["extractor_params_unpruned"] = unp + [
+                        row["extractor_params_unpruned"][-1]]
+                    row["params_unpruned"] = row["params"] + sum(row["extractor_params_unpruned"]) \
+                        - sum(row["extractor_params"])
+                    unm = [s["extractor_macs_unpruned"][-1] for s in metrics["steps"]]
+                    row["extractor_macs_unpruned"] = unm + [row["extractor_macs_unpruned"][-1]]
+                    row["macs_unpruned"] = sum(row["extractor_macs_unpruned"])
+                else:
+                    for k in ("params_unpruned", "extractor_params_unpruned",
+                              "extractor_macs_unpruned"):
+                        row.pop(k, None)
                 row["time_total_s"] = sum(v for k, v in row.items()
                                           if k.startswith("time_") and k != "time_total_s")
                 return row
@@ -1195,9 +1319,16 @@ def _parser() -> argparse.ArgumentParser:
     a("--color-jitter", dest="color_jitter", type=float, metavar="B",
       help="ColorJitter brightness B for training batches (0; CIFAR presets: 63/255)")
     a("--lambda-a", dest="lambda_a", type=float, help="auxiliary loss weight")
-    a("--lambda-s", dest="lambda_s", type=float, help="sparsity loss weight")
+    a("--keep", type=float, metavar="R",
+      help=f"parameter budget: the fraction of each new extractor's parameters that pruning "
+           f"keeps; lambda_s is adapted during stage 1 to land there ({d.keep})")
+    a("--lambda-s", dest="lambda_s", type=float,
+      help="a fixed sparsity loss weight instead of a budget (replaces --keep)")
     a("--s-max", dest="s_max", type=float, help="mask annealing s_max (400)")
-    a("--mask-init", dest="mask_init", type=float, help="initial mask embedding e (1.0)")
+    a("--mask-init", dest="mask_init", type=float,
+      help=f"initial mask embedding e ({d.mask_init:g})")
+    a("--mask-lr", dest="mask_lr", type=float,
+      help=f"learning rate of the mask embeddings, plain SGD ({d.mask_lr:g})")
     a("--no-masks", dest="masks", action="store_false", default=None,
       help="DER without masks (and without pruning)")
     a("--masks", dest="masks", action="store_true", default=None, help=argparse.SUPPRESS)
@@ -1312,8 +1443,13 @@ def main(argv=None) -> int:
     print()
     print(format_table(metrics["steps"]))
     print(f"\naverage incremental top-1 {s['avg_incremental_top1']:.2f}  last top-1 "
-          f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  params (final) "
-          f"{s['final_params']:,}  wall {time.perf_counter() - t0:.1f} s")
+          f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
+          f"{time.perf_counter() - t0:.1f} s")
+    unp = (f" (unpruned {s['avg_extractor_params_unpruned']:,.0f} / "
+           f"{s['final_extractor_params_unpruned']:,})"
+           if "avg_extractor_params_unpruned" in s else "")
+    print(f"extractor parameters, average over steps / final: "
+          f"{s['avg_extractor_params']:,.0f} / {s['final_extractor_params']:,}{unp}")
     print(f"metrics: {Path(cfg.out) / 'metrics.json'} (also metrics.csv, config.json"
           f"{', accuracy.png, params.png' if cfg.plots else ''})")
     return 0

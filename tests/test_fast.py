@@ -227,7 +227,9 @@ def test_frozen_plans_agree(plan, fusion, monkeypatch):
     monkeypatch.setattr(fast_mod, "_DIRECT_MAX_CIN_COUT", 500)
     ref = make_ref("resnet32", 4, prune=(0, 2), seed=3)
     fast = FastDERNet.from_reference(ref, frozen_plan=plan, onednn_fusion=fusion)
-    assert fast.resolved_frozen_plan() == (plan if plan != "auto" else "direct")
+    # auto: direct where the kernel runs its AVX-512 build, else loop
+    auto = "direct" if fast_mod._direct_isa() == "avx512" else "loop"
+    assert fast.resolved_frozen_plan() == (plan if plan != "auto" else auto)
     x = _rand_x("resnet32", 4, seed=4)
     check_forward_backward(ref, fast, x, train=True)
     ref.freeze_conv()
@@ -235,7 +237,7 @@ def test_frozen_plans_agree(plan, fusion, monkeypatch):
     check_forward_backward(ref, fast, x, train=True, grads=True)
     with torch.no_grad():
         check_forward_backward(ref, fast, x, train=False, grads=False)
-    if plan in ("auto", "direct") and ops.HAS_CPU_EXT:
+    if fast.resolved_frozen_plan() == "direct" and ops.HAS_CPU_EXT:
         with torch.no_grad():
             fast.eval()(x)
         # auto: an extractor runs direct iff at least half of its multiply-adds are in narrow
@@ -244,6 +246,16 @@ def test_frozen_plans_agree(plan, fusion, monkeypatch):
                 >= 0.5 else "loop" for c in fast.convnets]
         assert fast.plan()["frozen_last_run"] == want
         assert plan == "direct" or (want[0] == want[2] == "direct" and "loop" in want)
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline", ""])
+def test_auto_plan_is_direct_only_with_the_avx512_kernel(isa, monkeypatch):
+    monkeypatch.setattr(fast_mod, "_DIRECT_ISA", [isa])
+    fast = FastDERNet("resnet32")
+    assert fast.resolved_frozen_plan("cpu") == ("direct" if isa == "avx512" else "loop")
+    assert fast.resolved_frozen_plan("cuda") == "loop"
+    fast.frozen_plan = "direct"
+    assert fast.resolved_frozen_plan("cpu") == "direct"
 
 
 def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
@@ -394,7 +406,7 @@ def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1
     loss.backward()
     model.compensate_mask_grads(s, s_max)
     opt.step()
-    model.clamp_masks()
+    model.clamp_masks(s_max)
     return float(loss.detach())
 
 

@@ -55,9 +55,10 @@ def randomize_masks(net: MaskedResNet, gen: torch.Generator) -> dict:
                 v = -v.abs() - 0.1
             e.copy_(v)
             m = v > 0
-            if not m.any():
-                m = torch.zeros_like(m)
-                m[int(v.argmax())] = True
+            k = net.min_on(p)  # streams keep STREAM_FLOOR of their channels: the largest e
+            if int(m.sum()) < k:
+                m = m.clone()
+                m[torch.argsort(-v, stable=True)[:k]] = True
             expected[p] = m
     # make sure the test is not vacuous: some points are pruned, some keep several channels
     assert any(not m.all() for m in expected.values())
@@ -156,8 +157,10 @@ def test_sparsity_loss_random_e_matches_formula(seed):
             e.copy_(torch.randn(e.shape) * 2)
     s = 3.7
     M.set_s(net, s)
-    # |m_l|_1 computed independently; layer 0 = the image, |m_0|_1 = 3
-    norms = {p: float(torch.sigmoid(s * e.detach().double()).sum()) for p, e in net.mask_e.items()}
+    # |m_l|_1 computed independently, floored at what binarisation keeps (half a stream, one
+    # inner channel); layer 0 = the image, |m_0|_1 = 3
+    norms = {p: max(float(torch.sigmoid(s * e.detach().double()).sum()), net.min_on(p))
+             for p, e in net.mask_e.items()}
     norms["input"] = 3.0
     widths = dict(net.widths, input=3)
     num = sum(k * norms[a] * norms[b] for _, a, b, k in conv_layers(net.arch))
@@ -216,7 +219,13 @@ def test_sparsity_loss_all_on_all_off():
     assert float(M.sparsity_loss(net).detach()) == pytest.approx(1.0, rel=1e-6)
     for p in net.mask_e:
         set_e(net, p, torch.full((net.widths[p],), -6.0))
-    assert float(M.sparsity_loss(net).detach()) == pytest.approx(0.0, abs=1e-12)
+    # all off: the floors remain (streams 8 / 16 / 32 channels, inner points 1)
+    floor = dict({p: net.min_on(p) for p in net.mask_e}, input=3)
+    assert (floor["stream0"], floor["stream2"], floor["inner2_0"]) == (8, 32, 1)
+    num = sum(k * floor[a] * floor[b] for _, a, b, k in conv_layers(net.arch))
+    den = sum(k * w * v for _, a, b, k in conv_layers(net.arch)
+              for w, v in [(dict(net.widths, input=3)[a], dict(net.widths, input=3)[b])])
+    assert float(M.sparsity_loss(net).detach()) == pytest.approx(num / den, rel=1e-6)
 
 
 def test_sparsity_loss_needs_masks():
@@ -228,7 +237,7 @@ def test_sparsity_loss_gradient_reaches_every_e(seed):
     net = MaskedResNet("resnet32", masked=True).double()
     with torch.no_grad():
         for e in net.mask_e.values():
-            e.copy_(torch.randn(e.shape, dtype=torch.float64))
+            e.copy_(torch.randn(e.shape, dtype=torch.float64) * 0.5 + 1.5)  # above the floors
     M.set_s(net, 2.0)
     loss = M.sparsity_loss(net)
     loss.backward()
@@ -289,32 +298,58 @@ def test_clamp_embeddings(seed):
     net = MaskedResNet("resnet32", masked=True)
     with torch.no_grad():
         for e in net.mask_e.values():
-            e.copy_(torch.randn(e.shape) * 10)
+            e.copy_(torch.randn(e.shape) * 0.05)
     before = {p: e.detach().clone() for p, e in net.mask_e.items()}
-    assert any((b.abs() > 6).any() for b in before.values())
-    M.clamp_embeddings(net)
+    bound = M.LOGIT_BOUND / 400.0
+    assert any((b.abs() > bound).any() for b in before.values())
+    assert any((b.abs() < bound).any() for b in before.values())
+    M.clamp_embeddings(net, 400.0)
     for p, e in net.mask_e.items():
-        assert_close(e.detach(), before[p].clamp(-6.0, 6.0), rtol=0, atol=0)
-    M.clamp_embeddings(net, 2.5)
+        assert_close(e.detach(), before[p].clamp(-bound, bound), rtol=0, atol=0)
+    M.clamp_embeddings(net, 4800.0)
     for p, e in net.mask_e.items():
-        assert float(e.detach().abs().max()) <= 2.5
+        assert float(e.detach().abs().max()) <= M.LOGIT_BOUND / 4800.0
 
 
-def test_binary_masks_threshold_and_keep_one(seed):
+def test_clamped_masks_never_saturate_in_float32(seed):
+    """|s e| <= LOGIT_BOUND: sigmoid(s e) < 1 in float32, so the gate's gradient (and HAT's
+    compensation of it) never vanishes; with HAT's own clamp (|e| <= 6) it does."""
     net = MaskedResNet("resnet32", masked=True)
     with torch.no_grad():
         for e in net.mask_e.values():
-            e.copy_(torch.randn(e.shape))
-        net.mask_e["stream2"].copy_(-torch.rand(64) - 0.01)  # everything off
+            e.copy_((torch.rand(e.shape) * 2 - 1) * 6)
+    M.clamp_embeddings(net, 400.0)
+    for e in net.mask_e.values():
+        g = torch.sigmoid(400.0 * e.detach())
+        assert bool((g * (1 - g) > 0).all())
+    e6 = torch.tensor([1.0, 6.0])
+    g6 = torch.sigmoid(400.0 * e6)
+    assert bool((g6 * (1 - g6) == 0).all())
+
+
+def test_binary_masks_threshold_and_floors(seed):
+    net = MaskedResNet("resnet32", masked=True)
+    with torch.no_grad():
+        for p, e in net.mask_e.items():
+            v = torch.randn(e.shape)
+            if p.startswith("stream"):  # more than the floor (half) on
+                v = v.abs() + 0.01
+                v[: e.numel() // 4] *= -1
+            e.copy_(v)
+        net.mask_e["inner2_3"].copy_(-torch.rand(64) - 0.01)  # everything off
+        net.mask_e["stream2"].copy_(-torch.rand(64) - 0.01)
     masks = M.binary_masks(net)
     for p, e in net.mask_e.items():
-        if p == "stream2":
+        if p in ("stream2", "inner2_3"):
             continue
         # s = s_max, threshold 0.5 on sigmoid(s e) <=> e > 0
         assert torch.equal(masks[p], torch.sigmoid(400.0 * e.detach()) > 0.5), p
-    m = masks["stream2"]
+    m = masks["inner2_3"]  # an inner point keeps its largest e
     assert m.dtype == torch.bool and int(m.sum()) == 1
-    assert int(m.nonzero()) == int(net.mask_e["stream2"].argmax())
+    assert int(m.nonzero()) == int(net.mask_e["inner2_3"].argmax())
+    m = masks["stream2"]  # a stream keeps its half with the largest e
+    top = torch.argsort(net.mask_e["stream2"].detach(), descending=True)[:32]
+    assert int(m.sum()) == 32 and bool(m[top].all())
     # the gate in binary mode is the same mask
     net.binary_masks = True
     for p in net.mask_e:
@@ -466,10 +501,16 @@ def test_expand_from_pruned_places_kept_channels(arch):
     new = M.expand_from(prev, masked=True, mask_init=0.25)
     assert not new.is_pruned and new.in_channels == 5
     assert new.widths == new.full_widths
-    for p, e in new.mask_e.items():
-        assert e.requires_grad and torch.equal(e.detach(), torch.full_like(e, 0.25)), p
     idx = {p: prev.kept(p) for p in prev.widths}
     idx["input"] = torch.arange(5)
+    for p, e in new.mask_e.items():  # kept: U(0, 0.25), on; fresh: 0, off
+        fresh = torch.ones(new.widths[p], dtype=torch.bool)
+        fresh[idx[p]] = False
+        v = e.detach()
+        assert e.requires_grad and bool((v[~fresh] > 0).all() and (v[~fresh] < 0.25).all()), p
+        assert bool((v[fresh] == 0).all()), p
+        if int((~fresh).sum()) > 2:
+            assert len(set(v[~fresh].tolist())) > 1, p  # spread, not one value
     for path, src, dst, _ in conv_layers(prev.arch):
         w_new = new.get_submodule(path).weight
         w_old = prev.get_submodule(path).weight
@@ -480,11 +521,15 @@ def test_expand_from_pruned_places_kept_channels(arch):
             a = getattr(new.get_submodule(f"{head}.{bn}"), name)[idx[dst]]
             b = getattr(prev.get_submodule(f"{head}.{bn}"), name)
             assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{head}.{bn}.{name}: {m}")
-    # with binary masks = "kept by prev", the expanded net computes prev's function
-    for p in new.mask_e:
-        v = torch.full((new.widths[p],), -1.0)
-        v[idx[p]] = 1.0
-        set_e(new, p, v)
+    # fresh channels never feed kept ones
+    for path, src, dst, _ in conv_layers(prev.arch):
+        if src == "input":
+            continue
+        fresh_src = torch.ones(new.widths[src], dtype=torch.bool)
+        fresh_src[idx[src]] = False
+        w = new.get_submodule(path).weight.detach()[idx[dst]][:, fresh_src]
+        assert int(torch.count_nonzero(w)) == 0, path
+    # as initialised, with binary masks the expanded net computes prev's function exactly
     new.binary_masks = True
     new.eval()
     prev.eval()

@@ -229,7 +229,7 @@ def stage1_step(model, x, y, n_old, lambda_s=0.5, lr=0.1, s=3.0):
     loss.backward()
     model.compensate_mask_grads(s, 400.0)
     opt.step()
-    model.clamp_masks()
+    model.clamp_masks(400.0)
     return float(loss.detach())
 
 
@@ -267,9 +267,10 @@ def test_stage1_step_at_first_step_without_aux():
 def test_masks_are_clamped_after_step():
     model, gen = model_at([4, 7])
     with torch.no_grad():
-        model.convnets[1].mask_e["stream1"].fill_(5.99)
+        model.convnets[1].mask_e["stream1"].fill_(0.0299)
     stage1_step(model, images(gen), torch.tensor([0, 3, 5, 6]), n_old=4, lambda_s=-1e4)
-    assert float(model.convnets[1].mask_e["stream1"].detach().abs().max()) <= 6.0
+    e = model.convnets[1].mask_e["stream1"].detach()
+    assert float(e.abs().max()) == pytest.approx(12.0 / 400.0)  # pushed up to the bound
 
 
 # ------------------------------------------------------------------------------ stage 2

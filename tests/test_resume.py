@@ -70,9 +70,9 @@ def _same_results(a: dict, b: dict) -> None:
     assert len(a["steps"]) == len(b["steps"])
     for x, y in zip(a["steps"], b["steps"]):
         for k in ("top1", "per_task_top1", "params", "params_unpruned", "memory_size",
-                  "extractor_params", "n_test"):
+                  "extractor_params", "extractor_params_unpruned", "macs", "n_test"):
             assert x[k] == y[k], (x["step"], k)
-        for k in ("loss_stage1", "loss_stage2", "sparsity_kept"):
+        for k in ("loss_stage1", "loss_stage2", "keep", "lambda_s"):
             if k in x:
                 assert x[k] == pytest.approx(y[k], rel=1e-6), (x["step"], k)
     for k in ("avg_incremental_top1", "last_top1", "forgetting", "final_params"):

@@ -295,9 +295,12 @@ def _fake_metrics(top1s, params, unpruned=None, top5=False):
     steps = []
     for i, (a, p) in enumerate(zip(top1s, params)):
         s = {"step": i, "n_classes": 10 * (i + 1), "top1": a, "per_task_top1": [a] * (i + 1),
-             "params": p}
+             "params": p, "extractor_params": [int(0.9 * p)],
+             "extractor_macs": [int(30 * p)]}
         if unpruned:
             s["params_unpruned"] = unpruned[i]
+            s["extractor_params_unpruned"] = [int(0.9 * unpruned[i])]
+            s["extractor_macs_unpruned"] = [int(30 * unpruned[i])]
         if top5:
             s["top5"] = min(100.0, a + 15)
         steps.append(s)
