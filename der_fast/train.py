@@ -783,6 +783,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
             trace.append(round(model.keep_ratio(), 4))
         if rt.on_epoch is not None:
             rt.on_epoch(tag, epoch, loss)
+
     milestones = cfg.milestones or [int(0.6 * cfg.epochs), int(0.85 * cfg.epochs)]
     loss = _run_epochs(model, params, data, indices, cfg, epochs=cfg.epochs, lr=cfg.lr,
                        milestones=[m for m in milestones if m > 0], warmup=cfg.warmup_epochs,
