@@ -50,7 +50,7 @@ import der_fast  # noqa: E402
 from der_fast import masks as M  # noqa: E402
 from der_fast.backbones import MaskedResNet, conv_layers  # noqa: E402
 from der_fast.reference import DERNet  # noqa: E402
-from der_fast.train import aux_targets  # noqa: E402
+from der_fast.train import Config, aux_targets, make_optimizer  # noqa: E402
 
 # ----------------------------------------------------------------------------- constants
 CLASSES_PER_TASK = 10
@@ -608,10 +608,8 @@ def plan_of(built: Built, grad_enabled: bool) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- workloads
 def _sgd(params: list) -> torch.optim.Optimizer:
-    groups = [{"params": [p for n, p in params if "mask_e" not in n],
-               "weight_decay": WEIGHT_DECAY},
-              {"params": [p for n, p in params if "mask_e" in n], "weight_decay": 0.0}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=LR, momentum=MOMENTUM)
+    """The trainer's stage optimiser (mask embeddings: plain SGD at the mask lr)."""
+    return make_optimizer(params, Config(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), LR)
 
 
 class Workload:

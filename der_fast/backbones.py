@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ARCHS", "Arch", "MaskedResNet", "make_backbone", "conv_layers", "binarize",
-           "STREAM_FLOOR"]
+           "STREAM_FLOOR", "S_MAX", "LOGIT_BOUND", "MASK_INIT"]
 
 # Fewest channels a residual stream keeps when binarised, as a fraction of its full width.
 # A stream mask is shared by every block of its stage, so its channels carry the sparsity
@@ -36,6 +36,16 @@ __all__ = ["ARCHS", "Arch", "MaskedResNet", "make_backbone", "conv_layers", "bin
 # Structured-pruning studies of ResNets prune the residual stream least or not at all (Li et
 # al., "Pruning Filters for Efficient ConvNets", 2017). Inner points keep at least 1 channel.
 STREAM_FLOOR = 0.5
+
+S_MAX = 400.0  # HAT's s_max
+# e is clamped to |e| <= LOGIT_BOUND / s_max after every step, so |s e| <= LOGIT_BOUND at every
+# s <= s_max. In float32 sigmoid(x) rounds to exactly 1 for x >= ~16.7, and then the gate's
+# gradient (and HAT's compensation of it) is exactly 0; at 12, 1 - sigmoid(12) = 6e-6 is still
+# resolved to ~1 %, so every mask gets its (compensated) gradient in every batch, while the
+# gate at s_max is within 6e-6 of binary. (HAT clamps |e| <= 6, i.e. |s_max e| <= 2400.)
+LOGIT_BOUND = 12.0
+# Initial e ~ U(0, MASK_INIT): every channel on, logits at s_max spread over (0, LOGIT_BOUND).
+MASK_INIT = LOGIT_BOUND / S_MAX
 
 
 @dataclass(frozen=True)
@@ -138,7 +148,8 @@ class MaskedResNet(nn.Module):
             a dict point -> tensor of per-channel initial values.
     """
 
-    def __init__(self, arch="resnet32", in_channels=3, masked=False, kept=None, mask_init=0.03):
+    def __init__(self, arch="resnet32", in_channels=3, masked=False, kept=None,
+                 mask_init=MASK_INIT):
         super().__init__()
         if isinstance(arch, str):
             if arch not in ARCHS:

@@ -165,10 +165,9 @@ class DERNet(nn.Module):
     def clamp_masks(self, s_max: float = M.S_MAX) -> None:
         M.clamp_embeddings(self.convnets[-1], s_max)
 
-    def keep_ratio(self, s: float | None = None) -> float:
-        """Fraction of the newest extractor's parameters that pruning now would keep (with
-        ``s``: its soft version, see :func:`masks.keep_ratio`)."""
-        return M.keep_ratio(self.convnets[-1], s)
+    def keep_ratio(self) -> float:
+        """Fraction of the newest extractor's parameters that pruning now would keep."""
+        return M.keep_ratio(self.convnets[-1])
 
     def extractor_macs(self, hw: tuple) -> list:
         """Multiply-accumulates of each extractor's convolutions for one ``hw`` image."""
@@ -182,7 +181,7 @@ class DERNet(nn.Module):
         if net.mask_e is None:
             raise RuntimeError("the newest extractor has no masks to prune (use_masks=False)")
         before = self.num_params()
-        local = torch.nonzero(M.binary_masks(net)[f"stream{len(net.arch.stages) - 1}"]).flatten()
+        local = torch.nonzero(net.binary_mask(net.feature_point)).flatten()
         pruned = M.prune(net)
         self.convnets[-1] = pruned
         offset = self.feature_dim - pruned.out_dim

@@ -15,3 +15,13 @@ def seed():
     """Seed torch's global RNG (tests draw random data, never only zeros/ones)."""
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny nets: the CPUs are shared, and oversubscribed
+    threads slow them ~10x (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ from der_fast.reference import DERNet
 BACKBONES = ["resnet32", "resnet18_cifar", "resnet18"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _grad_fraction_per_batch(init, n_batches=12, seed=0):

@@ -13,13 +13,7 @@ from der_fast.backbones import ARCHS, MaskedResNet, conv_layers
 BACKBONES = ["resnet32", "resnet18_cifar", "resnet18"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPUs are shared: intra-op threads oversubscribe them and slow these tiny nets ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ helpers

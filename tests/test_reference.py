@@ -12,13 +12,7 @@ from der_fast import masks as M
 N_IMG, HW = 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The CPUs are shared: intra-op threads oversubscribe them and slow these tiny nets ~10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------ helpers
