@@ -52,6 +52,7 @@ __all__ = ["Config", "ConfigError", "NonFiniteLoss", "Interrupted", "aux_targets
 
 STAGE2_MODES = ("retrain", "weight_align", "none")
 IMPLS = ("reference", "fast")
+S_ANNEAL = ("epoch", "fixed")
 
 
 class ConfigError(ValueError):
@@ -88,6 +89,9 @@ class Config:
     keep: Optional[float] = 0.2
     lambda_s: Optional[float] = None  # manual sparsity weight (only without keep)
     s_max: float = 400.0
+    # mask temperature schedule: "epoch" = HAT/DER (s from 1/s_max to s_max within every epoch),
+    # "fixed" = s = s_max throughout (the clamp on e keeps the gates' gradients alive)
+    s_anneal: str = "epoch"
     masks: bool = True
     prune: bool = True
     mask_init: float = MASK_INIT
@@ -141,6 +145,8 @@ class Config:
         for name in ("epochs_stage2", "warmup_epochs", "init_cls"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.s_anneal not in S_ANNEAL:
+            raise ConfigError(f"s_anneal must be one of {S_ANNEAL}, got {self.s_anneal!r}")
         if self.lr <= 0 or self.lr_stage2 <= 0 or self.s_max <= 0 or self.temperature <= 0:
             raise ConfigError("lr, lr_stage2, s_max and temperature must be > 0")
         if self.lambda_a < 0:
@@ -775,7 +781,11 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
                 shift_to_budget(new, cfg.keep)
                 new.binary_masks = True
 
-    after_backward = (lambda s: model.compensate_mask_grads(s, cfg.s_max)) if use_masks else None
+    anneal = use_masks and cfg.s_anneal == "epoch"
+    if use_masks and not anneal:
+        model.set_s(cfg.s_max)
+    after_backward = (lambda s: model.compensate_mask_grads(cfg.s_max if s is None else s,
+                                                            cfg.s_max)) if use_masks else None
     trace = []
 
     def on_epoch(tag, epoch, loss):
@@ -790,7 +800,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
                        seed_salt=(t, 1), device=device, loss_fn=loss_fn,
                        after_backward=after_backward,
                        after_step=after_step if use_masks else None,
-                       desc=f"step {t} stage 1", s_anneal=use_masks,
+                       desc=f"step {t} stage 1", s_anneal=anneal,
                        rt=dataclasses.replace(rt, on_epoch=on_epoch), tag="train/loss_stage1")
     if use_masks:
         model.set_s(cfg.s_max)
@@ -1326,6 +1336,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--lambda-s", dest="lambda_s", type=float,
       help="a fixed sparsity loss weight instead of a budget (replaces --keep)")
     a("--s-max", dest="s_max", type=float, help="mask annealing s_max (400)")
+    a("--s-anneal", dest="s_anneal", choices=S_ANNEAL,
+      help="mask temperature: anneal s to s_max within every epoch (HAT/DER) or keep it "
+           "fixed at s_max (epoch)")
     a("--mask-init", dest="mask_init", type=float,
       help=f"initial mask embedding e ({d.mask_init:g})")
     a("--mask-lr", dest="mask_lr", type=float,
