@@ -50,12 +50,12 @@ import der_fast  # noqa: E402
 from der_fast import masks as M  # noqa: E402
 from der_fast.backbones import MaskedResNet, conv_layers  # noqa: E402
 from der_fast.reference import DERNet  # noqa: E402
-from der_fast.train import Config, aux_targets, make_optimizer  # noqa: E402
+from der_fast.objective import make_optimizer, stage1_loss, stage2_loss  # noqa: E402
 
 # ----------------------------------------------------------------------------- constants
 CLASSES_PER_TASK = 10
 LAMBDA_A = 1.0  # official DER: auxiliary loss weight from step 1 on
-LAMBDA_S = 1e-3  # der_fast.train.Config default
+LAMBDA_S = 1e-3  # a fixed sparsity weight (the trainer adapts it to its budget)
 S_TRAIN = 5.0  # mask temperature used by the timed stage-1 steps (mid-anneal)
 S_MAX = 400.0
 TEMPERATURE = 5.0  # stage 2 logits / T (CIFAR)
@@ -609,7 +609,7 @@ def plan_of(built: Built, grad_enabled: bool) -> Optional[str]:
 # ----------------------------------------------------------------------------- workloads
 def _sgd(params: list) -> torch.optim.Optimizer:
     """The trainer's stage optimiser (mask embeddings: plain SGD at the mask lr)."""
-    return make_optimizer(params, Config(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY), LR)
+    return make_optimizer(params, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
 
 
 class Workload:
@@ -643,16 +643,10 @@ class Workload:
 
     # the loss of each training workload (der_fast.train's definitions)
     def _loss(self, out: dict, y: torch.Tensor) -> torch.Tensor:
-        w = self.case.workload
-        if w == "stage2":
-            return F.cross_entropy(out["logits"] / TEMPERATURE, y)
-        loss = F.cross_entropy(out["logits"], y)
-        if self.t > 1 and out["aux_logits"] is not None:
-            loss = loss + LAMBDA_A * F.cross_entropy(out["aux_logits"],
-                                                     aux_targets(y, self.n_old))
-        if self.built.model.convnets[-1].mask_e is not None:
-            loss = loss + LAMBDA_S * self.built.model.sparsity_loss()
-        return loss
+        if self.case.workload == "stage2":
+            return stage2_loss(out, y, TEMPERATURE)
+        return stage1_loss(self.built.model, out, y, self.n_old,
+                           LAMBDA_A if self.t > 1 else 0.0, LAMBDA_S)
 
     def _train_step(self, x, y, s: float) -> torch.Tensor:
         m = self.built.model
@@ -685,7 +679,6 @@ class Workload:
     def check_outputs(self) -> dict:
         """Forward (+ loss and gradients for training workloads) without an optimiser step."""
         x, y = self.batches[0]
-        m = self.built.model
         if self.case.workload == "infer":
             with torch.no_grad():
                 out = self.built.forward(x)

@@ -39,13 +39,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import __version__
 from . import data as D
 from . import presets as P
 from .backbones import ARCHS
 from .masks import MASK_INIT, MASK_LR, BudgetController, anneal_s, shift_to_budget
+from .objective import aux_targets, make_optimizer, stage1_loss, stage2_loss
 
 __all__ = ["Config", "ConfigError", "NonFiniteLoss", "Interrupted", "aux_targets",
            "run", "main", "config_from_args"]
@@ -203,11 +203,6 @@ def _merge(base: dict, layer: dict) -> dict:
         if layer.get(mine) is not None and other not in layer:
             out[other] = None
     return out
-
-
-def aux_targets(y: torch.Tensor, n_old: int) -> torch.Tensor:
-    """Labels of DER's auxiliary classifier: every old class -> 0, new class c -> c - n_old + 1."""
-    return torch.where(y < n_old, torch.zeros_like(y), y - n_old + 1)
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -621,17 +616,6 @@ class _Runtime:
     on_epoch: Optional[object] = None  # callable(tag, epoch, loss)
 
 
-def make_optimizer(params, cfg, lr: float) -> torch.optim.SGD:
-    """SGD for a stage: the weights with ``lr`` (scheduled), ``cfg.momentum`` and
-    ``cfg.weight_decay``; the mask embeddings ``e`` with plain SGD at the constant
-    ``cfg.mask_lr`` (no momentum, no weight decay; HAT trains them so)."""
-    groups = [{"params": [p for n, p in params if "mask_e" not in n], "lr": lr,
-               "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "scheduled": True},
-              {"params": [p for n, p in params if "mask_e" in n], "lr": cfg.mask_lr,
-               "momentum": 0.0, "weight_decay": 0.0, "scheduled": False}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr)
-
-
 def _run_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, warmup, seed_salt,
                 device, loss_fn, after_backward=None, after_step=None, desc="", s_anneal=False,
                 rt: Optional[_Runtime] = None, tag: str = ""):
@@ -644,7 +628,8 @@ def _run_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, wa
     ``backward()``, i.e. after DDP's all-reduce, and the clamp (``after_step``) after the
     optimiser step, identically on every rank."""
     rt = rt or _Runtime()
-    opt = make_optimizer(params, cfg, lr)
+    opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         mask_lr=cfg.mask_lr)
     # only the parameters being trained require grad during the stage (DDP reduces exactly
     # those; e.g. the auxiliary classifier is out of stage 2's loss); restored afterwards
     training = {id(p) for _, p in params}
@@ -763,15 +748,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
     lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
 
     def loss_fn(net, x, y):
-        out = net(x)
-        loss = F.cross_entropy(out["logits"], y)
-        if aux_used and out["aux_logits"] is not None:
-            loss = loss + lambda_a * F.cross_entropy(out["aux_logits"], aux_targets(y, n_old))
-        if use_masks and new.binary_masks:  # fine-tuning phase: e stays in the graph (DDP)
-            loss = loss + 0.0 * sum(e.sum() for e in new.mask_e.values())
-        elif use_masks and lam[0] > 0:
-            loss = loss + lam[0] * model.sparsity_loss()
-        return loss
+        return stage1_loss(model, net(x), y, n_old, lambda_a if aux_used else 0.0, lam[0])
 
     def after_step():
         model.clamp_masks(cfg.s_max)
@@ -846,7 +823,7 @@ def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> 
     milestones = cfg.milestones_stage2 or [max(1, cfg.epochs_stage2 // 2)]
 
     def loss_fn(net, x, y):
-        return F.cross_entropy(net(x)["logits"] / cfg.temperature, y)
+        return stage2_loss(net(x), y, cfg.temperature)
 
     def subset(epoch):  # re-drawn every epoch
         return pool[D.balanced_subset(labels[pool], generator=_gen(cfg.seed, t, 2, epoch))]

@@ -13,6 +13,7 @@ from torch import nn
 from der_fast import masks as M
 from der_fast import train as T
 from der_fast.backbones import STREAM_FLOOR, MaskedResNet
+from der_fast.objective import make_optimizer
 from der_fast.reference import DERNet
 
 BACKBONES = ["resnet32", "resnet18_cifar", "resnet18"]
@@ -33,7 +34,7 @@ def _grad_fraction_per_batch(init, n_batches=12, seed=0):
             for e in net.convnets[-1].mask_e.values():
                 e.fill_(init)
     gen = torch.Generator().manual_seed(seed + 1)
-    opt = T.make_optimizer(list(net.named_parameters()), T.Config(), 0.01)
+    opt = make_optimizer(net.named_parameters(), 0.01, momentum=0.9, weight_decay=5e-4)
     fractions = []
     for b in range(n_batches):
         s = M.anneal_s(b, n_batches, 400.0)

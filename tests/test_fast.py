@@ -19,6 +19,7 @@ from der_fast import fast as fast_mod
 from der_fast import ops
 from der_fast import train as T
 from der_fast.fast import FastDERNet, direct_share, fold_extractor, fuse_grouped, run_bordered, run_folded
+from der_fast.objective import make_optimizer, stage1_loss, stage2_loss
 from der_fast.reference import DERNet
 
 ATOL = 1e-5
@@ -389,18 +390,14 @@ def _sgd(model, lr):
     """The trainer's stage-1 optimiser (weights: SGD momentum 0.9, weight decay 5e-4; mask
     embeddings: plain SGD at the constant mask lr)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return T.make_optimizer(params, T.Config(), lr)
+    cfg = T.Config()
+    return make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1):
     s = M.anneal_s(b, n_batches, s_max)
     model.set_s(s)
-    out = model(x)
-    loss = F.cross_entropy(out["logits"], y)
-    if out["aux_logits"] is not None:
-        loss = loss + F.cross_entropy(out["aux_logits"], torch.where(y < n_old, 0, y - n_old + 1))
-    if model.new_extractor.mask_e is not None:
-        loss = loss + lambda_s * model.sparsity_loss()
+    loss = stage1_loss(model, model(x), y, n_old, 1.0, lambda_s)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     model.compensate_mask_grads(s, s_max)
@@ -410,7 +407,7 @@ def _stage1_step(model, opt, x, y, n_old, b, n_batches, s_max=20.0, lambda_s=0.1
 
 
 def _stage2_step(model, opt, x, y, temperature=5.0):
-    loss = F.cross_entropy(model(x)["logits"] / temperature, y)
+    loss = stage2_loss(model(x), y, temperature)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
