@@ -3,15 +3,15 @@
     pytest benchmarks/bench_model.py --benchmark-only --benchmark-json out.json
     python -m der_fast.bench_report out.json
 
-Providers (benchmarks/common.py: ALL_PROVIDERS): DERNet eager, DERNet channels_last,
-torch.compile(DERNet), a torch.func ensemble of the frozen extractors, FastDERNet (each frozen
-plan). Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
+Providers (benchmarks/harness/constants.py: ALL_PROVIDERS): DERNet eager, DERNet
+channels_last, torch.compile(DERNet), a torch.func ensemble of the frozen extractors,
+FastDERNet (each frozen plan). Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
 extractor + head) and, in the full grid, a stage-1 epoch. Every provider's outputs (logits,
 aux logits, loss, gradients of every trainable parameter) are checked against the reference
 before it is timed: a wrong answer fails the case instead of producing a number.
 
-DER_FAST_BENCH=quick (default, ~10 min on a 2-core CPU) | full; see benchmarks/common.py for
-the other switches. Cases a provider cannot run (not importable yet, compile skipped by the
+DER_FAST_BENCH=quick (default, ~10 min on a 2-core CPU) | full; see benchmarks/harness/env.py
+for the other switches. Cases a provider cannot run (not importable yet, compile skipped by the
 quick grid, ...) are skipped with the reason, and the reasons go into the JSON
 (``der_fast.skipped``) so the report lists them.
 """
@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # appended: an installed der_fast (run_gpu.sh) stays first
 
-from benchmarks import common as C  # noqa: E402
+from benchmarks import harness as H  # noqa: E402
 
-DEVICE = C.bench_device()
-CASES = C.grid()
-PAIRS = [(case, p) for case in CASES for p in C.providers_for(case)]
+DEVICE = H.bench_device()
+CASES = H.grid()
+PAIRS = [(case, p) for case in CASES for p in H.providers_for(case)]
 
 
 class _JsonRecorder:
@@ -48,12 +48,12 @@ class _JsonRecorder:
     @pytest.hookimpl(optionalhook=True)
     def pytest_benchmark_update_json(self, config, benchmarks, output_json):
         info = output_json.setdefault("der_fast", {})
-        info["env"] = C.env_info(DEVICE)
+        info["env"] = H.env_info(DEVICE)
         info["skipped"] = list(self.skipped)
         info["failed_checks"] = list(self.failed)
-        info["workloads"] = C.WORKLOAD_DOC
-        info["providers"] = C.PROVIDER_DOC
-        info["memory"] = C.MEMORY_DOC
+        info["workloads"] = H.WORKLOAD_DOC
+        info["providers"] = H.PROVIDER_DOC
+        info["memory"] = H.MEMORY_DOC
 
 
 @pytest.fixture(scope="session")
@@ -73,9 +73,9 @@ def _interleaved_floor(benchmark, case, provider):
     try:
         # the grid's skip rules are for separate cases; here every provider gets its floor
         # (func and the fast plans run their floor code), except a cold compile (minutes)
-        floor, _ = C.prepare(C.floor_case(case), provider, DEVICE,
+        floor, _ = H.prepare(H.floor_case(case), provider, DEVICE,
                              grid_skips=provider == "compile")
-    except (C.ProviderUnavailable, AssertionError) as exc:
+    except (H.ProviderUnavailable, AssertionError) as exc:
         benchmark.extra_info["floor_interleaved_skipped"] = str(exc).split("\n")[0]
         return None
     floor.step()  # warm-up
@@ -92,10 +92,10 @@ def _interleaved_floor(benchmark, case, provider):
 @pytest.mark.parametrize("case,provider", PAIRS, ids=[f"{c.id}-{p}" for c, p in PAIRS])
 def test_model(benchmark, recorder, case, provider):
     benchmark.group = case.group
-    benchmark.extra_info.update(C.extra_info(case, provider, DEVICE))
+    benchmark.extra_info.update(H.extra_info(case, provider, DEVICE))
     try:
-        wl, info = C.prepare(case, provider, DEVICE)
-    except C.ProviderUnavailable as exc:
+        wl, info = H.prepare(case, provider, DEVICE)
+    except H.ProviderUnavailable as exc:
         recorder.skipped.append({"case": case.id, "provider": provider, "reason": str(exc)})
         pytest.skip(str(exc))
     except AssertionError as exc:  # a wrong answer: not timed, the case fails
@@ -103,12 +103,12 @@ def test_model(benchmark, recorder, case, provider):
         raise
     benchmark.extra_info.update(info)
     wl.step()  # warm-up (optimizer state, caches), so memory and timing see the steady state
-    if C.memory_enabled():
-        peak = C.peak_memory_bytes(wl.step, DEVICE)
+    if H.memory_enabled():
+        peak = H.peak_memory_bytes(wl.step, DEVICE)
         benchmark.extra_info["peak_mem_bytes"] = peak
-    n, warmup = C.rounds()
+    n, warmup = H.rounds()
     setup = None
-    if case.workload == "stage1" and C.interleaved_floor_enabled():
+    if case.workload == "stage1" and H.interleaved_floor_enabled():
         setup = _interleaved_floor(benchmark, case, provider)
     benchmark.pedantic(wl.step, setup=setup, rounds=n, iterations=1, warmup_rounds=warmup)
     if setup is not None:

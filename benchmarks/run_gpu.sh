@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/run_gpu.sh [OUT_DIR [extra pytest args...]]   (default OUT_DIR: bench_gpu/)
 #
-# Environment (see benchmarks/common.py): DER_FAST_BENCH=full (default here) | quick | smoke,
+# Environment (see benchmarks/harness/env.py): DER_FAST_BENCH=full (default here) | quick | smoke,
 # DER_FAST_BENCH_COMPILE=small (default here: torch.compile for t <= 2; all | quick | none),
 # DER_FAST_BENCH_PROVIDERS=..., DER_FAST_BENCH_ROUNDS=N, DER_FAST_CUDA_ARCHS (build, default
 # 9.0), SKIP_INSTALL=1 to reuse an existing install, SCALING=0 to skip the scaling table.
@@ -13,7 +13,7 @@
 #   SKIP_INSTALL=1 SCALING=0 bash benchmarks/run_gpu.sh bench_gpu/r18 -k "test_model and resnet18"
 #   python -m der_fast.bench_report bench_gpu/r32/bench_gpu.json bench_gpu/r18/bench_gpu.json
 #
-# Timing on CUDA: every timed call ends with torch.cuda.synchronize() (common.Workload.step),
+# Timing on CUDA: every timed call ends with torch.cuda.synchronize() (harness Workload.step),
 # so pytest-benchmark's wall-clock timer measures finished GPU work. Peak memory there is
 # torch.cuda.max_memory_allocated() over one call (minus what was allocated before it).
 set -euo pipefail
@@ -37,7 +37,7 @@ fi
 
 # Run from OUT with -P (no cwd on sys.path) and --import-mode=importlib, so `import der_fast`
 # is the installed package with its compiled kernels, not the source tree; the suite finds its
-# own helpers (benchmarks/common.py) by path. The JSON records which der_fast it imported.
+# own helpers (benchmarks/harness/) by path. The JSON records which der_fast it imported.
 cd "$OUT"
 "$PY" -P -c "import der_fast; print('der_fast', der_fast.__version__, 'from', der_fast.__file__)"
 "$PY" -P -m der_fast.info 2>/dev/null || true

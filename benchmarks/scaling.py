@@ -5,9 +5,9 @@ reference vs fast, as markdown.
     python benchmarks/scaling.py --workload infer --density 1.0 --batch 128 --rounds 5
     python benchmarks/scaling.py --device cuda --out scaling_gpu.md --json scaling_gpu.json
 
-Every provider is checked against the reference (benchmarks/common.py: prepare) before it is
-timed; providers are timed in interleaved rounds, so a change in the machine's load hits all
-of them alike. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core
+Every provider is checked against the reference (benchmarks/harness/check.py: prepare) before
+it is timed; providers are timed in interleaved rounds, so a change in the machine's load hits
+all of them alike. The default batch (32) keeps a run at t = 20 within a few minutes on a 2-core
 CPU; the suite's stage-1 batch is 128 (pass --batch 128 on a faster machine).
 """
 
@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from benchmarks import common as C  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import harness as H  # noqa: E402
+from der_fast import masks as M  # noqa: E402
 
 
 def _stats(times: list) -> dict:
@@ -40,8 +43,8 @@ def measure(case, providers, device, rounds: int) -> dict:
     ready, out = {}, {}
     for p in providers:
         try:
-            wl, info = C.prepare(case, p, device, grid_skips=False)
-        except C.ProviderUnavailable as exc:
+            wl, info = H.prepare(case, p, device, grid_skips=False)
+        except H.ProviderUnavailable as exc:
             out[p] = {"skipped": str(exc)}
             continue
         wl.step()  # warm-up: optimizer state, caches
@@ -58,25 +61,25 @@ def measure(case, providers, device, rounds: int) -> dict:
 
 
 def frozen_params(model) -> int:
-    return sum(C.M.count_params(n) for n in model.convnets[:-1])
+    return sum(M.count_params(n) for n in model.convnets[:-1])
 
 
 def run(args) -> tuple:
-    device = C.bench_device() if args.device == "auto" else C.torch.device(args.device)
-    batch = args.batch or C.backbone_shape(args.backbone, device)[0]
-    hw = C.backbone_shape(args.backbone, device)[1]
+    device = H.bench_device() if args.device == "auto" else torch.device(args.device)
+    batch = args.batch or H.backbone_shape(args.backbone, device)[0]
+    hw = H.backbone_shape(args.backbone, device)[1]
     rows = []
     for t in args.ts:
-        case = C.Case(args.workload, args.backbone, t, args.density, batch, hw)
+        case = H.Case(args.workload, args.backbone, t, args.density, batch, hw)
         row = {"t": t, "providers": measure(case, args.providers, device, args.rounds)}
         for p, m in row["providers"].items():
             print(f"t={t} {p}: median {m.get('median', 'skipped')} min {m.get('min', '-')}",
                   file=sys.stderr, flush=True)
         row["params"] = next((v["params"] for v in row["providers"].values() if "params" in v),
                              None)
-        model = C.reference_model(case)
+        model = H.reference_model(case)
         row["frozen_params"] = frozen_params(model) if args.workload in ("stage1", "epoch") \
-            else C.M.count_params(model.convnets)
+            else M.count_params(model.convnets)
         rows.append(row)
     return rows, device, batch, hw
 
@@ -84,8 +87,8 @@ def run(args) -> tuple:
 def markdown(rows, args, device, batch, hw) -> str:
     provs = args.providers
     base = provs[0]
-    env = C.env_info(device)
-    lines = [f"Scaling with t: `{args.workload}` ({C.WORKLOAD_DOC[args.workload]}), "
+    env = H.env_info(device)
+    lines = [f"Scaling with t: `{args.workload}` ({H.WORKLOAD_DOC[args.workload]}), "
              f"{args.backbone}, batch {batch}, {hw}x{hw}, frozen-extractor density "
              f"{args.density:.0%}; {env['device_name']}, torch {env['torch']}, der_fast "
              f"{env['der_fast']}, {env['threads']} torch thread(s); median of {args.rounds} "
@@ -131,7 +134,7 @@ def markdown(rows, args, device, batch, hw) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="stage1", choices=("infer", "stage1", "stage2"))
-    ap.add_argument("--backbone", default="resnet32", choices=sorted(C.BACKBONES))
+    ap.add_argument("--backbone", default="resnet32", choices=sorted(H.BACKBONES))
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--ts", type=int, nargs="+", default=[1, 2, 5, 10, 20])
@@ -149,7 +152,7 @@ def main(argv=None) -> int:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "env": C.env_info(device),
+        Path(args.json).write_text(json.dumps({"args": vars(args), "env": H.env_info(device),
                                                "rows": rows}, indent=1))
     return 0
 

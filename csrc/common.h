@@ -1,6 +1,6 @@
 // Host-side helpers shared by the CPU (.cpp) and CUDA (.cu) implementations: layout choice and
 // argument checks with messages that name the offending argument. Keep in sync with the Python
-// checks in der_fast/ops.py (_check_masked_gate / _check_head), which the fake (meta) kernels
+// checks in der_fast/ops/<op>.py (_check_masked_gate / _check_head), which the fake (meta) kernels
 // and the pure-PyTorch fallback use, so every backend raises the same error.
 #pragma once
 #include <ATen/ATen.h>

@@ -212,7 +212,7 @@ at::Tensor conv3x3_bordered_cpu(const at::Tensor& x, const at::Tensor& weight,
 // chunk by chunk: each chunk's activations live in four reused buffers that stay in the L2
 // cache, and no per-layer tensors, padding copies or dispatcher calls are made. The same
 // kernels as conv3x3_bordered (so the same numbers); convs flagged "not direct" run
-// at::conv2d on the bordered buffers, exactly as der_fast/fast.py's Python executor does.
+// at::conv2d on the bordered buffers, exactly as der_fast/fast/run_bordered.py's Python executor does.
 struct ConvSpec {
   const float* w;  // NCHW contiguous (direct) ...
   at::Tensor wt;   // ... or the tensor for at::conv2d
@@ -506,8 +506,8 @@ TORCH_LIBRARY_IMPL(der_fast, CPU, m) {
 // der_fast.info. Not in ops.SCHEMAS: it exists only with the compiled extension.
 TORCH_LIBRARY_FRAGMENT(der_fast, m) {
   m.def("conv3x3_isa() -> int", &conv3x3_isa);
-  // A whole folded extractor (der_fast/fast.py: run_bordered). Inference only, CPU float32;
-  // like conv3x3_isa it exists only with the compiled extension (fast.py falls back to its
+  // A whole folded extractor (der_fast/fast/run_bordered.py). Inference only, CPU float32;
+  // like conv3x3_isa it exists only with the compiled extension (der_fast.fast falls back to its
   // Python executor without it).
   m.def(
       "bordered_resnet(Tensor x, Tensor[] weights, Tensor[] biases, int[] conv_meta, "

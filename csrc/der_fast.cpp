@@ -4,9 +4,9 @@
 //   CPU  : csrc/masked_gate.cpp, csrc/concat_linear_head.cpp,
 //          csrc/conv3x3.cpp (CPU only: the frozen path's narrow convs)  (der_fast._C)
 //   CUDA : csrc/cuda/concat_linear_head.cu                      (der_fast._C_cuda)
-//          masked_gate on CUDA is a Triton kernel registered from Python (der_fast/ops.py).
-// Fake (meta) kernels and autograd formulas are registered in Python (der_fast/ops.py).
-// der_fast/ops.py keeps a copy of these schema strings (used only when this extension is
+//          masked_gate on CUDA is a Triton kernel registered from Python (der_fast/ops/masked_gate.py).
+// Fake (meta) kernels and autograd formulas are registered in Python (der_fast/ops/<op>.py).
+// der_fast/ops/_library.py keeps a copy of these schema strings (used only when this extension is
 // missing); tests/test_build.py checks that the two agree.
 #include <Python.h>
 #include <torch/library.h>

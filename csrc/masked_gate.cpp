@@ -7,7 +7,7 @@
 //   grad_x = dz * scale, grad_residual = dz,
 //   grad_scale[c] = sum dz * x, grad_shift[c] = sum dz,
 //   grad_e[c] = s * g * (1 - g) * sum grad_y * relu(z) = s * (1 - g) * sum grad_y * y.
-// The pre-activation z is never stored (see der_fast/ops.py for the reasoning).
+// The pre-activation z is never stored (see der_fast/ops/masked_gate.py for the reasoning).
 //
 // Layouts: dense NCHW ("planes" of HW, channel = plane % C) or dense NHWC / 2-D ("rows" of C).
 // Reductions accumulate in float (double for double) within a plane / block of rows and are then

@@ -185,9 +185,9 @@ def test_cli_bad_file(tmp_path, capsys):
 def C():
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny shapes on a shared 2-core CPU: one thread is faster
-    from benchmarks import common
+    from benchmarks import harness
 
-    yield common
+    yield harness
     torch.set_num_threads(n)
 
 

@@ -23,6 +23,7 @@ import torch
 
 from der_fast import data as D
 from der_fast import train as T
+from der_fast.train.batches import _gen, _train_batches
 
 TINY = ["--data-root", "embedded", "--train-per-class", "24", "--test-per-class", "10",
         "--init-cls", "2", "--increment", "4", "--epochs", "1", "--epochs-stage2", "1",
@@ -37,8 +38,8 @@ def _cfg(*extra):
 
 
 def _batches(data, idx, cfg, chunks=1, mine=(0,), force=False):
-    return list(T._train_batches(data, idx, cfg, T._gen(7, 1), None, chunks, list(mine),
-                                 force_sharded=force))
+    return list(_train_batches(data, idx, cfg, _gen(7, 1), None, chunks, list(mine),
+                              force_sharded=force))
 
 
 def _check_shards(data, idx, cfg):

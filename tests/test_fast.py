@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from der_fast import masks as M
-from der_fast import fast as fast_mod
+from der_fast.fast import plan as fast_plan
 from der_fast import ops
 from der_fast import train as T
 from der_fast.fast import FastDERNet, direct_share, fold_extractor, fuse_grouped, run_bordered, run_folded
@@ -226,11 +226,11 @@ def test_forward_backward_match_reference(backbone, t):
 def test_frozen_plans_agree(plan, fusion, monkeypatch):
     # the "narrow" threshold fixed so that auto mixes plans on these random widths: at 500,
     # extractor 1 (a 22 -> 23 channel stage-2 conv) has less than half of its MACs narrow
-    monkeypatch.setattr(fast_mod, "_DIRECT_MAX_CIN_COUT", 500)
+    monkeypatch.setattr(fast_plan, "_DIRECT_MAX_CIN_COUT", 500)
     ref = make_ref("resnet32", 4, prune=(0, 2), seed=3)
     fast = FastDERNet.from_reference(ref, frozen_plan=plan, onednn_fusion=fusion)
     # auto: direct where the kernel runs its AVX-512 build, else loop
-    auto = "direct" if fast_mod._direct_isa() == "avx512" else "loop"
+    auto = "direct" if fast_plan._direct_isa() == "avx512" else "loop"
     assert fast.resolved_frozen_plan() == (plan if plan != "auto" else auto)
     x = _rand_x("resnet32", 4, seed=4)
     check_forward_backward(ref, fast, x, train=True)
@@ -252,7 +252,7 @@ def test_frozen_plans_agree(plan, fusion, monkeypatch):
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "baseline", ""])
 def test_auto_plan_is_direct_only_with_the_avx512_kernel(isa, monkeypatch):
-    monkeypatch.setattr(fast_mod, "_DIRECT_ISA", [isa])
+    monkeypatch.setattr(fast_plan, "_DIRECT_ISA", [isa])
     fast = FastDERNet("resnet32")
     assert fast.resolved_frozen_plan("cpu") == ("direct" if isa == "avx512" else "loop")
     assert fast.resolved_frozen_plan("cuda") == "loop"
@@ -345,7 +345,7 @@ def test_compiled_executor_rejects_bad_programs():
     f = fold_extractor(ref.convnets[0])
     w, b, meta, blocks, idx, gates, oi, od, mp = _bordered_program(f, False)
     x = _rand_x("resnet32", 2, seed=34)
-    op = torch.ops.der_fast.bordered_resnet
+    op = ops.bordered_resnet
     assert op(x, w, b, meta, blocks, idx, gates, oi, od, mp, 0).shape == (2, od)
     with pytest.raises(RuntimeError, match="inconsistent program"):
         op(x, w[:-1], b, meta, blocks, idx, gates, oi, od, mp, 0)

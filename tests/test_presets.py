@@ -2,6 +2,7 @@
 flags. All in-process (no training), fast."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -48,7 +49,7 @@ def test_every_preset_resolves_to_the_published_protocol(name, steps, init, inc)
 
 
 def test_no_arguments_is_the_old_default_run():
-    assert T.asdict(cfg_of()) == T.asdict(T.Config().validate())
+    assert asdict(cfg_of()) == asdict(T.Config().validate())
     assert cfg_of().preset is None
 
 

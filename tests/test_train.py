@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from der_fast import train as T
+from der_fast.train import batches, loop, outputs, pipeline
 
 TINY = ["--data-root", "embedded", "--train-per-class", "24", "--test-per-class", "10",
         "--init-cls", "2", "--increment", "4", "--epochs", "1", "--epochs-stage2", "1",
@@ -38,10 +40,10 @@ def test_forgetting_hand_case():
 
 
 def test_lr_schedule():
-    assert T._lr_at(0, 0.1, 2, [5]) == pytest.approx(0.05)
-    assert T._lr_at(1, 0.1, 2, [5]) == pytest.approx(0.1)
-    assert T._lr_at(5, 0.1, 2, [5, 8]) == pytest.approx(0.01)
-    assert T._lr_at(9, 0.1, 0, [5, 8]) == pytest.approx(0.001)
+    assert loop._lr_at(0, 0.1, 2, [5]) == pytest.approx(0.05)
+    assert loop._lr_at(1, 0.1, 2, [5]) == pytest.approx(0.1)
+    assert loop._lr_at(5, 0.1, 2, [5, 8]) == pytest.approx(0.01)
+    assert loop._lr_at(9, 0.1, 0, [5, 8]) == pytest.approx(0.001)
 
 
 def test_cli_tiny_run_writes_valid_metrics(tmp_path):
@@ -83,7 +85,7 @@ def test_cli_tiny_run_writes_valid_metrics(tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved == m["config"]
     again, _ = T.config_from_args(["--config", str(out / "config.json")])
-    assert T.asdict(again) == saved
+    assert asdict(again) == saved
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
@@ -94,19 +96,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     class Stop(Exception):
         pass
 
-    orig = T._save_ckpt
+    orig = pipeline._save_ckpt
 
     def save_then_stop(out, state):
         orig(out, state)
         if tuple(state["next"]) == (1, 1):
             raise Stop
 
-    T._save_ckpt = save_then_stop
+    pipeline._save_ckpt = save_then_stop
     try:
         with pytest.raises(Stop):
             T.run(cfg, log=lambda *a: None)
     finally:
-        T._save_ckpt = orig
+        pipeline._save_ckpt = orig
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert tuple(ck["next"]) == (1, 1) and len(ck["steps"]) == 1
     resumed = T.run(_tiny_cfg(tmp_path / "b"), resume=True, log=lambda *a: None)
@@ -129,7 +131,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     cfg = _tiny_cfg(out)
     cfg.epochs_stage2 = 0
     out.mkdir()
-    T._save_ckpt(out, {"config": {**T.asdict(cfg), "lr": 0.5}, "model": {}})
+    outputs._save_ckpt(out, {"config": {**asdict(cfg), "lr": 0.5}, "model": {}})
     with pytest.raises(T.ConfigError, match="another config"):
         T.run(cfg, resume=True, log=lambda *a: None)
 
@@ -282,9 +284,9 @@ def test_brightness_matches_torchvision():
     info = D.dataset_info("cifar100")
     g = torch.Generator().manual_seed(0)
     raw = torch.randint(0, 256, (4, 3, 8, 8), generator=g, dtype=torch.uint8)
-    f = T._jitter_factors(4, 0.5, g)
+    f = batches._jitter_factors(4, 0.5, g)
     assert ((f >= 0.5) & (f <= 1.5)).all()
-    got = T._brightness(D.normalize_batch(raw, info.mean, info.std), f, info)
+    got = batches._brightness(D.normalize_batch(raw, info.mean, info.std), f, info)
     want = torch.stack([TF.adjust_brightness(raw[i].float() / 255, float(f[i]))
                         for i in range(4)])
     assert torch.allclose(got, D.normalize_batch(want, info.mean, info.std), atol=1e-5)
@@ -372,9 +374,9 @@ def test_whole_run_fast_matches_reference_within_noise(tmp_path, monkeypatch):
     fast = T.run(_tiny_cfg(tmp_path / "fast", impl="fast", **kw), **quiet)
     # every frozen extractor on the direct conv kernel, whatever its width (the default
     # picks it only for narrow ones, which these short runs do not prune enough to make)
-    monkeypatch.setattr(T, "_model_class", lambda impl: _DirectFastDERNet)
+    monkeypatch.setattr(pipeline, "_model_class", lambda impl: _DirectFastDERNet)
     direct = T.run(_tiny_cfg(tmp_path / "direct", impl="fast", **kw), **quiet)
-    monkeypatch.setattr(T, "_model_class", lambda impl: _ChannelsLastDERNet)
+    monkeypatch.setattr(pipeline, "_model_class", lambda impl: _ChannelsLastDERNet)
     ref_cl = T.run(_tiny_cfg(tmp_path / "ref_cl", impl="reference", **kw), **quiet)
     noise = max(abs(a["top1"] - b["top1"]) for a, b in zip(ref["steps"], ref_cl["steps"]))
     for run in (fast, direct):

@@ -24,11 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_module():
-    # Load der_fast/data.py by path: it is self-contained, and this avoids importing the
-    # package (model code, compiled ops) just to build a data file.
-    spec = importlib.util.spec_from_file_location("_der_fast_data", REPO / "der_fast" / "data.py")
+    # Load the der_fast/data package by path: it is self-contained, and this avoids importing
+    # der_fast itself (model code, compiled ops) just to build a data file.
+    pkg = REPO / "der_fast" / "data"
+    spec = importlib.util.spec_from_file_location("_der_fast_data", pkg / "__init__.py",
+                                                  submodule_search_locations=[str(pkg)])
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses need the module registered
+    sys.modules[spec.name] = mod  # dataclasses and relative imports need it registered
     spec.loader.exec_module(mod)
     return mod
 

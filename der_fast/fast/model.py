@@ -1,0 +1,306 @@
+"""FastDERNet: :class:`~der_fast.reference.DERNet`'s API and state, executed fast.
+
+Same modules, parameters, buffers, ``state_dict`` and optimiser-facing API as DERNet; only
+``forward`` / ``extract_vector`` run differently:
+
+* **Frozen extractors** (eval mode, parameters needing no gradient: the old ones in stage 1,
+  all of them in stage 2 after ``freeze_conv`` or under ``torch.no_grad()`` in eval mode) run
+  folded (:mod:`.fold`: BatchNorm folded into the convs in float64, binary masks folded by
+  removing the off channels, soft gates folded where there is no residual, no autograd) on
+  the plan :mod:`.plan` picks: ``loop`` / ``grouped`` (:mod:`.run_loop`) or ``direct``
+  (:mod:`.run_bordered`). The folded networks are cached and rebuilt whenever they could be
+  stale: a version counter bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` /
+  ``.to()`` / ``reset_fc`` / ``freeze_conv`` / ``invalidate_plan()``, the device and dtype,
+  and, as a safety net, the ``data_ptr`` and ``_version`` of every parameter and buffer.
+* **The trainable extractor** (the newest one in stage 1) runs with autograd in channels_last,
+  BatchNorm native and every masked point one ``masked_gate`` op (:mod:`.trainable`).
+* **The head** (concat + classifier + auxiliary classifier) is one ``concat_linear_head`` op.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .. import masks as M
+from .. import ops
+from ..backbones import MaskedResNet
+from ..reference import DERNet
+from . import plan as P
+from .fold import FoldedNet, fold_extractor, fuse_grouped
+from .plan import FROZEN_PLANS
+from .run_bordered import run_bordered
+from .run_loop import _mkldnn_ok, run_folded
+from .trainable import trainable_feature_map
+
+
+def _net_key(net: MaskedResNet) -> tuple:
+    """Everything a folded extractor depends on (the cache's safety net)."""
+    soft = net.mask_e is not None and not net.binary_masks
+    return (id(net), float(net.s) if soft else None, bool(net.binary_masks),
+            tuple((t.data_ptr(), t._version) for t in (*net.parameters(), *net.buffers())))
+
+
+class FastDERNet(DERNet):
+    """:class:`~der_fast.reference.DERNet` with fast execution (module doc).
+
+    Same constructor arguments as DERNet plus:
+
+    Args:
+        frozen_plan: how frozen extractors run: ``"auto"`` (fastest measured plan for the
+            device: ``"direct"`` on CPU, ``"loop"`` on CUDA), ``"loop"`` (one folded extractor
+            after the other, oneDNN/cuDNN convs), ``"grouped"`` (all fused into dense-stem +
+            grouped convs) or ``"direct"`` (the bordered executor, the conv3x3_bordered
+            kernel for every 3x3 conv; CPU float32 only, elsewhere it runs ``"loop"``).
+            Also settable as an attribute.
+        onednn_fusion: on CPU (fp32 / bf16), run the frozen convs as fused oneDNN
+            conv + bias [+ residual] + ReLU primitives.
+    """
+
+    def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
+                 mask_init: float = M.MASK_INIT, pretrained: bool = False,
+                 frozen_plan: str = "auto",
+                 onednn_fusion: bool = True):
+        super().__init__(backbone, in_channels, use_masks, mask_init, pretrained)
+        self._init_fast(frozen_plan, onednn_fusion)
+
+    def _init_fast(self, frozen_plan="auto", onednn_fusion=True):
+        self._plan_version = 0
+        self._plan_cache = {"nets": {}, "group": None}
+        self.frozen_plan = frozen_plan
+        self.onednn_fusion = bool(onednn_fusion)
+        self.trainable_channels_last = True
+
+    # ------------------------------------------------------------------ conversion
+    @classmethod
+    def from_reference(cls, net: DERNet, frozen_plan: str = "auto",
+                       onednn_fusion: bool = True) -> FastDERNet:
+        """A FastDERNet copy of ``net``: same modules, weights, buffers, masks, ``s``, train /
+        eval modes, ``requires_grad`` flags, device and dtype (nothing is shared)."""
+        if not isinstance(net, DERNet):
+            raise TypeError(f"expected a DERNet, got {type(net).__name__}")
+        fast = copy.deepcopy(net)
+        fast.__class__ = cls
+        fast._init_fast(frozen_plan, onednn_fusion)
+        return fast
+
+    def to_reference(self) -> DERNet:
+        """A plain :class:`DERNet` copy of this model (same state, modes and flags)."""
+        ref = copy.deepcopy(self)
+        for name in ("_plan_version", "_plan_cache", "_frozen_plan", "_last_frozen_run",
+                     "onednn_fusion",
+                     "trainable_channels_last"):
+            ref.__dict__.pop(name, None)
+        ref.__class__ = DERNet
+        return ref
+
+    def __getstate__(self):  # deepcopy / pickle: never carry the compiled plan
+        state = dict(super().__getstate__())
+        state["_plan_cache"] = {"nets": {}, "group": None}
+        return state
+
+    # ------------------------------------------------------------------ plan cache
+    @property
+    def frozen_plan(self) -> str:
+        return self._frozen_plan
+
+    @frozen_plan.setter
+    def frozen_plan(self, value: str) -> None:
+        if value not in FROZEN_PLANS:
+            raise ValueError(f"frozen_plan must be one of {FROZEN_PLANS}, got {value!r}")
+        self._frozen_plan = value
+        self.invalidate_plan()
+
+    def invalidate_plan(self) -> None:
+        """Drop the compiled frozen plan (rebuilt on the next forward). Called by every method
+        that changes the model; call it yourself after modifying weights through ``.data``."""
+        self._plan_version = getattr(self, "_plan_version", 0) + 1
+        self._plan_cache = {"nets": {}, "group": None}
+
+    def update_fc(self, nb_classes: int) -> None:
+        super().update_fc(nb_classes)
+        self.invalidate_plan()
+
+    def prune(self) -> dict:
+        out = super().prune()
+        self.invalidate_plan()
+        return out
+
+    def reset_fc(self) -> None:
+        super().reset_fc()
+        self.invalidate_plan()
+
+    def freeze_conv(self):
+        super().freeze_conv()
+        self.invalidate_plan()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.invalidate_plan()
+        return out
+
+    def _apply(self, fn, recurse=True):  # .to(), .double(), .cuda(), ...
+        out = super()._apply(fn, recurse)
+        if hasattr(self, "_plan_cache"):
+            self.invalidate_plan()
+        return out
+
+    def resolved_frozen_plan(self, device=None) -> str:
+        """``"loop"``, ``"grouped"`` or ``"direct"``: the frozen plan used on ``device``
+        (``"direct"`` falls back to ``"loop"`` per call where it cannot run: not CPU float32,
+        an input gradient needed, or the op not built)."""
+        device = torch.device(device) if device is not None else self._device_dtype()[0]
+        return P.resolve_frozen_plan(self.frozen_plan, device)
+
+    @staticmethod
+    def _inferable(net: MaskedResNet, grad_enabled: bool) -> bool:
+        """Whether an extractor can run the inference-only path: eval mode and no gradient
+        needed for its parameters."""
+        if net.training:
+            return False
+        return not grad_enabled or not any(p.requires_grad for p in net.parameters())
+
+    def _folded(self, net: MaskedResNet) -> FoldedNet:
+        key = (self._plan_version, _net_key(net))
+        hit = self._plan_cache["nets"].get(id(net))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        f = fold_extractor(net)
+        self._plan_cache["nets"][id(net)] = (key, f)
+        return f
+
+    def _frozen_net(self, nets: list, plan: str) -> list:
+        """Folded networks to run, in order (one per extractor, or one fused group)."""
+        alive = {id(n) for n in self.convnets}
+        cache = self._plan_cache["nets"]
+        for k in [k for k in cache if k not in alive]:
+            del cache[k]
+        folded = [self._folded(n) for n in nets]
+        if plan in ("loop", "direct") or len(nets) == 1:
+            self._plan_cache["group"] = None
+            return folded
+        key = (self._plan_version, tuple(id(f) for f in folded))
+        hit = self._plan_cache["group"]
+        if hit is not None and hit[0] == key:
+            return [hit[1]]
+        g = fuse_grouped(folded)
+        self._plan_cache["group"] = (key, g)
+        return [g]
+
+    def _run_frozen(self, nets: list, x: torch.Tensor) -> torch.Tensor:
+        """Super-feature slice [N, sum out_dim] of frozen extractors (no autograd unless x
+        needs a gradient)."""
+        plan = self.resolved_frozen_plan(x.device)
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        if plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad):
+            plan = "loop"
+        with torch.set_grad_enabled(need_grad):
+            folded = self._frozen_net(nets, plan)
+            fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
+            outs, how = [], []
+            for f in folded:
+                if plan == "direct" and P.runs_bordered(f, tuple(x.shape[2:]),
+                                                        self.frozen_plan):
+                    outs.append(run_bordered(f, x, force=self.frozen_plan == "direct"))
+                    how.append("direct")
+                else:
+                    outs.append(run_folded(f, x, fused=fused))
+                    how.append("loop" if plan == "direct" else plan)
+            self._last_frozen_run = how
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: torch.Tensor) -> None:
+        if len(self.convnets) == 0:
+            raise RuntimeError("call update_fc(n_classes) before using the model")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
+
+    def _trainable_input(self, x: torch.Tensor) -> torch.Tensor:
+        """channels_last for the autograd path, where it measured faster on CPU (RESULTS.md,
+        "6. The fast path's thresholds")."""
+        if self.trainable_channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _feature_list(self, x: torch.Tensor) -> list:
+        """Per-extractor features in order, merged where consecutive frozen ones allow: pooled
+        [N, C] for frozen ones, the last feature map [N, C, h, w] for trainable ones. The last
+        extractor is always its own entry (the auxiliary classifier reads it)."""
+        self._check_input(x)
+        nets = list(self.convnets)
+        grad = torch.is_grad_enabled()
+        infer = [self._inferable(n, grad) for n in nets]
+        frozen_idx = [i for i, f in enumerate(infer) if f]
+        per_net = [None] * len(nets)
+        if frozen_idx:
+            u = self._run_frozen([nets[i] for i in frozen_idx], x)
+            for i, piece in zip(frozen_idx, u.split([nets[i].out_dim for i in frozen_idx], 1)):
+                per_net[i] = piece
+            if frozen_idx == list(range(len(nets) - 1)) and len(nets) > 1:
+                # stage 1: one frozen block, then the trainable extractor
+                return [u, trainable_feature_map(nets[-1], self._trainable_input(x))]
+            if len(frozen_idx) == len(nets) and len(nets) > 1:
+                d = nets[-1].out_dim
+                return [u[:, :-d], u[:, -d:]]  # stage 2 / eval
+        for i, f in enumerate(infer):
+            if not f:
+                per_net[i] = trainable_feature_map(nets[i], self._trainable_input(x))
+        return per_net
+
+    def extract_vector(self, x: torch.Tensor) -> torch.Tensor:
+        """The super-feature u = concat(F_1(x), ..., F_t(x))."""
+        feats = self._feature_list(x)
+        pooled = [f if f.dim() == 2 else f.mean((2, 3)) for f in feats]
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        feats = self._feature_list(x)
+        aux_w = aux_b = None
+        if len(self.convnets) > 1:
+            aux_w, aux_b = self.aux_fc.weight, self.aux_fc.bias
+        logits, aux_logits, features = ops.concat_linear_head(feats, self.fc.weight,
+                                                              self.fc.bias, aux_w, aux_b)
+        if features.requires_grad and not any(f.requires_grad for f in feats):
+            features = features.detach()  # as in the reference: frozen features need no grad
+        return {"logits": logits, "aux_logits": aux_logits, "features": features}
+
+    # ------------------------------------------------------------------ introspection
+    def plan(self, grad_enabled: bool | None = None) -> dict:
+        """What runs, in words: which extractors take the frozen inference path and how, the
+        trainable path and the head, for the current train/eval modes (``grad_enabled``
+        defaults to torch's current setting). For example, stage 1 on CPU::
+
+            {"frozen": "direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for ...",
+             "frozen_extractors": [0, 1], "frozen_last_run": ["direct", "loop"],
+             "trainable_extractors": [2],
+             "trainable": "native BatchNorm + masked_gate op (cpp (der_fast._C)), ...",
+             "head": "concat_linear_head op (cpp (der_fast._C))", ...}
+        """
+        device, dtype = self._device_dtype()
+        grad = torch.is_grad_enabled() if grad_enabled is None else grad_enabled
+        infer = [self._inferable(n, grad) for n in self.convnets]
+        frozen_idx = [i for i, f in enumerate(infer) if f]
+        train_idx = [i for i, f in enumerate(infer) if not f]
+        plan = self.resolved_frozen_plan(device)
+        fused = self.onednn_fusion and _mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
+        frozen = P.describe_frozen(plan, self.frozen_plan, len(frozen_idx), fused,
+                                   P.direct_possible(device, dtype, False))
+        trainable = "none"
+        if train_idx:
+            layout = "channels_last" if self.trainable_channels_last else "as given"
+            impl = ops.implementation("masked_gate", device)
+            trainable = f"native BatchNorm + masked_gate op ({impl}), {layout}, autograd"
+        head_impl = ops.implementation("concat_linear_head", device)
+        return {
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "frozen_plan_setting": self.frozen_plan,
+            "frozen": frozen, "frozen_extractors": frozen_idx,
+            # per frozen extractor, how the last forward ran it ("direct" / "loop" / "grouped")
+            "frozen_last_run": list(getattr(self, "_last_frozen_run", [])),
+            "trainable": trainable, "trainable_extractors": train_idx,
+            "head": f"concat_linear_head op ({head_impl})",
+        }

@@ -1,0 +1,158 @@
+"""How FastDERNet runs its frozen extractors: the plan choice and its thresholds.
+
+Plans (``FastDERNet.frozen_plan``; ``"auto"`` picks per device, see ``resolve_frozen_plan``):
+
+- ``"loop"``: one folded extractor after the other, channels_last, oneDNN / cuDNN convs
+  (:func:`~der_fast.fast.run_loop.run_folded`);
+- ``"grouped"``: all folded extractors fused into one network (dense stem conv, grouped convs,
+  narrower extractors zero-padded; :func:`~der_fast.fast.fold.fuse_grouped`), run like loop;
+- ``"direct"`` (CPU, float32, no autograd, compiled extension): each extractor on the
+  bordered executor (:func:`~der_fast.fast.run_bordered.run_bordered`). Under ``"auto"`` an
+  extractor whose multiply-adds are mostly in wide convs runs ``loop`` instead.
+
+Names (one idea, one name):
+
+  ================  ===============================================================
+  "direct"          the plan (user-facing value); names about choosing it say direct:
+                    ``direct_possible``, ``direct_share``, ``_direct_isa``
+  bordered          the executor the direct plan runs an extractor on: activations as
+                    zero-bordered NCHW planes; ``run_bordered``, compiled as the op
+                    ``ops.bordered_resnet`` (C++ ``der_fast::bordered_resnet``)
+  conv3x3_bordered  the kernel: ``ops.conv3x3_bordered`` (C++ ``der_fast::conv3x3_bordered``);
+                    inside the bordered executor a conv runs it when ``_use_kernel`` (limits
+                    ``_BORDERED_S1_MAX`` / ``_BORDERED_S2_MAX``), else oneDNN
+  narrow            the rule that sends an extractor to the bordered executor under "auto":
+                    3x3 stride-1 convs with C_in * C_out <= ``_DIRECT_MAX_CIN_COUT``
+                    (``_narrow``); ``direct_share`` is the share of multiply-adds in them
+  ================  ===============================================================
+
+The measurements behind each threshold: benchmarks/RESULTS.md ("6. The fast path's
+thresholds" and the sections it points to).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+from .fold import FoldedNet, _Conv, _convs_with_size
+
+FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
+
+# Plan under "auto" per device type. CPU: loop vs grouped, benchmarks/bench_model.py and
+# scaling.py (providers fast_loop / fast_grouped; RESULTS.md sections 1-3); direct vs loop,
+# RESULTS.md section 0a. CUDA: not measured yet.
+_AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
+# narrow: C_in * C_out of a 3x3 stride-1 conv (ad-hoc whole-extractor A/Bs, not a benchmarks/
+# case: RESULTS.md, "6. The fast path's thresholds")
+_DIRECT_MAX_CIN_COUT = 700
+# the kernel vs oneDNN inside the bordered executor, per stride:
+# benchmarks/bench_conv.py::test_conv3x3_bordered_choice
+_BORDERED_S1_MAX = 2048
+_BORDERED_S2_MAX = 720
+
+
+def _is_3x3_s1(c: _Conv) -> bool:
+    return (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 1 and c.padding == 1
+            and c.groups == 1)
+
+
+def _is_3x3_s2(c: _Conv) -> bool:
+    return (tuple(c.weight.shape[2:]) == (3, 3) and c.stride == 2 and c.padding == 1
+            and c.groups == 1)
+
+
+def _use_kernel(c: _Conv, force: bool) -> bool:
+    """Whether the bordered executor runs this conv on the conv3x3_bordered kernel (else
+    oneDNN on the bordered NCHW planes): 3x3 convs of stride 1 or 2 up to the widths where the
+    kernel stops beating oneDNN on that layout (``force``: every 3x3 conv of stride 1 or 2)."""
+    cc = c.weight.shape[0] * c.weight.shape[1]
+    if _is_3x3_s2(c):
+        return force or cc <= _BORDERED_S2_MAX
+    if not _is_3x3_s1(c):
+        return False
+    return force or cc <= _BORDERED_S1_MAX
+
+
+def _narrow(c: _Conv) -> bool:
+    """3x3, stride 1, C_in * C_out <= _DIRECT_MAX_CIN_COUT: the share of an extractor's
+    multiply-adds in such convs decides between the bordered executor and the loop."""
+    return _is_3x3_s1(c) and c.weight.shape[0] * c.weight.shape[1] <= _DIRECT_MAX_CIN_COUT
+
+
+def direct_share(f: FoldedNet, hw: tuple = (32, 32)) -> float:
+    """Share of a folded net's multiply-adds in narrow convs (the direct plan's rule under
+    "auto": at least 0.5 runs the bordered executor)."""
+    key = ("share", tuple(hw))
+    if key in f.memo:
+        return f.memo[key]
+    tot = narrow = 0
+    for c, n in _convs_with_size(f, hw):
+        macs = c.weight.numel() * n
+        tot += macs
+        if _narrow(c):
+            narrow += macs
+    f.memo[key] = narrow / max(tot, 1)
+    return f.memo[key]
+
+
+def runs_bordered(f: FoldedNet, hw: tuple, setting: str) -> bool:
+    """Under the direct plan, whether this extractor runs the bordered executor (else loop)."""
+    return setting == "direct" or direct_share(f, hw) >= 0.5
+
+
+_DIRECT_ISA: list = []  # [isa], resolved on first use
+
+
+def _direct_isa() -> str:
+    """The instruction set the conv3x3_bordered kernel was dispatched to ("avx512", "avx2",
+    "baseline"), or "" without the compiled extension."""
+    if not _DIRECT_ISA:
+        _DIRECT_ISA.append(ops.conv3x3_isa() if ops.HAS_CPU_EXT else "")
+    return _DIRECT_ISA[0]
+
+
+def resolve_frozen_plan(setting: str, device: torch.device) -> str:
+    """``"loop"``, ``"grouped"`` or ``"direct"``: the plan a ``frozen_plan`` setting means on
+    ``device``. "auto" picks direct only where the kernel runs its AVX-512 build (its AVX2
+    build measured slower than oneDNN: RESULTS.md section 5, "Frozen plan on this CPU")."""
+    if setting != "auto":
+        return setting
+    plan = _AUTO_PLAN.get(device.type, "loop")
+    if plan == "direct" and _direct_isa() != "avx512":
+        plan = "loop"
+    return plan
+
+
+def direct_possible(device: torch.device, dtype: torch.dtype, need_grad: bool) -> bool:
+    """The direct plan's conditions: CPU, float32, no autograd, compiled kernel (its PyTorch
+    fallback would be slower than the loop plan)."""
+    return (device.type == "cpu" and dtype == torch.float32 and not need_grad
+            and ops.HAS_CPU_EXT)
+
+
+def describe_frozen(plan: str, setting: str, n_frozen: int, fused: bool,
+                    direct_ok: bool) -> str:
+    """The ``"frozen"`` entry of ``FastDERNet.plan()``: how frozen extractors run, in words."""
+    if n_frozen == 0:
+        return "none"
+    if plan == "direct" and direct_ok:
+        force = setting == "direct"
+        return ("direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for "
+                + ("every 3x3 conv (stride 1 or 2)" if force else
+                   f"3x3 convs with C_in*C_out <= {_BORDERED_S1_MAX} (stride 1) or "
+                   f"<= {_BORDERED_S2_MAX} (stride 2)")
+                + ", oneDNN for the others"
+                + ("" if force else "; extractors with less than half of their "
+                   f"multiply-adds in narrow convs (3x3 stride 1, C_in*C_out <= "
+                   f"{_DIRECT_MAX_CIN_COUT}) run loop-channels_last + oneDNN fused "
+                   "conv/bias/residual/ReLU")
+                + ("; each extractor in one compiled call (der_fast::bordered_resnet)"
+                   if ops.HAS_BORDERED_RESNET else "; layer by layer from Python")
+                + "; BN and masks folded, off channels removed, no autograd")
+    if plan == "direct":
+        plan = "loop"
+    frozen = ("loop-channels_last" if plan == "loop" or n_frozen < 2 else
+              "grouped-channels_last (dense stem conv + grouped convs, zero-padded)")
+    frozen += " + oneDNN fused conv/bias/residual/ReLU" if fused else " + aten conv"
+    return frozen + "; BN and masks folded, off channels removed, no autograd"

@@ -1,0 +1,84 @@
+"""der_fast custom operators (torch.library, namespace ``der_fast``), one module per op.
+
+  masked_gate(x, scale, shift, e=None, s=1.0, residual=None) -> y
+  concat_linear_head(feats, weight, bias, aux_weight=None, aux_bias=None)
+      -> (logits, aux_logits | None, features)
+  conv3x3_bordered(x, weight, bias, residual=None, gate=None, relu=True, stride=1) -> y
+  bordered_resnet(x, <program of a folded extractor>, chunk) -> features
+
+Each op's module holds its checks, its pure-PyTorch reference (``<op>_ref``: ground truth for
+tests and benchmarks), its PyTorch fallback, fake (meta) kernel, autograd registration and
+typed wrapper; ``_library`` loads the compiled parts and picks backends. Where each op runs
+(see ``implementation()`` and ``python -m der_fast.info``):
+
+  ===================  ===========================  ==========================================
+  op                   CPU                          CUDA
+  ===================  ===========================  ==========================================
+  masked_gate          C++ (der_fast._C)            Triton (der_fast.kernels.masked_gate)
+  concat_linear_head   C++ (der_fast._C)            CUDA C++ (der_fast._C_cuda) + cuBLAS
+  conv3x3_bordered     C++ (der_fast._C)            -
+  bordered_resnet      C++ (der_fast._C)            -
+  ===================  ===========================  ==========================================
+
+The schemas are defined once, in C++ (csrc/der_fast.cpp); CPU and CUDA kernels are registered
+per dispatch key. Importing this package never fails because a compiled part is missing: if
+der_fast._C cannot be imported, the schemas are defined from Python (``SCHEMAS``) and the ops
+run the PyTorch fallback (quietly; see ``HAS_CPU_EXT``, ``HAS_CUDA_EXT``, ``HAS_TRITON``;
+bordered_resnet has no fallback). Asking for a backend explicitly (``backend="cpp" | "cuda" |
+"triton"``) raises if it is not available.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._library import (
+    BACKENDS,
+    CPU_EXT_ERROR,
+    CUDA_EXT_ERROR,
+    HAS_CPU_EXT,
+    HAS_CUDA_EXT,
+    HAS_TRITON,
+    SCHEMAS,
+    available_backends,
+    conv3x3_isa,
+    implementation,
+)
+from .bordered_resnet import HAS_BORDERED_RESNET, bordered_resnet
+from .concat_linear_head import FAKE_KERNELS as _HEAD_FAKES
+from .concat_linear_head import _check_head  # noqa: F401 (tests check its messages)
+from .concat_linear_head import concat_linear_head, concat_linear_head_ref
+from .conv3x3_bordered import FAKE_KERNELS as _CONV3X3_FAKES
+from .conv3x3_bordered import border, conv3x3_bordered, conv3x3_bordered_ref
+from .masked_gate import FAKE_KERNELS as _MASKED_GATE_FAKES
+from .masked_gate import _check_masked_gate  # noqa: F401 (tests check its messages)
+from .masked_gate import masked_gate, masked_gate_ref
+
+# The fake kernels of the ops whose schemas csrc/der_fast.cpp defines are registered here, not
+# in their op modules: that file names "der_fast.ops" as their Python module
+# (m.set_python_module), and torch checks that the fake kernels come from that module.
+for _name, _fake in {**_MASKED_GATE_FAKES, **_HEAD_FAKES, **_CONV3X3_FAKES}.items():
+    torch.library.register_fake(f"der_fast::{_name}", _fake)
+del _name, _fake
+
+__all__ = [
+    "BACKENDS",
+    "CPU_EXT_ERROR",
+    "CUDA_EXT_ERROR",
+    "HAS_BORDERED_RESNET",
+    "HAS_CPU_EXT",
+    "HAS_CUDA_EXT",
+    "HAS_TRITON",
+    "SCHEMAS",
+    "available_backends",
+    "border",
+    "bordered_resnet",
+    "concat_linear_head",
+    "concat_linear_head_ref",
+    "conv3x3_bordered",
+    "conv3x3_bordered_ref",
+    "conv3x3_isa",
+    "implementation",
+    "masked_gate",
+    "masked_gate_ref",
+]

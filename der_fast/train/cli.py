@@ -1,0 +1,215 @@
+"""The command line: ``python -m der_fast.train [flags]`` resolved into a Config, then run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import data as D
+from .. import presets as P
+from ..backbones import ARCHS
+from .config import IMPLS, S_ANNEAL, STAGE2_MODES, Config, ConfigError, _merge
+from .faults import Interrupted, NonFiniteLoss
+from .outputs import _read_ckpt, format_table
+from .pipeline import run
+
+_EPILOG = """\
+presets (published protocols; every value can be overridden by a flag):
+  {presets}
+  precedence: defaults < --preset < --config FILE.json < flags. --epochs-scale F multiplies
+  the schedule (epochs, warm-up, milestones, stage-2 epochs and milestones) coming from the
+  defaults, the preset or the config file; epochs given as flags are taken literally.
+
+multi-process (DistributedDataParallel; gloo on CPU, nccl on GPU):
+  torchrun --standalone --nproc_per_node 4 -m der_fast.train --preset cifar100-b0-10 ...
+  --batch-size is the global batch (split over processes); N processes train like
+  1 process with --accum-steps N. Rank 0 writes OUT/.
+
+seeds: --seed fixes data order, initialisation and augmentation; the class order has its
+own --class-seed (1993, the field's convention).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    """Every flag; defaults are None so that only given flags override (see config_from_args)."""
+    p = argparse.ArgumentParser(
+        prog="python -m der_fast.train",
+        description="DER (Dynamically Expandable Representation) class-incremental training. "
+                    "With no arguments: a multi-step run on Fashion-MNIST (works offline).",
+        epilog=_EPILOG.format(presets="\n  ".join(
+            f"{k:<18} {v[0]}" for k, v in sorted(P.PRESETS.items()))),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = Config()
+    a = p.add_argument
+    a("--preset", choices=sorted(P.PRESETS),
+      help="a published protocol's hyper-parameters (see below; python -m der_fast.presets)")
+    a("--epochs-scale", dest="epochs_scale", type=float, metavar="F",
+      help="scale the preset/config schedule by F (epochs, warm-up, milestones, stage 2; "
+           "each at least 1 epoch) for shortened runs")
+    a("--config", help="JSON file with Config fields (flags given on the command line win); "
+                       "OUT/config.json of a run is such a file")
+    a("--dataset", choices=["fashion_mnist", "cifar100", "imagenet100", "imagefolder"])
+    a("--data-root", dest="data_root", help="dataset folder (default: built-in / system copy)")
+    a("--download", action="store_true", default=None, help="allow torchvision to download")
+    a("--train-per-class", dest="train_per_class", type=int,
+      help="use only the first N training images of each class (600; 0 = all)")
+    a("--test-per-class", dest="test_per_class", type=int,
+      help="evaluate on only the first N test images of each class (200; 0 = all)")
+    a("--backbone", choices=sorted(ARCHS))
+    a("--init-cls", dest="init_cls", type=int, help="classes in step 0 (0 = same as increment)")
+    a("--increment", type=int, help="new classes per later step")
+    a("--class-seed", dest="class_seed", type=int, help="seed of the class order (1993)")
+    a("--memory", dest="memory_total", type=int, help="exemplar memory, total")
+    a("--memory-per-class", dest="memory_per_class", type=int,
+      help="exemplar memory per class (instead of --memory)")
+    a("--epochs", type=int, help=f"stage-1 epochs per step ({d.epochs})")
+    a("--warmup-epochs", dest="warmup_epochs", type=int)
+    a("--milestones", type=int, nargs="*", help="stage-1 epochs where lr is divided by 10")
+    a("--epochs-stage2", dest="epochs_stage2", type=int, help=f"stage-2 epochs ({d.epochs_stage2})")
+    a("--lr-stage2", dest="lr_stage2", type=float)
+    a("--milestones-stage2", dest="milestones_stage2", type=int, nargs="*",
+      help="stage-2 epochs where lr is divided by 10 (default: half way)")
+    a("--batch-size", dest="batch_size", type=int,
+      help=f"global batch size, over all processes ({d.batch_size})")
+    a("--accum-steps", dest="accum_steps", type=int,
+      help="split each (per-process) batch into N micro-batches: gradient accumulation, "
+           "BatchNorm per micro-batch (1)")
+    a("--lr", type=float)
+    a("--momentum", type=float)
+    a("--weight-decay", dest="weight_decay", type=float)
+    a("--color-jitter", dest="color_jitter", type=float, metavar="B",
+      help="ColorJitter brightness B for training batches (0; CIFAR presets: 63/255)")
+    a("--lambda-a", dest="lambda_a", type=float, help="auxiliary loss weight")
+    a("--keep", type=float, metavar="R",
+      help=f"parameter budget: the fraction of each new extractor's parameters that pruning "
+           f"keeps; lambda_s is adapted during stage 1 to land there ({d.keep})")
+    a("--lambda-s", dest="lambda_s", type=float,
+      help="a fixed sparsity loss weight instead of a budget (replaces --keep)")
+    a("--s-max", dest="s_max", type=float, help="mask annealing s_max (400)")
+    a("--s-anneal", dest="s_anneal", choices=S_ANNEAL,
+      help="mask temperature: anneal s to s_max within every epoch (HAT/DER) or keep it "
+           "fixed at s_max (epoch)")
+    a("--mask-init", dest="mask_init", type=float,
+      help=f"initial mask embedding e ({d.mask_init:g})")
+    a("--mask-lr", dest="mask_lr", type=float,
+      help=f"learning rate of the mask embeddings, plain SGD ({d.mask_lr:g})")
+    a("--no-masks", dest="masks", action="store_false", default=None,
+      help="DER without masks (and without pruning)")
+    a("--masks", dest="masks", action="store_true", default=None, help=argparse.SUPPRESS)
+    a("--no-prune", dest="prune", action="store_false", default=None)
+    a("--prune", dest="prune", action="store_true", default=None, help=argparse.SUPPRESS)
+    a("--stage2", choices=STAGE2_MODES, help="classifier learning: paper's re-training, "
+                                             "PyCIL's weight aligning, or none")
+    a("--temperature", type=float)
+    a("--top5", action="store_true", default=None)
+    a("--no-top5", dest="top5", action="store_false", default=None)
+    a("--seed", type=int, help="seed of data order, initialisation and augmentation (1993); "
+                               "the class order has --class-seed")
+    a("--device", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
+    a("--impl", choices=IMPLS)
+    a("--out", help=f"output directory ({d.out})")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    a("--no-progress", dest="progress", action="store_false", default=None)
+    a("--no-plots", dest="plots", action="store_false", default=None,
+      help="do not write accuracy.png / params.png (metrics.csv is always written)")
+    a("--tensorboard", action="store_true", default=None,
+      help="also log to OUT/tensorboard (needs the tensorboard package)")
+    a("--deterministic", action="store_true", default=None)
+    return p
+
+
+def config_from_args(argv=None):
+    """Resolve the command line into a validated Config (and whether to resume).
+    Precedence: defaults < --preset (or a config file's "preset") < --config < flags;
+    --epochs-scale scales the first three layers' schedule."""
+    p = _parser()
+    args = p.parse_args(argv)
+    special = ("config", "resume", "preset", "epochs_scale")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in special}
+    if args.resume:
+        if args.preset or args.config:
+            raise ConfigError("--resume DIR continues with the config saved in DIR's checkpoint;"
+                              " do not combine it with --preset or --config")
+        saved = Path(args.resume) / "checkpoint.pt"
+        if not saved.exists():
+            raise ConfigError(f"--resume: no checkpoint in {args.resume}")
+        base = dict(_read_ckpt(saved)["config"])
+        base["out"] = args.resume
+        if args.epochs_scale is not None and \
+                args.epochs_scale != base.get("epochs_scale", 1.0):
+            raise ConfigError("--epochs-scale cannot change when resuming (the checkpoint's "
+                              f"schedule was scaled by {base.get('epochs_scale', 1.0)})")
+    else:
+        file_cfg = {}
+        if args.config:
+            try:
+                file_cfg = json.loads(Path(args.config).read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise ConfigError(f"cannot read config {args.config}: {exc}") from exc
+            if not isinstance(file_cfg, dict):
+                raise ConfigError(f"config {args.config} must hold a JSON object")
+        base = asdict(Config())
+        preset = args.preset or file_cfg.get("preset")
+        if preset:
+            try:
+                base = _merge(base, P.preset_config(preset))
+            except KeyError as exc:
+                raise ConfigError(exc.args[0]) from None
+        base = _merge(base, file_cfg)
+        if args.epochs_scale is not None:
+            try:
+                base = P.scale_schedule(base, args.epochs_scale)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"--epochs-scale: {exc}") from None
+            base["epochs_scale"] = float(base.get("epochs_scale") or 1.0) * args.epochs_scale
+    cfg = Config.from_dict(_merge(base, given))
+    if cfg.init_cls == 0:
+        cfg.init_cls = cfg.increment
+    return cfg.validate(), bool(args.resume)
+
+
+def main(argv=None) -> int:
+    """The CLI; exit status 0, 2 (bad config or data), 3 (non-finite loss) or 128 + signal."""
+    rank0 = os.environ.get("RANK", "0") == "0"
+
+    def error(msg):
+        if rank0:
+            print(f"error: {msg}", file=sys.stderr)
+
+    cfg = None
+    try:
+        cfg, resume = config_from_args(argv)
+        t0 = time.perf_counter()
+        metrics = run(cfg, resume=resume)
+    except (ConfigError, D.DataError) as exc:
+        error(exc)
+        return 2
+    except NonFiniteLoss as exc:
+        error(f"{exc}; stopped: the last good checkpoint (the last complete stage) is kept in "
+              f"{cfg.out}")
+        return 3
+    except Interrupted as exc:
+        error(f"{exc}; the last complete stage is checkpointed in {cfg.out}: continue with "
+              f"--resume {cfg.out}")
+        return 128 + exc.signum
+    if not rank0:
+        return 0
+    s = metrics["summary"]
+    print()
+    print(format_table(metrics["steps"]))
+    print(f"\naverage incremental top-1 {s['avg_incremental_top1']:.2f}  last top-1 "
+          f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
+          f"{time.perf_counter() - t0:.1f} s")
+    unp = (f" (unpruned {s['avg_extractor_params_unpruned']:,.0f} / "
+           f"{s['final_extractor_params_unpruned']:,})"
+           if "avg_extractor_params_unpruned" in s else "")
+    print(f"extractor parameters, average over steps / final: "
+          f"{s['avg_extractor_params']:,.0f} / {s['final_extractor_params']:,}{unp}")
+    print(f"metrics: {Path(cfg.out) / 'metrics.json'} (also metrics.csv, config.json"
+          f"{', accuracy.png, params.png' if cfg.plots else ''})")
+    return 0

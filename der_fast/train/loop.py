@@ -1,0 +1,148 @@
+"""The SGD epoch loop shared by both training stages (lr schedule, micro-batches, DDP, stops)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..masks import anneal_s
+from ..objective import make_optimizer
+from .batches import _gen, _train_batches
+from .distributed import _BNAverage, _Dist, _wrap
+from .faults import _STOP, Interrupted, NonFiniteLoss
+
+
+def _lr_at(epoch: int, base: float, warmup: int, milestones) -> float:
+    """Linear warm-up over ``warmup`` epochs, then ``base`` divided by 10 at each milestone."""
+    if warmup and epoch < warmup:
+        return base * (epoch + 1) / warmup
+    return base * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    """A tqdm bar on stderr, or None (disabled or tqdm missing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+@dataclass
+class _Runtime:
+    """What the stages need besides the config: the distributed context and an optional
+    per-epoch callback (TensorBoard)."""
+
+    dist: _Dist = field(default_factory=_Dist)
+    on_epoch: Optional[object] = None  # callable(tag, epoch, loss)
+
+
+@contextlib.contextmanager
+def _trained_only(model, params):
+    """Only ``params`` require grad inside the block (DDP reduces exactly those; e.g. the
+    auxiliary classifier is out of stage 2's loss); the others are restored afterwards."""
+    training = {id(p) for _, p in params}
+    paused = [p for p in model.parameters() if p.requires_grad and id(p) not in training]
+    for p in paused:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in paused:
+            p.requires_grad_(True)
+
+
+def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, warmup,
+                  seed_salt, device, loss_fn, after_backward=None, after_step=None, desc="",
+                  s_anneal=False, rt: Optional[_Runtime] = None, tag: str = ""):
+    """Train ``params`` (``[(name, p)]``) by SGD for ``epochs``; returns the mean loss of the
+    last epoch (over all ranks).
+
+    ``indices``: the training images, or ``epoch -> indices``. ``loss_fn(net, x, y)`` gets
+    the DDP wrapper (or the model). With several micro-batches per process
+    (``--accum-steps``) or several processes, micro-batch k of a batch of n images has loss
+    weight world * n_k / n: DDP's gradient average is then the gradient of the global batch's
+    mean loss. Gradient compensation (``after_backward(s)``) runs after ``backward()``, i.e.
+    after DDP's all-reduce, and the clamp (``after_step``) after the optimiser step,
+    identically on every rank. ``rt.on_epoch(tag, epoch, loss)`` is called after every
+    epoch when ``tag`` is given."""
+    rt = rt or _Runtime()
+    opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                         mask_lr=cfg.mask_lr)
+    with _trained_only(model, params):
+        d = rt.dist
+        net = _wrap(model, d)
+        chunks = d.world * cfg.accum_steps
+        mine = list(range(d.rank * cfg.accum_steps, (d.rank + 1) * cfg.accum_steps))
+        pick = indices if callable(indices) else (lambda epoch: indices)
+        bar = None
+        last = float("nan")
+        for epoch in range(epochs):
+            for g in opt.param_groups:
+                if g["scheduled"]:
+                    g["lr"] = _lr_at(epoch, lr, warmup, milestones)
+            idx = pick(epoch)
+            n_batches = max(1, math.ceil(len(idx) / cfg.batch_size))
+            if bar is None:
+                bar = _progress(epochs * n_batches, desc, cfg.progress and d.main)
+            gen = _gen(cfg.seed, *seed_salt, epoch)
+            total, count = 0.0, 0
+            net.train()
+            for b, (parts, n) in enumerate(_train_batches(data, idx, cfg, gen, device, chunks,
+                                                          mine)):
+                s = anneal_s(b, n_batches, cfg.s_max) if s_anneal else None
+                if s is not None:
+                    model.set_s(s)
+                opt.zero_grad(set_to_none=True)
+                bn = _BNAverage(model, d, chunks) if chunks > 1 else None
+                bad = False
+                loss = None
+                for k, (x, y) in enumerate(parts):
+                    final = k == len(parts) - 1
+                    if bn is not None:
+                        bn.before(k)
+                    no_sync = net.no_sync() if (net is not model and not final) else \
+                        contextlib.nullcontext()
+                    with no_sync:
+                        loss = loss_fn(net, x, y)
+                        value = float(loss.detach())
+                        if math.isfinite(value):
+                            total += value * len(y)
+                            count += len(y)
+                        else:
+                            bad = True
+                        w = d.world * len(y) / n
+                        if w != 1.0:
+                            loss = loss * w
+                        if not final and not bad:
+                            loss.backward()
+                    if bn is not None:
+                        bn.after()
+                bad, stop = d.any(bad, _STOP["signum"])  # every rank decides the same
+                if bad:
+                    raise NonFiniteLoss(f"{desc}: non-finite loss at epoch {epoch}, batch {b}")
+                if stop:
+                    raise Interrupted(stop, f"{desc} (epoch {epoch}, batch {b})")
+                loss.backward()  # the synchronising backward under DDP
+                if bn is not None:  # after backward: BN saved its buffers for it
+                    bn.finish()
+                if after_backward is not None:
+                    after_backward(s)
+                opt.step()
+                if after_step is not None:
+                    after_step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(count, 1):.3f}")
+            total, count = d.sum(total, count)
+            last = total / max(count, 1)
+            if rt.on_epoch is not None and tag:
+                rt.on_epoch(tag, epoch, last)
+        if bar is not None:
+            bar.close()
+        return last

@@ -1,0 +1,150 @@
+"""What a run writes to OUT/: checkpoints, metrics.json and the other result files, the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .config import Config, ConfigError
+from .distributed import _Dist
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: readers never see a partial file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+
+
+def _save_ckpt(out: Path, state: dict) -> None:
+    _atomic_write(out / "checkpoint.pt", lambda p: torch.save(state, p))
+
+
+def _read_ckpt(path: Path) -> dict:
+    """A checkpoint's dict (plain types and tensors: no der_fast class is pickled); a clear
+    ConfigError if the file is unreadable or not a der_fast checkpoint."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt file: never a silent restart
+        raise ConfigError(f"checkpoint {path} is corrupt or unreadable: {exc}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) \
+            or "model" not in state:
+        raise ConfigError(f"checkpoint {path} is not a der_fast checkpoint")
+    return state
+
+
+# fields that do not change the numbers: they may differ when resuming
+_RESUME_FREE = {"out", "progress", "device", "impl", "plots", "tensorboard"}
+
+
+def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
+    """OUT/checkpoint.pt (None if absent), checked to be made with ``cfg`` (up to
+    ``_RESUME_FREE``)."""
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return None
+    state = _read_ckpt(path)
+    saved = dict(state["config"])
+    mine = asdict(cfg)
+    default = asdict(Config())  # fields a checkpoint from an older version does not have
+    diff = {k: (saved.get(k, default[k]), mine[k]) for k in mine
+            if k not in _RESUME_FREE and saved.get(k, default[k]) != mine[k]}
+    if diff:
+        raise ConfigError(f"checkpoint {path} was made with another config: {diff}")
+    return state
+
+
+class _Outputs:
+    """Rank 0's files besides the checkpoint: metrics.json, metrics.csv, PNG plots and
+    (optionally) TensorBoard events."""
+
+    def __init__(self, out: Path, cfg: Config, main: bool, log):
+        self.out, self.cfg, self.main, self.log = out, cfg, main, log
+        self.tb = None
+        self.warned = False
+        if main and cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ConfigError(
+                    f"--tensorboard needs the 'tensorboard' package ({exc}); install it with "
+                    "'pip install tensorboard' or drop --tensorboard (metrics.json, metrics.csv "
+                    "and the PNG plots are written anyway)") from None
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+
+    def epoch(self, t: int, epochs_per_step: dict):
+        """The per-epoch loss callback of step t (TensorBoard x axis: epochs over the run)."""
+        def on_epoch(tag, epoch, loss):
+            if self.tb is not None:
+                self.tb.add_scalar(tag, loss, t * max(1, epochs_per_step[tag]) + epoch)
+        return on_epoch
+
+    def step(self, metrics: dict) -> None:
+        """After every step: metrics.json, metrics.csv, plots, TensorBoard scalars."""
+        if not self.main:
+            return
+        _write_json(self.out / "metrics.json", metrics)
+        from ..plot import write_run_outputs
+
+        msg = write_run_outputs(self.out, metrics, plots=self.cfg.plots)
+        if msg and not self.warned:
+            self.log(f"warning: {msg}")
+            self.warned = True
+        if self.tb is not None and metrics["steps"]:
+            row = metrics["steps"][-1]
+            t = row["step"]
+            for k in ("top1", "top5", "params", "params_unpruned", "memory_size",
+                      "loss_stage1", "loss_stage2", "time_total_s"):
+                if k in row:
+                    self.tb.add_scalar(f"step/{k}", row[k], t)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+
+def format_table(steps: list) -> str:
+    """One line per step. ``extractors``: parameters of all extractors (pruned / unpruned);
+    ``keep``: the newest extractor's kept fraction; ``MMACs``: multiply-accumulates of one
+    image through the super-feature extractor, in millions (pruned / unpruned)."""
+    head = (f"{'step':>4} {'classes':>7} {'top1':>7} {'top5':>7} {'extractors':>10} "
+            f"{'unpruned':>10} {'keep':>5} {'MMACs':>7} {'unpruned':>8} {'stage1 s':>9} "
+            f"{'stage2 s':>9}")
+    lines = [head, "-" * len(head)]
+    for s in steps:
+        top5 = f"{s['top5']:7.2f}" if "top5" in s else f"{'-':>7}"
+        unp = f"{sum(s['extractor_params_unpruned']):>10,}" \
+            if "extractor_params_unpruned" in s else f"{'-':>10}"
+        keep = f"{s['keep']:5.2f}" if "keep" in s else f"{'-':>5}"
+        macs = f"{s['macs'] / 1e6:7.1f}" if "macs" in s else f"{'-':>7}"
+        unm = f"{s['macs_unpruned'] / 1e6:8.1f}" if "macs_unpruned" in s else f"{'-':>8}"
+        lines.append(f"{s['step']:>4} {s['n_classes']:>7} {s['top1']:7.2f} {top5} "
+                     f"{sum(s['extractor_params']):>10,} {unp} {keep} {macs} {unm} "
+                     f"{s['time_stage1_s']:9.1f} {s['time_stage2_s']:9.1f}")
+    return "\n".join(lines)
+
+
+def _env_info(device, d: Optional[_Dist] = None) -> dict:
+    """Versions, device and platform, recorded in metrics.json."""
+    gpu = None
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device.index if device.index is not None else 0)
+    return {"der_fast": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
+            "world_size": d.world if d is not None else 1,
+            "dist_backend": d.backend if d is not None and d.active else None}

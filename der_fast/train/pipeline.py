@@ -1,0 +1,223 @@
+"""The whole run: per step update_fc, stage 1, pruning, stage 2, herding, evaluation, checkpoint."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .. import data as D
+from .config import Config, ConfigError
+from .distributed import _Dist
+from .evaluate import _step_row, _summary, extract
+from .faults import Interrupted, _sigterm_handler
+from .loop import _Runtime
+from .outputs import _env_info, _load_ckpt, _Outputs, _save_ckpt, _write_json, format_table
+from .stages import stage1, stage2
+
+
+def _model_class(impl: str):
+    """The model class of ``--impl`` (tests substitute variants here)."""
+    if impl == "reference":
+        from ..reference import DERNet
+        return DERNet
+    from ..fast import FastDERNet
+    return FastDERNet
+
+
+def run(cfg: Config, resume: bool = False, log=print) -> dict:
+    """Run the whole pipeline; returns the metrics dict (also written to OUT/metrics.json).
+
+    Under torchrun (``WORLD_SIZE`` > 1) or inside an initialised torch.distributed process
+    group, the training stages run data-parallel (see :mod:`der_fast.train.distributed`);
+    every rank returns the same metrics, rank 0 writes the files."""
+    cfg.validate()
+    d = _Dist.setup(cfg)
+    ok = False
+    try:
+        with _sigterm_handler():
+            say = log if d.main else (lambda *a, **k: None)
+            data, memory, outputs = _prepare(cfg, say, d)
+            try:
+                metrics = _incremental_steps(cfg, resume, say, d, data, memory, outputs)
+            finally:
+                outputs.close()
+        ok = True
+        return metrics
+    finally:
+        d.close(ok)
+
+
+def _probe_out(out: Path) -> None:
+    """Create OUT/ and check it is writable (before any training)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output directory {out} is not writable: {exc}") from exc
+
+
+def _prepare(cfg: Config, say, d: _Dist):
+    """Checks that need the process count, the output directory, the data (on the device
+    when it fits in memory), the empty exemplar memory and the result writer."""
+    device = d.device
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    if cfg.batch_size < d.world * cfg.accum_steps:
+        raise ConfigError(f"batch_size {cfg.batch_size} is smaller than processes x "
+                          f"accum_steps = {d.world * cfg.accum_steps}")
+    out = Path(cfg.out)
+    d.agree(lambda: _probe_out(out))
+
+    def load_data():
+        try:
+            return D.IncrementalData(cfg.dataset, cfg.init_cls, cfg.increment,
+                                     root=cfg.data_root, download=cfg.download and d.main,
+                                     seed=cfg.class_seed, max_train_per_class=cfg.train_per_class)
+        except D.DataError as exc:
+            raise ConfigError(str(exc)) from exc
+
+    if cfg.download and d.active:  # rank 0 downloads first, then everyone reads
+        d.agree(lambda: load_data() and None)
+    data = d.agree_all(load_data)
+    memory = D.Memory(total=cfg.memory_total, per_class=cfg.memory_per_class)
+    if cfg.memory_total is not None and cfg.memory_total < data.num_classes:
+        raise ConfigError(f"memory_total {cfg.memory_total} is smaller than the number of "
+                          f"classes ({data.num_classes})")
+    if data.dataset.in_memory and device.type == "cuda":
+        data.dataset = data.dataset.to(device)
+    holder = {}
+
+    def make_outputs():  # rank 0 (checks --tensorboard); no object crosses processes
+        holder["outputs"] = _Outputs(out, cfg, True, say)
+
+    d.agree(make_outputs)
+    outputs = holder.get("outputs") or _Outputs(out, cfg, False, say)
+    return data, memory, outputs
+
+
+def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
+    """Every incremental step from the start or the checkpoint on; returns the metrics."""
+    device, out = d.device, Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    Net = _model_class(cfg.impl)
+    model = Net(cfg.backbone, in_channels=data.info.channels, use_masks=cfg.masks,
+                mask_init=cfg.mask_init).to(device)
+    metrics = {"config": asdict(cfg), "env": _env_info(device, d), "class_order": data.order,
+               "steps": [], "summary": {}}
+    start_t, start_stage = 0, 0
+    if resume:
+        def load():
+            state = _load_ckpt(out, cfg)
+            if state is None:
+                raise ConfigError(f"--resume: no checkpoint in {out}")
+            return state
+
+        state = d.agree(load)
+        model.load_state_dict(state["model"])
+        model.to(device)
+        memory.load_state_dict(state["memory"])
+        metrics["steps"] = state["steps"]
+        start_t, start_stage = state["next"]
+        partial = state.get("partial", {})
+        saved_world = state.get("world_size", 1)
+        if saved_world != d.world:
+            say(f"warning: the checkpoint was written by {saved_world} process(es), this run "
+                f"has {d.world}: BatchNorm sees other micro-batches, so the numbers will not "
+                "match an uninterrupted run exactly")
+        say(f"resuming {out} at step {start_t}, stage {start_stage}")
+    else:
+        partial = {}
+    if d.main:
+        _write_json(out / "config.json", asdict(cfg))
+    par = f", {d.world} processes ({d.backend})" if d.active else ""
+    say(f"DER on {cfg.dataset} ({data.num_classes} classes, {data.num_steps} steps: "
+        f"{cfg.init_cls or cfg.increment} + {cfg.increment}/step), backbone {cfg.backbone}, "
+        f"impl {cfg.impl}, device {device}{par}")
+    rt = _Runtime(dist=d)
+    epochs_per = {"train/loss_stage1": cfg.epochs, "train/loss_stage2": cfg.epochs_stage2}
+
+    def ckpt(next_t, next_stage, partial):
+        if d.main:
+            _save_ckpt(out, {"config": asdict(cfg), "model": model.state_dict(),
+                             "memory": memory.state_dict(), "steps": metrics["steps"],
+                             "next": (next_t, next_stage), "partial": partial,
+                             "version": __version__, "world_size": d.world})
+
+    def check_stop(done):  # SIGTERM during pruning / herding / evaluation / the writes
+        stop = d.stop_requested()
+        if stop:
+            raise Interrupted(stop, f"the end of {done}")
+
+    hw = (data.info.image_size, data.info.image_size)
+    for t in range(start_t, data.num_steps):
+        n_old, n_known = data.num_old(t), data.num_known(t)
+        stage = start_stage if t == start_t else 0
+        rt.on_epoch = outputs.epoch(t, epochs_per)
+        if stage == 0:
+            partial = {}
+            torch.manual_seed(cfg.seed * 1009 + t)
+            model.update_fc(n_known)
+            model.to(device)
+            train_idx = np.concatenate([data.train_indices(t), memory.indices()])
+            t0 = time.perf_counter()
+            prev = metrics["steps"][-1] if metrics["steps"] else {}
+            report = {}
+            partial["loss_stage1"] = stage1(model, data, train_idx, cfg, t, n_old, device, rt,
+                                            lambda_s0=prev.get("lambda_s"), report=report)
+            partial["time_stage1_s"] = time.perf_counter() - t0
+            partial.update(report)
+            partial["params_unpruned"] = model.num_params()
+            partial["extractor_params_unpruned"] = model.extractor_params()
+            partial["extractor_macs_unpruned"] = model.extractor_macs(hw)
+            if cfg.masks and cfg.prune:
+                t0 = time.perf_counter()
+                model.prune()
+                partial["time_prune_s"] = time.perf_counter() - t0
+                partial["keep"] = (model.extractor_params()[-1]
+                                   / partial["extractor_params_unpruned"][-1])
+            stage = 1
+            ckpt(t, 1, partial)
+            check_stop(f"step {t} stage 1")
+        if stage == 1:
+            t0 = time.perf_counter()
+            if t > 0 and cfg.stage2 == "retrain" and cfg.epochs_stage2 > 0:
+                pool = np.concatenate([data.train_indices(t), memory.indices()])
+                partial["loss_stage2"] = stage2(model, data, pool, cfg, t, device, rt)
+            elif t > 0 and cfg.stage2 == "weight_align":
+                partial["weight_align_gamma"] = model.weight_align(n_known - n_old)
+            partial["time_stage2_s"] = time.perf_counter() - t0
+            model.freeze_conv()
+
+            def update_memory():  # rank 0 herds; the exemplars are broadcast
+                memory.update(
+                    lambda idx: extract(model, data, "train", idx, 2 * cfg.batch_size, device),
+                    data.labels("train"), data.new_classes(t))
+                return memory.state_dict()
+
+            t0 = time.perf_counter()
+            mem_state = d.agree(update_memory)
+            if not d.main:
+                memory.load_state_dict(mem_state)
+            partial["time_memory_s"] = time.perf_counter() - t0
+
+            row = d.agree(lambda: _step_row(model, data, memory, cfg, t, device, hw, partial,
+                                            metrics["steps"]))
+            metrics["steps"].append(row)
+            metrics["summary"] = _summary(metrics["steps"])
+            ckpt(t + 1, 0, {})  # first: metrics.json never runs ahead of the checkpoint
+            outputs.step(metrics)
+            say(format_table(metrics["steps"][-1:]) if t == 0 and not resume
+                else format_table(metrics["steps"][-1:]).splitlines()[-1])
+            if t + 1 < data.num_steps:
+                check_stop(f"step {t}")
+    metrics["summary"] = _summary(metrics["steps"])
+    if d.main:
+        _write_json(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,128 @@
+"""DER's two training stages of a step: representation learning and classifier re-training."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from .. import data as D
+from ..masks import BudgetController, shift_to_budget
+from ..objective import stage1_loss, stage2_loss
+from .batches import _gen
+from .loop import _Runtime, _train_epochs
+
+
+def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] = None,
+           lambda_s0: Optional[float] = None, report: Optional[dict] = None) -> float:
+    """Representation learning of step t: CE + aux CE + lambda_s * sparsity, masks annealed.
+
+    With a budget (``cfg.keep``) lambda_s starts at ``lambda_s0`` (the previous step's final
+    value) and is adapted after every step (:class:`masks.BudgetController`). ``report``
+    receives ``lambda_s`` (final) and ``keep_trace`` (the binary keep ratio after each
+    epoch)."""
+    rt = rt or _Runtime()
+    report = {} if report is None else report
+    lambda_a = cfg.lambda_a if t > 0 else 0.0
+    use_masks = model.convnets[-1].mask_e is not None
+    aux_used = lambda_a > 0 and len(model.convnets) > 1
+    # the auxiliary classifier is trained only when it is in the loss (at step 0 or with
+    # lambda_a = 0 it gets no gradient anyway; DDP needs every trained parameter used)
+    params = [(n, p) for n, p in model.named_parameters()
+              if p.requires_grad and (aux_used or not n.startswith("aux_fc."))]
+
+    new = model.convnets[-1]
+    control = None
+    if use_masks and cfg.keep is not None:
+        n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
+        control = BudgetController(cfg.keep, cfg.epochs * n_batches,
+                                   lambda_s0 if lambda_s0 is not None else 1.0)
+    lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
+
+    def loss_fn(net, x, y):
+        return stage1_loss(model, net(x), y, n_old, lambda_a if aux_used else 0.0, lam[0])
+
+    def after_step():
+        model.clamp_masks(cfg.s_max)
+        if control is not None and not new.binary_masks:
+            lam[0] = control.update(model.keep_ratio())
+            if control.finished:  # end of the ramp: land on the budget, fine-tune the rest
+                shift_to_budget(new, cfg.keep)
+                new.binary_masks = True
+
+    anneal = use_masks and cfg.s_anneal == "epoch"
+    if use_masks and not anneal:
+        model.set_s(cfg.s_max)
+    after_backward = (lambda s: model.compensate_mask_grads(cfg.s_max if s is None else s,
+                                                            cfg.s_max)) if use_masks else None
+    trace = []
+
+    def on_epoch(tag, epoch, loss):
+        if use_masks:
+            trace.append(round(model.keep_ratio(), 4))
+        if rt.on_epoch is not None:
+            rt.on_epoch(tag, epoch, loss)
+
+    milestones = cfg.milestones or [int(0.6 * cfg.epochs), int(0.85 * cfg.epochs)]
+    loss = _train_epochs(model, params, data, indices, cfg, epochs=cfg.epochs, lr=cfg.lr,
+                         milestones=[m for m in milestones if m > 0], warmup=cfg.warmup_epochs,
+                         seed_salt=(t, 1), device=device, loss_fn=loss_fn,
+                         after_backward=after_backward,
+                         after_step=after_step if use_masks else None,
+                         desc=f"step {t} stage 1", s_anneal=anneal,
+                         rt=dataclasses.replace(rt, on_epoch=on_epoch), tag="train/loss_stage1")
+    if use_masks:
+        model.set_s(cfg.s_max)
+        new.binary_masks = True
+        recalibrate_bn(model, data, indices, cfg, device)
+        report["lambda_s"] = lam[0]
+        report["keep_trace"] = trace
+    return loss
+
+
+@torch.no_grad()
+def recalibrate_bn(model, data, indices, cfg, device) -> None:
+    """Re-estimate the newest extractor's BatchNorm statistics with its binary masks: the
+    plain average of the batch statistics over ``indices`` (no augmentation). During stage 1
+    its masks move from soft (s ~ 0: every gate ~ 1/2) to binary within every epoch, so the
+    running averages mix inputs of other scales, and in eval mode the errors compound over
+    the layers. Every process computes the same statistics from the same data."""
+    net = model.convnets[-1]
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    try:
+        for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
+            model(x)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+
+
+def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> float:
+    """Balanced classifier re-training: every extractor frozen, H_t re-initialised and trained
+    alone on a class-balanced subset (re-drawn each epoch) with logits / temperature."""
+    model.freeze_conv()
+    torch.manual_seed(cfg.seed * 7919 + t)
+    model.reset_fc()
+    labels = data.labels("train")
+    params = list(model.fc.named_parameters())
+    milestones = cfg.milestones_stage2 or [max(1, cfg.epochs_stage2 // 2)]
+
+    def loss_fn(net, x, y):
+        return stage2_loss(net(x), y, cfg.temperature)
+
+    def subset(epoch):  # re-drawn every epoch
+        return pool[D.balanced_subset(labels[pool], generator=_gen(cfg.seed, t, 2, epoch))]
+
+    return _train_epochs(model, params, data, subset, cfg, epochs=cfg.epochs_stage2,
+                         lr=cfg.lr_stage2, milestones=milestones, warmup=0, seed_salt=(t, 3),
+                         device=device, loss_fn=loss_fn, desc=f"step {t} stage 2", rt=rt,
+                         tag="train/loss_stage2")
