@@ -21,7 +21,6 @@ gives stable numbers: OpenMP barriers otherwise wait for descheduled threads).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -34,19 +33,10 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import der_fast
+from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
 from der_fast import ops
 
-
-def _device() -> torch.device:
-    want = os.environ.get("DER_FAST_BENCH_DEVICE", "auto")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-DEVICE = _device()
-if os.environ.get("DER_FAST_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
+DEVICE = bench_device()
 S = 5.0  # mask temperature mid-anneal
 
 SHAPES = [  # (net, N, C, HW)

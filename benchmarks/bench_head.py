@@ -17,7 +17,6 @@ DER_FAST_BENCH_DEVICE=auto|cpu|cuda, DER_FAST_BENCH_THREADS=N as in bench_gating
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -30,19 +29,10 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import der_fast
+from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
 from der_fast import ops
 
-
-def _device() -> torch.device:
-    want = os.environ.get("DER_FAST_BENCH_DEVICE", "auto")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
-
-
-DEVICE = _device()
-if os.environ.get("DER_FAST_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
+DEVICE = bench_device()
 NETS = {"resnet32": (128, 64, 8), "resnet18": (32, 512, 4)}  # N, C per extractor, H=W
 TS = [1, 5, 10]
 MODES = ["fwd", "fwdbwd"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from der_fast import ops
+from helpers import assert_close
 
 # (dtype, forward atol/rtol, gradient atol/rtol); tolerances are scaled by max(1, max|expected|)
 DTYPES = {
@@ -34,27 +35,6 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 def _gen(request) -> torch.Generator:
     """A generator seeded from the test id: fresh, reproducible random data per test."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
-
-
-def assert_close(actual, expected, atol, rtol, what):
-    """Like torch.testing.assert_close, but tolerances scale with the data and the message
-    names the worst element (index, actual, expected)."""
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    )
-    a = actual.detach().double().cpu()
-    b = expected.detach().double().cpu()
-    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
-    err = (a - b).abs()
-    bad = err > atol * scale + rtol * b.abs()
-    if bad.any():
-        flat = int(torch.argmax(torch.where(bad, err, torch.zeros_like(err))))
-        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{a.numel()} elements differ; worst at index {where}: "
-            f"actual={a[where].item():.9g} expected={b[where].item():.9g} "
-            f"(|diff|={err[where].item():.3g}, atol={atol * scale:.3g}, rtol={rtol})"
-        )
 
 
 def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:

@@ -18,26 +18,7 @@ import pytest
 import torch
 
 from der_fast import ops
-
-
-def assert_close(actual, expected, atol, rtol, what):
-    """Tolerances scale with the data; the message names the worst element (index, values)."""
-    assert actual.shape == expected.shape, (
-        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    )
-    a = actual.detach().double().cpu()
-    b = expected.detach().double().cpu()
-    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
-    err = (a - b).abs()
-    bad = err > atol * scale + rtol * b.abs()
-    if bad.any():
-        flat = int(torch.argmax(torch.where(bad, err, torch.zeros_like(err))))
-        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
-        raise AssertionError(
-            f"{what}: {int(bad.sum())}/{a.numel()} elements differ; worst at index {where}: "
-            f"actual={a[where].item():.9g} expected={b[where].item():.9g} "
-            f"(|diff|={err[where].item():.3g}, atol={atol * scale:.3g}, rtol={rtol})"
-        )
+from helpers import assert_close
 
 
 DTYPES = {

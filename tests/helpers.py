@@ -1,0 +1,26 @@
+"""Assertions shared by the tests (import as ``from helpers import ...``: pytest puts tests/
+on sys.path)."""
+from __future__ import annotations
+
+import torch
+
+
+def assert_close(actual, expected, atol, rtol, what):
+    """Like torch.testing.assert_close, but tolerances scale with the data and the message
+    names the worst element (index, actual, expected)."""
+    assert actual.shape == expected.shape, (
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    )
+    a = actual.detach().double().cpu()
+    b = expected.detach().double().cpu()
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    err = (a - b).abs()
+    bad = err > atol * scale + rtol * b.abs()
+    if bad.any():
+        flat = int(torch.argmax(torch.where(bad, err, torch.zeros_like(err))))
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{a.numel()} elements differ; worst at index {where}: "
+            f"actual={a[where].item():.9g} expected={b[where].item():.9g} "
+            f"(|diff|={err[where].item():.3g}, atol={atol * scale:.3g}, rtol={rtol})"
+        )
