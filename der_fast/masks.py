@@ -213,11 +213,12 @@ def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = MASK_INIT) 
 
     Channels that ``prev`` kept get its weights and BN state; channels pruned away from ``prev``
     get a fresh initialisation (they were judged unimportant for the old task and start anew),
-    but their connections *into* kept channels start at zero, so the kept channels compute
-    ``prev``'s function at first. Masks (``masked``): kept channels start at
-    ``e ~ U(0, mask_init)`` (on), the fresh ones at ``e = 0`` (off when binarised, gate 1/2
-    while soft): with binary masks the new extractor starts as exactly ``prev`` (its kept
-    features, zero elsewhere).
+    but their connections *into* kept channels start at zero: with the fresh channels
+    switched off the new extractor computes exactly ``prev``. Masks (``masked``): every
+    channel starts on, ``e ~ U(0, mask_init)`` (kept channels drawn first, then the fresh
+    ones), so the new extractor starts at full width and stage 1 prunes it to the budget
+    again (fresh channels starting off measured worse: benchmarks/RESULTS.md, "Masks"). On,
+    fresh stream channels reach kept ones through option-A shortcuts (no weights to zero).
     """
     full = MaskedResNet(prev.arch, prev.in_channels).full_widths
     p0 = next(prev.parameters())
@@ -247,6 +248,11 @@ def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = MASK_INIT) 
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(b_new, name)[idx[dst]] = getattr(b_old, name).detach()
             b_new.num_batches_tracked.copy_(b_old.num_batches_tracked)
+        if masked:
+            for p, e in new.mask_e.items():
+                n = int(fresh[p].sum())
+                if n:
+                    e[fresh[p]] = (torch.rand(n) * float(mask_init)).to(e)
     return new
 
 
