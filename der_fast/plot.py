@@ -59,9 +59,14 @@ def csv_text(metrics: dict) -> str:
 
 
 def _atomic(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``; a failed write removes the temporary file."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_csv(metrics: dict, path) -> Path:
@@ -83,7 +88,35 @@ def load_run(path) -> dict:
         raise ValueError(f"{f}: unreadable metrics.json: {exc}") from exc
     if not isinstance(m, dict) or "steps" not in m:
         raise ValueError(f"{f}: not a der_fast metrics.json (no 'steps')")
+    problem = _steps_problem(m["steps"])
+    if problem:
+        raise ValueError(f"{f}: not a der_fast metrics.json ({problem})")
     return m
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _steps_problem(steps) -> Optional[str]:
+    """What is wrong with metrics.json's ``steps`` for plotting (None if nothing): a list of
+    objects with numbers ``n_classes`` and ``top1``, optional number ``top5`` and optional
+    number lists ``extractor_params[_unpruned]`` / ``extractor_macs[_unpruned]``."""
+    if not isinstance(steps, list):
+        return f"'steps' must be a list, got {type(steps).__name__}"
+    for i, s in enumerate(steps):
+        if not isinstance(s, dict):
+            return f"steps[{i}] must be an object"
+        for k in ("n_classes", "top1"):
+            if not _is_num(s.get(k)):
+                return f"steps[{i}].{k} must be a number, got {s.get(k)!r}"
+        if "top5" in s and not _is_num(s["top5"]):
+            return f"steps[{i}].top5 must be a number, got {s['top5']!r}"
+        for k in ("extractor_params", "extractor_params_unpruned", "extractor_macs",
+                  "extractor_macs_unpruned"):
+            if k in s and not (isinstance(s[k], list) and all(map(_is_num, s[k]))):
+                return f"steps[{i}].{k} must be a list of numbers"
+    return None
 
 
 def _pyplot():
@@ -241,10 +274,15 @@ def main(argv=None) -> int:
         for label, m in zip(labels, runs):
             for s in m.get("steps", []):
                 w.writerow([label] + [_cell(s.get(c)) for c in CSV_COLUMNS])
-        Path(args.csv).write_text(buf.getvalue())
+        try:
+            _atomic(Path(args.csv), lambda p: p.write_text(buf.getvalue()))
+        except OSError as exc:
+            print(f"error: cannot write {args.csv}: {exc}", file=sys.stderr)
+            return 2
     for label, m in zip(labels, runs):
-        s = m.get("summary", {})
-        if s:
+        s = m.get("summary")
+        if isinstance(s, dict) and all(_is_num(s.get(k, 0)) for k in
+                                       ("avg_incremental_top1", "last_top1", "final_params")):
             print(f"{label}: average incremental top-1 {s.get('avg_incremental_top1', 0):.2f}, "
                   f"last {s.get('last_top1', 0):.2f}, final params {s.get('final_params', 0):,}")
     print(f"wrote {out}")

@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import sys
 
-__all__ = ["PRESETS", "preset_config", "scale_schedule", "describe"]
+__all__ = ["PRESETS", "preset_config", "scale_schedule", "describe", "main"]
 
 _CIFAR = dict(
     dataset="cifar100", backbone="resnet18_cifar", train_per_class=None, test_per_class=None,
@@ -86,6 +86,8 @@ def preset_config(name: str) -> dict:
 
 
 def _round(x: float) -> int:
+    if not math.isfinite(x):
+        raise ValueError(f"epochs scale gives a non-finite schedule ({x})")
     return int(math.floor(x + 0.5))  # round half up (Python's round() is half-to-even)
 
 
@@ -115,10 +117,11 @@ def scale_schedule(cfg: dict, factor: float) -> dict:
     return out
 
 
-def describe() -> str:
-    """A table of every preset (what ``python -m der_fast.presets`` prints)."""
+def describe(names=None) -> str:
+    """A table of the presets ``names`` (default: every preset; what ``python -m
+    der_fast.presets`` prints)."""
     lines = []
-    for name in sorted(PRESETS):
+    for name in names or sorted(PRESETS):
         desc, d = PRESETS[name]
         mem = (f"memory {d['memory_total']}" if d["memory_total"] is not None
                else f"memory {d['memory_per_class']}/class")
@@ -131,6 +134,22 @@ def describe() -> str:
     return "\n".join(lines)
 
 
+def main(argv=None) -> int:
+    """``python -m der_fast.presets [NAME ...]``: print the named presets (default: all)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m der_fast.presets",
+                                description="The published DER protocols (presets of "
+                                            "python -m der_fast.train --preset NAME).")
+    p.add_argument("names", nargs="*", metavar="NAME",
+                   help=f"presets to show (default: all): {', '.join(sorted(PRESETS))}")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in PRESETS]
+    if unknown:
+        p.error(f"unknown preset {unknown[0]!r}; choose from {', '.join(sorted(PRESETS))}")
+    print(describe(args.names or None))
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(describe())
-    sys.exit(0)
+    sys.exit(main())

@@ -148,7 +148,7 @@ def _cli(args, tmp_path):
     (["--increment", "3"], "divide"),
     (["--memory", "5"], "smaller than the number of classes"),
     (["--dataset", "cifar100", "--data-root", "/nonexistent/dir"], "nonexistent"),
-    (["--no-masks"], "pruning needs masks"),
+    (["--no-masks", "--prune"], "pruning needs masks"),  # --no-masks alone: no pruning
 ])
 def test_bad_input_gives_clear_message(args, message, tmp_path):
     proc = _cli(["--data-root", "embedded", *args] if "--data-root" not in args else args,

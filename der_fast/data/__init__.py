@@ -16,7 +16,8 @@ from .batches import (TransformDataset, augment_batch, crop_flip, iterate_batche
 from .datasets import DATASET_NAMES, ClassDataset, DataError, DatasetInfo, PathLike, dataset_info
 from .incremental import IncrementalData, balanced_subset, class_order, make_steps
 from .loaders import (ASSETS_DIR, EMBEDDED, EMBEDDED_FASHION_MNIST, FASHION_MNIST_CLASSES,
-                      FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST, limit_per_class, load_cifar100,
+                      FASHION_MNIST_FILES, SYSTEM_FASHION_MNIST, check_image_files, limit_per_class,
+                      load_cifar100,
                       load_dataset, load_fashion_mnist, load_fashion_mnist_embedded,
                       load_imagefolder, read_idx)
 from .memory import Memory, herding, make_feature_fn
@@ -34,6 +35,7 @@ __all__ = [
     "load_cifar100",
     "load_imagefolder",
     "limit_per_class",
+    "check_image_files",
     "class_order",
     "make_steps",
     "IncrementalData",

@@ -10,7 +10,7 @@ import torch
 
 from .batches import iterate_batches
 from .datasets import ClassDataset, DataError, PathLike, canonical_split, int64_array
-from .loaders import limit_per_class, load_dataset
+from .loaders import check_image_files, limit_per_class, load_dataset
 
 
 def class_order(num_classes: int, seed: Optional[int] = 1993) -> list:
@@ -87,6 +87,27 @@ class IncrementalData:
         self.remap = remap  # original class -> new label
         self.train_y = remap[dataset.train_y]
         self.test_y = remap[dataset.test_y]
+
+    def check_complete(self, test_per_class: Optional[int] = None) -> None:
+        """Every class of the class order has training and test images, and every image file
+        a path-based dataset will read opens as an image (only the first ``test_per_class``
+        test images of each class are read); DataError naming the class or files otherwise."""
+        for split, y in (("train", self.dataset.train_y), ("test", self.dataset.test_y)):
+            counts = np.bincount(y, minlength=self.num_classes)
+            missing = [int(c) for c in self.order if counts[c] == 0]
+            if missing:
+                names = self.dataset.class_names
+                named = [f"{c} ({names[c]})" if names else str(c) for c in missing[:10]]
+                raise DataError(f"{self.info.name}: no {split} images of class(es) "
+                                f"{', '.join(named)} (of {self.num_classes} in the class order)")
+        if self.dataset.in_memory:
+            return
+        test = self.dataset.test_paths
+        if test_per_class is not None:
+            y = self.dataset.test_y
+            test = [test[i] for c in np.unique(y)
+                    for i in np.flatnonzero(y == c)[:test_per_class]]
+        check_image_files(self.dataset.train_paths + list(test), self.info.name)
 
     @property
     def num_steps(self) -> int:

@@ -294,6 +294,28 @@ def load_imagefolder(root: Optional[PathLike], name: str = "imagefolder",
     )
 
 
+def check_image_files(paths, name: str = "imagefolder", workers: int = 8) -> None:
+    """Open every image file (its header, not its pixels); a DataError names the unreadable
+    files before any training."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def problem(path):
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018 - the header is parsed on open
+            return None
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+            return f"{path} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+
+    with ThreadPoolExecutor(workers) as pool:
+        bad = [p for p in pool.map(problem, paths) if p is not None]
+    if bad:
+        raise DataError(f"{name}: {len(bad)} unreadable image file(s), e.g. {bad[0]}; remove "
+                        "or replace them")
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------

@@ -131,6 +131,10 @@ def conv3x3_bordered(
     without padding copies. No autograd (FastDERNet's frozen extractors only). Faster than
     oneDNN for layers with few channels (pruned extractors), slower for wide ones: see
     ``benchmarks/bench_conv.py``.
+
+    The zero border is a precondition, not checked: a non-zero border gives wrong values.
+    Checking it would read the border of every input on every call of the frozen path;
+    :func:`border` and the op's own outputs always have a zero border.
     """
     return torch.ops.der_fast.conv3x3_bordered(x, weight, bias, residual, gate, bool(relu),
                                                int(stride))

@@ -10,7 +10,8 @@ Published protocols are presets (``--preset cifar100-b0-10``, :mod:`der_fast.pre
 Modules, in reading order: ``config`` (Config), ``cli`` (flags -> Config), ``pipeline`` (run:
 the steps), ``stages`` (stage 1 and 2), ``loop`` (the SGD epoch loop), ``batches`` (training
 batches), ``evaluate`` (accuracy, metrics rows), ``outputs`` (checkpoints, result files),
-``distributed`` (DDP, BatchNorm over micro-batches), ``faults`` (NaN loss, SIGTERM).
+``distributed`` (DDP, BatchNorm over micro-batches), ``faults`` (NaN loss, SIGTERM/SIGINT,
+failed writes).
 """
 
 from ..objective import aux_targets

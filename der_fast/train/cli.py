@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from .. import data as D
 from .. import presets as P
 from ..backbones import ARCHS
 from .config import IMPLS, S_ANNEAL, STAGE2_MODES, Config, ConfigError, _merge
-from .faults import Interrupted, NonFiniteLoss
+from .faults import Interrupted, NonFiniteLoss, WriteFailed
 from .outputs import _read_ckpt, format_table
 from .pipeline import run
 
@@ -92,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
       help="a fixed sparsity loss weight instead of a budget (replaces --keep)")
     a("--s-max", dest="s_max", type=float, help="mask annealing s_max (400)")
     a("--s-anneal", dest="s_anneal", choices=S_ANNEAL,
-      help="mask temperature: anneal s to s_max within every epoch (HAT/DER) or keep it "
-           "fixed at s_max (epoch)")
+      help="mask temperature: s fixed at s_max, or annealed from 1/s_max to s_max within "
+           "every epoch as in HAT/DER (fixed)")
     a("--mask-init", dest="mask_init", type=float,
       help=f"initial mask embedding e ({d.mask_init:g})")
     a("--mask-lr", dest="mask_lr", type=float,
@@ -114,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--impl", choices=IMPLS)
     a("--out", help=f"output directory ({d.out})")
     a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    a("--overwrite", action="store_true",
+      help="start afresh in an --out that already holds a run, replacing its results (a "
+           "fresh run never overwrites one otherwise)")
     a("--no-progress", dest="progress", action="store_false", default=None)
     a("--no-plots", dest="plots", action="store_false", default=None,
       help="do not write accuracy.png / params.png (metrics.csv is always written)")
@@ -129,7 +133,7 @@ def config_from_args(argv=None):
     --epochs-scale scales the first three layers' schedule."""
     p = _parser()
     args = p.parse_args(argv)
-    special = ("config", "resume", "preset", "epochs_scale")
+    special = ("config", "resume", "preset", "epochs_scale", "overwrite")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in special}
     if args.resume:
         if args.preset or args.config:
@@ -145,21 +149,15 @@ def config_from_args(argv=None):
             raise ConfigError("--epochs-scale cannot change when resuming (the checkpoint's "
                               f"schedule was scaled by {base.get('epochs_scale', 1.0)})")
     else:
-        file_cfg = {}
-        if args.config:
-            try:
-                file_cfg = json.loads(Path(args.config).read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"cannot read config {args.config}: {exc}") from exc
-            if not isinstance(file_cfg, dict):
-                raise ConfigError(f"config {args.config} must hold a JSON object")
+        file_cfg = _read_config_file(args.config) if args.config else {}
         base = asdict(Config())
         preset = args.preset or file_cfg.get("preset")
         if preset:
             try:
                 base = _merge(base, P.preset_config(preset))
-            except KeyError as exc:
-                raise ConfigError(exc.args[0]) from None
+            except (KeyError, TypeError) as exc:  # TypeError: a config file's odd "preset"
+                raise ConfigError(f"unknown preset {preset!r}; choose one of "
+                                  f"{', '.join(sorted(P.PRESETS))}") from None
         base = _merge(base, file_cfg)
         if args.epochs_scale is not None:
             try:
@@ -173,19 +171,42 @@ def config_from_args(argv=None):
     return cfg.validate(), bool(args.resume)
 
 
+def _read_config_file(path: str) -> dict:
+    """A --config file: a strict JSON object (no NaN / Infinity tokens)."""
+    def no_constants(token):
+        raise ValueError(f"{token} is not valid JSON")
+
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=no_constants)
+    except (OSError, ValueError) as exc:  # ValueError: JSON syntax, not UTF-8 text
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config {path} must hold a JSON object")
+    return d
+
+
+def _resume_hint(cfg) -> str:
+    """How to continue after an interruption (nothing when no stage was checkpointed)."""
+    if cfg is None or not (Path(cfg.out) / "checkpoint.pt").exists():
+        return ""
+    return (f"; the last complete stage is checkpointed in {cfg.out}: continue with "
+            f"--resume {cfg.out}")
+
+
 def main(argv=None) -> int:
-    """The CLI; exit status 0, 2 (bad config or data), 3 (non-finite loss) or 128 + signal."""
+    """The CLI; exit status 0, 2 (bad config or data), 3 (non-finite loss), 4 (a result file
+    could not be written, e.g. disk full) or 128 + signal (SIGTERM 143, SIGINT 130)."""
     rank0 = os.environ.get("RANK", "0") == "0"
 
     def error(msg):
         if rank0:
-            print(f"error: {msg}", file=sys.stderr)
+            print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
 
     cfg = None
     try:
         cfg, resume = config_from_args(argv)
         t0 = time.perf_counter()
-        metrics = run(cfg, resume=resume)
+        metrics = run(cfg, resume=resume, overwrite=_parser().parse_args(argv).overwrite)
     except (ConfigError, D.DataError) as exc:
         error(exc)
         return 2
@@ -193,10 +214,16 @@ def main(argv=None) -> int:
         error(f"{exc}; stopped: the last good checkpoint (the last complete stage) is kept in "
               f"{cfg.out}")
         return 3
+    except WriteFailed as exc:
+        error(f"{exc}; stopped: the last good checkpoint is kept in {cfg.out} (continue with "
+              f"--resume {cfg.out} once the problem is fixed)")
+        return 4
     except Interrupted as exc:
-        error(f"{exc}; the last complete stage is checkpointed in {cfg.out}: continue with "
-              f"--resume {cfg.out}")
+        error(f"{exc}{_resume_hint(cfg)}")
         return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C before the run's handler is in place, or pressed twice
+        error(f"interrupted by SIGINT{_resume_hint(cfg)}")
+        return 128 + int(signal.SIGINT)
     if not rank0:
         return 0
     s = metrics["summary"]

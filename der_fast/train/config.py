@@ -1,12 +1,19 @@
-"""Config: every knob of a run, its validation, and preset / dict construction."""
+"""Config: every knob of a run, its typed validation (one spec per field, :data:`_SPECS`),
+and preset / dict construction."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+import torch
+
 from .. import presets as P
 from ..backbones import ARCHS
+from ..data import DATASET_NAMES, DataError
+from ..data.datasets import canonical_name
 from ..masks import MASK_INIT, MASK_LR
 
 STAGE2_MODES = ("retrain", "weight_align", "none")
@@ -48,9 +55,10 @@ class Config:
     keep: Optional[float] = 0.2
     lambda_s: Optional[float] = None  # manual sparsity weight (only without keep)
     s_max: float = 400.0
-    # mask temperature schedule: "epoch" = HAT/DER (s from 1/s_max to s_max within every epoch),
-    # "fixed" = s = s_max throughout (the clamp on e keeps the gates' gradients alive)
-    s_anneal: str = "epoch"
+    # mask temperature: "fixed" = s_max throughout (the clamp on e keeps every gate's gradient
+    # alive); "epoch" = HAT/DER's schedule, s from 1/s_max to s_max within every epoch (all
+    # gates ~1/2 at each epoch's start: measured several points worse, RESULTS.md "Masks")
+    s_anneal: str = "fixed"
     masks: bool = True
     prune: bool = True
     mask_init: float = MASK_INIT
@@ -85,75 +93,194 @@ class Config:
             raise ConfigError(exc.args[0]) from None
         d = _merge(asdict(cls()), d)
         if epochs_scale != 1.0:
-            d = P.scale_schedule(d, epochs_scale)
+            try:
+                d = P.scale_schedule(d, epochs_scale)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"epochs_scale: {exc}") from None
             d["epochs_scale"] = epochs_scale
-        return cls.from_dict(_merge(d, overrides)).validate()
+        return cls.from_dict(_merge(d, overrides))
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self) -> "Config":
-        if self.backbone not in ARCHS:
-            raise ConfigError(f"unknown backbone {self.backbone!r}; choose one of {sorted(ARCHS)}")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"unknown impl {self.impl!r}; choose one of {IMPLS}")
-        if self.stage2 not in STAGE2_MODES:
-            raise ConfigError(f"unknown stage2 {self.stage2!r}; choose one of {STAGE2_MODES}")
-        if (self.memory_total is None) == (self.memory_per_class is None):
-            raise ConfigError("give exactly one of memory_total / memory_per_class")
-        for name in ("epochs", "batch_size", "increment"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("epochs_stage2", "warmup_epochs", "init_cls"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.s_anneal not in S_ANNEAL:
-            raise ConfigError(f"s_anneal must be one of {S_ANNEAL}, got {self.s_anneal!r}")
-        if self.lr <= 0 or self.lr_stage2 <= 0 or self.s_max <= 0 or self.temperature <= 0:
-            raise ConfigError("lr, lr_stage2, s_max and temperature must be > 0")
-        if self.lambda_a < 0:
-            raise ConfigError("lambda_a must be >= 0")
-        if (self.keep is None) == (self.lambda_s is None):
-            raise ConfigError("give exactly one of keep (a parameter budget) / lambda_s (a "
-                              "manual sparsity weight)")
-        if self.lambda_s is not None and not self.lambda_s >= 0:
-            raise ConfigError(f"lambda_s must be >= 0, got {self.lambda_s}")
-        if self.keep is not None and not 0.0 < self.keep <= 1.0:
-            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
-        if not self.mask_lr > 0:
-            raise ConfigError(f"mask_lr must be > 0, got {self.mask_lr}")
-        if self.prune and not self.masks:
-            raise ConfigError("pruning needs masks: use --no-prune with --no-masks")
-        if self.accum_steps < 1:
-            raise ConfigError(f"accum_steps must be >= 1, got {self.accum_steps}")
-        if not 0.0 <= self.color_jitter <= 1.0:
-            raise ConfigError(f"color_jitter (brightness) must be in [0, 1], got "
-                              f"{self.color_jitter}")
-        if not self.epochs_scale > 0:
-            raise ConfigError(f"epochs_scale must be > 0, got {self.epochs_scale}")
-        if self.preset is not None and self.preset not in P.PRESETS:
-            raise ConfigError(f"unknown preset {self.preset!r}; choose one of "
-                              f"{', '.join(sorted(P.PRESETS))}")
-        if self.accum_steps > self.batch_size:
-            raise ConfigError(f"accum_steps ({self.accum_steps}) cannot exceed batch_size "
-                              f"({self.batch_size})")
+        """Check every field against :data:`_SPECS` (type, range, finiteness), the device
+        against what exists, then the rules between fields. Raises a one-line ConfigError
+        naming the field and the allowed values; returns self."""
+        for name, spec in _SPECS.items():
+            setattr(self, name, spec.check(name, getattr(self, name)))
+        try:
+            canonical_name(self.dataset)
+        except DataError:
+            raise ConfigError(f"dataset must be one of {', '.join(DATASET_NAMES)}, got "
+                              f"{self.dataset!r}") from None
+        _check_device(self.device)
         for name in ("train_per_class", "test_per_class"):
             if getattr(self, name) == 0:
                 setattr(self, name, None)  # 0 = all images
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 0 (0 = all)")
+        if (self.memory_total is None) == (self.memory_per_class is None):
+            raise ConfigError("give exactly one of memory_total / memory_per_class")
+        if (self.keep is None) == (self.lambda_s is None):
+            raise ConfigError("give exactly one of keep (a parameter budget) / lambda_s (a "
+                              "manual sparsity weight)")
+        if self.prune and not self.masks:
+            raise ConfigError("pruning needs masks: use --no-prune with --no-masks")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs "
+                              f"({self.epochs})")
+        if self.accum_steps > self.batch_size:
+            raise ConfigError(f"accum_steps ({self.accum_steps}) cannot exceed batch_size "
+                              f"({self.batch_size})")
         return self
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a JSON object / dict, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
+        unknown = sorted(set(d) - names, key=str)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}")
         return cls(**d)
 
 
+class _Spec:
+    """What one Config field accepts: ``kind`` (int, float, bool, str or list of int), an
+    inclusive range ``lo``..``hi`` (``open_lo``/``open_hi`` make it exclusive), ``choices``,
+    and whether None is allowed."""
+
+    def __init__(self, kind, lo=None, hi=None, *, open_lo=False, open_hi=False, none=False,
+                 choices=None):
+        self.kind, self.lo, self.hi, self.open_lo, self.open_hi = kind, lo, hi, open_lo, open_hi
+        self.none, self.choices = none, choices
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            text = "one of " + ", ".join(map(str, self.choices))
+        elif self.kind is bool:
+            text = "true or false"
+        elif self.kind is str:
+            text = "a non-empty string"
+        elif self.kind is list:
+            text = f"a list of integers {self._range()}"
+        else:
+            what = {int: "an integer", float: "a finite number"}[self.kind]
+            text = f"{self._range()} ({what})"
+        return text + (" or null" if self.none else "")
+
+    def _range(self) -> str:
+        lo, hi = (f"{v:g}" if isinstance(v, float) else v for v in (self.lo, self.hi))
+        if self.hi is not None:
+            return f"in {'(' if self.open_lo else '['}{lo}, {hi}{')' if self.open_hi else ']'}"
+        return f"{'>' if self.open_lo else '>='} {lo}"
+
+    def _in_range(self, v) -> bool:
+        if self.lo is not None and (v < self.lo or (self.open_lo and v == self.lo)):
+            return False
+        return self.hi is None or (v < self.hi or (not self.open_hi and v == self.hi))
+
+    def check(self, name: str, v):
+        """``v`` normalised (int -> float for float fields, tuple -> list), or ConfigError."""
+        if v is None and self.none:
+            return v
+        ok, out = False, v
+        if self.choices is not None:
+            ok = isinstance(v, str) and v in self.choices
+        elif self.kind is bool:
+            ok = isinstance(v, bool)
+        elif self.kind is str:
+            ok = isinstance(v, str) and v != ""
+        elif self.kind is int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and self._in_range(v)
+        elif self.kind is float:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                try:
+                    out = float(v)
+                except OverflowError:
+                    out = math.inf
+                ok = math.isfinite(out) and self._in_range(out)
+        elif self.kind is list:
+            ok = isinstance(v, (list, tuple)) and all(
+                isinstance(m, int) and not isinstance(m, bool) and self._in_range(m) for m in v)
+            out = list(v) if ok else v
+        if not ok:
+            raise ConfigError(f"{name} must be {self.allowed()}, got {v!r}")
+        return out
+
+
+_SEED = dict(lo=0, hi=2 ** 32 - 1)  # numpy's RandomState seeds the class order
+_EPOCHS = 10 ** 6
+_SPECS = {
+    "dataset": _Spec(str),  # any name or alias of der_fast.data (checked in validate)
+    "data_root": _Spec(str, none=True),
+    "download": _Spec(bool),
+    "train_per_class": _Spec(int, 0, none=True),
+    "test_per_class": _Spec(int, 0, none=True),
+    "backbone": _Spec(str, choices=tuple(sorted(ARCHS))),
+    "init_cls": _Spec(int, 0),
+    "increment": _Spec(int, 1),
+    "class_seed": _Spec(int, **_SEED),
+    "memory_total": _Spec(int, 1, none=True),
+    "memory_per_class": _Spec(int, 1, none=True),
+    "epochs": _Spec(int, 1, _EPOCHS),
+    "warmup_epochs": _Spec(int, 0, _EPOCHS),
+    "milestones": _Spec(list, 1, _EPOCHS),
+    "batch_size": _Spec(int, 1),
+    "lr": _Spec(float, 0, open_lo=True),
+    "momentum": _Spec(float, 0, 1, open_hi=True),
+    "weight_decay": _Spec(float, 0),
+    "lambda_a": _Spec(float, 0),
+    "keep": _Spec(float, 0, 1, open_lo=True, none=True),
+    "lambda_s": _Spec(float, 0, none=True),
+    "s_max": _Spec(float, 0, open_lo=True),
+    "s_anneal": _Spec(str, choices=S_ANNEAL),
+    "masks": _Spec(bool),
+    "prune": _Spec(bool),
+    "mask_init": _Spec(float, 0),
+    "mask_lr": _Spec(float, 0, open_lo=True),
+    "stage2": _Spec(str, choices=STAGE2_MODES),
+    "epochs_stage2": _Spec(int, 0, _EPOCHS),
+    "lr_stage2": _Spec(float, 0, open_lo=True),
+    "milestones_stage2": _Spec(list, 1, _EPOCHS),
+    "temperature": _Spec(float, 0, open_lo=True),
+    "top5": _Spec(bool),
+    "seed": _Spec(int, **_SEED),
+    "device": _Spec(str),  # parsed and checked against the machine in _check_device
+    "impl": _Spec(str, choices=IMPLS),
+    "out": _Spec(str),
+    "progress": _Spec(bool),
+    "deterministic": _Spec(bool),
+    "preset": _Spec(str, none=True, choices=tuple(sorted(P.PRESETS))),
+    "epochs_scale": _Spec(float, 0, open_lo=True),
+    "color_jitter": _Spec(float, 0, 1),
+    "accum_steps": _Spec(int, 1),
+    "plots": _Spec(bool),
+    "tensorboard": _Spec(bool),
+}
+assert set(_SPECS) == {f.name for f in fields(Config)}, "every Config field needs a _Spec"
+
+
+def _check_device(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; CUDA ones must exist on this machine."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", name)
+    if m is None:
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ConfigError(f"device {name!r} requested but CUDA is not available; use "
+                              "--device cpu or auto")
+        if m.group(1) is not None and int(m.group(1)) >= n:
+            raise ConfigError(f"device {name!r} does not exist: this machine has cuda:0.."
+                              f"cuda:{n - 1}")
+
+
 def _merge(base: dict, layer: dict) -> dict:
     """``base`` updated with ``layer``; a layer that sets one memory budget (total or per
     class) clears the other, so ``--memory N`` overrides a per-class preset and vice versa;
-    likewise a parameter budget ``keep`` and a manual ``lambda_s``."""
+    likewise a parameter budget ``keep`` and a manual ``lambda_s``. A layer that turns masks
+    off turns pruning off too, and one that sets fewer epochs than a lower layer's warm-up
+    shortens that warm-up to the epochs (unless it sets the warm-up itself)."""
     out = dict(base)
     out.update(layer)
     for mine, other in (("memory_total", "memory_per_class"),
@@ -161,4 +288,10 @@ def _merge(base: dict, layer: dict) -> dict:
                         ("keep", "lambda_s"), ("lambda_s", "keep")):
         if layer.get(mine) is not None and other not in layer:
             out[other] = None
+    if layer.get("masks") is False and "prune" not in layer:
+        out["prune"] = False
+    e, w = out.get("epochs"), out.get("warmup_epochs")
+    if "epochs" in layer and "warmup_epochs" not in layer and type(e) is int \
+            and type(w) is int and w > e:
+        out["warmup_epochs"] = e
     return out

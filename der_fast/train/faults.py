@@ -1,7 +1,8 @@
-"""Stopping a run: the non-finite-loss and SIGTERM errors, and the SIGTERM flag.
+"""Stopping a run: the non-finite-loss, signal and failed-write errors, and the stop flag.
 
-``_STOP`` is the one flag object of the process: the handler sets it, the epoch loop and the
-pipeline (via ``_Dist.stop_requested``) poll it at batch and stage boundaries."""
+``_STOP`` is the one flag object of the process: the SIGTERM / SIGINT handler sets it, the
+epoch loop and the pipeline (via ``_Dist.stop_requested``) poll it at batch and stage
+boundaries. A second SIGINT (Ctrl-C pressed again) stops at once with KeyboardInterrupt."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ class NonFiniteLoss(RuntimeError):
     """A training loss was NaN or infinite: the run stops, the last checkpoint is kept."""
 
 
+class WriteFailed(RuntimeError):
+    """A result file (checkpoint, metrics) could not be written, e.g. the disk is full; its
+    temporary file is removed and the previous version of the file is kept."""
+
+
 class Interrupted(RuntimeError):
-    """SIGTERM received: the run stopped at a batch or stage boundary; the checkpoint of the
-    last complete stage is intact (``--resume`` continues from it)."""
+    """SIGTERM or SIGINT received: the run stopped at a batch or stage boundary; the checkpoint
+    of the last complete stage is intact (``--resume`` continues from it)."""
 
     def __init__(self, signum: int, where: str):
         self.signum = int(signum)
@@ -28,24 +34,28 @@ class Interrupted(RuntimeError):
         super().__init__(f"interrupted by {name} during {where}")
 
 
-_STOP = {"signum": 0}  # set by the SIGTERM handler, polled at batch / stage boundaries
+_STOP = {"signum": 0}  # set by the signal handler, polled at batch / stage boundaries
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _on_sigterm(signum, frame):  # only sets a flag: an ongoing (atomic) write finishes
+def _on_signal(signum, frame):  # only sets a flag: an ongoing (atomic) write finishes
+    if signum == signal.SIGINT and _STOP["signum"] == signal.SIGINT:
+        raise KeyboardInterrupt  # Ctrl-C twice: stop now (writes are atomic all the same)
     _STOP["signum"] = signum
 
 
 @contextlib.contextmanager
-def _sigterm_handler():
-    """SIGTERM sets ``_STOP`` while the block runs (handlers can be installed only from the
-    main thread; elsewhere the block runs without one)."""
+def _stop_signals():
+    """SIGTERM and SIGINT set ``_STOP`` while the block runs (handlers can be installed only
+    from the main thread; elsewhere the block runs without one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     _STOP["signum"] = 0
-    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    old = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
         _STOP["signum"] = 0

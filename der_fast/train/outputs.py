@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from dataclasses import asdict
@@ -15,17 +16,38 @@ import torch
 from .. import __version__
 from .config import Config, ConfigError
 from .distributed import _Dist
+from .faults import WriteFailed
 
 
 def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: readers never see a partial file."""
+    """``write(tmp)`` then rename over ``path``: readers never see a partial file. A failed
+    write (disk full, ...) removes the temporary file, keeps the old ``path`` and raises
+    WriteFailed."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise WriteFailed(f"cannot write {path}: {exc}") from exc
+        raise
+
+
+def strict_json(obj):
+    """``obj`` with every non-finite float replaced by None: valid JSON (no NaN/Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def _write_json(path: Path, obj) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
+    text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
+    _atomic_write(path, lambda p: p.write_text(text))
 
 
 def _save_ckpt(out: Path, state: dict) -> None:
@@ -63,7 +85,43 @@ def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
             if k not in _RESUME_FREE and saved.get(k, default[k]) != mine[k]}
     if diff:
         raise ConfigError(f"checkpoint {path} was made with another config: {diff}")
+    missing = [k for k in _CKPT_ENTRIES if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    nxt, steps, mem = state["next"], state["steps"], state["memory"]
+    if not isinstance(mem, dict) or not {"total", "per_class", "exemplars"} <= set(mem):
+        raise ConfigError(f"checkpoint {path} is incomplete: its memory entry is malformed")
+    if not (isinstance(nxt, (list, tuple)) and len(nxt) == 2
+            and all(type(v) is int for v in nxt) and nxt[1] in (0, 1)
+            and isinstance(steps, list) and len(steps) == nxt[0]):
+        raise ConfigError(f"checkpoint {path} is inconsistent: position {nxt!r} with "
+                          f"{len(steps) if isinstance(steps, list) else steps!r} step rows")
     return state
+
+
+# what resuming needs besides config and model (checked by _load_ckpt)
+_CKPT_ENTRIES = ("memory", "steps", "next")
+
+
+def _clear_run(out: Path, resume: bool, overwrite: bool) -> None:
+    """Never overwrite a run by accident: a fresh run into a directory holding a checkpoint or
+    metrics is refused unless ``overwrite`` (then the old result files are removed first)."""
+    if resume:
+        if overwrite:
+            raise ConfigError("--overwrite starts a run afresh: do not combine it with --resume")
+        return
+    found = [f for f in _RESULT_FILES if (out / f).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}): continue it with "
+                          f"--resume {out}, or replace it with --overwrite")
+    for f in found:
+        (out / f).unlink()
+
+
+_RESULT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
+                 "params.png")
 
 
 class _Outputs:
@@ -98,7 +156,10 @@ class _Outputs:
         _write_json(self.out / "metrics.json", metrics)
         from ..plot import write_run_outputs
 
-        msg = write_run_outputs(self.out, metrics, plots=self.cfg.plots)
+        try:
+            msg = write_run_outputs(self.out, metrics, plots=self.cfg.plots)
+        except OSError as exc:  # metrics.csv
+            raise WriteFailed(str(exc)) from exc
         if msg and not self.warned:
             self.log(f"warning: {msg}")
             self.warned = True

@@ -14,9 +14,10 @@ from .. import data as D
 from .config import Config, ConfigError
 from .distributed import _Dist
 from .evaluate import _step_row, _summary, extract
-from .faults import Interrupted, _sigterm_handler
+from .faults import Interrupted, _stop_signals
 from .loop import _Runtime
-from .outputs import _env_info, _load_ckpt, _Outputs, _save_ckpt, _write_json, format_table
+from .outputs import (_clear_run, _env_info, _load_ckpt, _Outputs, _save_ckpt, _write_json,
+                      format_table)
 from .stages import stage1, stage2
 
 
@@ -29,8 +30,10 @@ def _model_class(impl: str):
     return FastDERNet
 
 
-def run(cfg: Config, resume: bool = False, log=print) -> dict:
+def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False) -> dict:
     """Run the whole pipeline; returns the metrics dict (also written to OUT/metrics.json).
+    A fresh run (not ``resume``) into a directory that holds a run is refused unless
+    ``overwrite``.
 
     Under torchrun (``WORLD_SIZE`` > 1) or inside an initialised torch.distributed process
     group, the training stages run data-parallel (see :mod:`der_fast.train.distributed`);
@@ -39,9 +42,9 @@ def run(cfg: Config, resume: bool = False, log=print) -> dict:
     d = _Dist.setup(cfg)
     ok = False
     try:
-        with _sigterm_handler():
+        with _stop_signals():
             say = log if d.main else (lambda *a, **k: None)
-            data, memory, outputs = _prepare(cfg, say, d)
+            data, memory, outputs = _prepare(cfg, say, d, resume, overwrite)
             try:
                 metrics = _incremental_steps(cfg, resume, say, d, data, memory, outputs)
             finally:
@@ -63,9 +66,10 @@ def _probe_out(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {exc}") from exc
 
 
-def _prepare(cfg: Config, say, d: _Dist):
-    """Checks that need the process count, the output directory, the data (on the device
-    when it fits in memory), the empty exemplar memory and the result writer."""
+def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool):
+    """Checks that need the process count, the output directory (never an existing run by
+    accident), the data (every class present, every image readable; on the device when it
+    fits in memory), the empty exemplar memory and the result writer."""
     device = d.device
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -74,6 +78,7 @@ def _prepare(cfg: Config, say, d: _Dist):
                           f"accum_steps = {d.world * cfg.accum_steps}")
     out = Path(cfg.out)
     d.agree(lambda: _probe_out(out))
+    d.agree(lambda: _clear_run(out, resume, overwrite))
 
     def load_data():
         try:
@@ -83,9 +88,16 @@ def _prepare(cfg: Config, say, d: _Dist):
         except D.DataError as exc:
             raise ConfigError(str(exc)) from exc
 
+    def check_data():  # before step 0, not at the step that first needs a missing class
+        try:
+            data.check_complete(cfg.test_per_class)
+        except D.DataError as exc:
+            raise ConfigError(str(exc)) from exc
+
     if cfg.download and d.active:  # rank 0 downloads first, then everyone reads
         d.agree(lambda: load_data() and None)
     data = d.agree_all(load_data)
+    d.agree(check_data)
     memory = D.Memory(total=cfg.memory_total, per_class=cfg.memory_per_class)
     if cfg.memory_total is not None and cfg.memory_total < data.num_classes:
         raise ConfigError(f"memory_total {cfg.memory_total} is smaller than the number of "
@@ -100,6 +112,19 @@ def _prepare(cfg: Config, say, d: _Dist):
     d.agree(make_outputs)
     outputs = holder.get("outputs") or _Outputs(out, cfg, False, say)
     return data, memory, outputs
+
+
+def _check_position(out: Path, t: int, stage: int, memory: dict, data) -> None:
+    """A checkpoint's position must lie within the run, its memory must match it."""
+    n = data.num_steps
+    if t > n or (t == n and stage != 0):
+        raise ConfigError(f"checkpoint {out / 'checkpoint.pt'} is past the last step: position "
+                          f"step {t} stage {stage}, but this run has steps 0..{n - 1}")
+    ahead = [] if t == n else sorted(int(c) for c in memory["exemplars"]
+                                     if int(c) >= data.num_old(t))
+    if ahead:
+        raise ConfigError(f"checkpoint {out / 'checkpoint.pt'} is inconsistent: its memory "
+                          f"holds classes {ahead[:10]} that step {t} has not reached")
 
 
 def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
@@ -120,11 +145,16 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
             return state
 
         state = d.agree(load)
-        model.load_state_dict(state["model"])
+        start_t, start_stage = state["next"]
+        _check_position(out, start_t, start_stage, state["memory"], data)
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"checkpoint {out / 'checkpoint.pt'}: its model does not load: "
+                              f"{str(exc).splitlines()[0]}") from exc
         model.to(device)
         memory.load_state_dict(state["memory"])
         metrics["steps"] = state["steps"]
-        start_t, start_stage = state["next"]
         partial = state.get("partial", {})
         saved_world = state.get("world_size", 1)
         if saved_world != d.world:
