@@ -3,7 +3,7 @@ for class-incremental learning, with a plain PyTorch reference and a fused fast 
 
 __version__ = "0.1.0"
 
-from .reference import DERNet  # noqa: E402,F401
+from .reference import DERNet, UntrainedMasksWarning  # noqa: E402,F401
 
 
 def __getattr__(name):  # lazy: the fast model pulls in the compiled ops

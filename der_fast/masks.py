@@ -39,7 +39,9 @@ def anneal_s(batch_index: int, n_batches: int, s_max: float) -> float:
 
 
 def set_s(net: MaskedResNet, s: float) -> None:
+    """Set the mask temperature; marks the masks as annealed (``update_fc`` checks it)."""
     net.s = float(s)
+    net.annealed = True
 
 
 def compensate_grads(net: MaskedResNet, s: float, s_max: float) -> None:

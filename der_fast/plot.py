@@ -30,7 +30,8 @@ __all__ = ["CSV_COLUMNS", "write_csv", "csv_text", "load_run", "plot_runs", "plo
            "plot_params", "write_run_outputs", "main"]
 
 #: columns of metrics.csv, in this order (missing values are empty; lists joined with ';')
-CSV_COLUMNS = ("step", "n_classes", "n_new", "top1", "top5", "per_task_top1", "params",
+CSV_COLUMNS = ("step", "n_classes", "n_new", "top1", "top5", "per_task_top1", "nme_top1",
+               "pycil_grouped_top1", "nme_pycil_grouped_top1", "params",
                "params_unpruned", "extractor_params", "extractor_params_unpruned",
                "keep", "lambda_s", "keep_trace", "macs", "macs_unpruned", "extractor_macs",
                "extractor_macs_unpruned", "memory_size", "n_test", "loss_stage1", "loss_stage2",

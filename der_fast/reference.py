@@ -4,21 +4,29 @@ A loop over extractors, masks as multiplications, ``nn.Linear`` classifiers. Rea
 obviously right: every fast path is tested against it. The public names follow PyCIL's DERNet
 (``update_fc``, ``forward -> {"logits", "aux_logits", "features"}``, ``extract_vector``,
 ``weight_align``, ``convnets``, ``fc``, ``aux_fc``, ``task_sizes``, ``out_dim``,
-``feature_dim``).
+``feature_dim``, ``copy``, ``freeze``, ``load_checkpoint``); it is built from PyCIL's
+``args`` as ``DERNet(args, pretrained)`` and loads PyCIL DERNet state_dicts
+(:mod:`der_fast.compat`).
 """
 
 from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import torch
 from torch import nn
 
+from . import compat
 from . import masks as M
 from .backbones import ARCHS, MaskedResNet
 
-__all__ = ["DERNet"]
+__all__ = ["DERNet", "UntrainedMasksWarning"]
+
+
+class UntrainedMasksWarning(UserWarning):
+    """``update_fc`` binarised soft masks that were never annealed (``set_s`` never called)."""
 
 
 class DERNet(nn.Module):
@@ -26,10 +34,17 @@ class DERNet(nn.Module):
     and an auxiliary classifier over the newest extractor's features.
 
     Args:
-        backbone: ``"resnet32"``, ``"resnet18_cifar"`` or ``"resnet18"``; a PyCIL ``args``
-            dict with ``"convnet_type"`` is accepted too.
+        backbone: ``"resnet32"``, ``"resnet18_cifar"`` or ``"resnet18"``; or PyCIL's ``args``
+            dict (``DERNet(args, pretrained)``): the backbone follows ``convnet_type`` and, for
+            ``resnet18``, ``dataset`` (:func:`der_fast.compat.backbone_from_args`), masks are
+            off unless ``args["use_masks"]`` (the ``use_masks`` argument is then ignored), and
+            ``in_channels`` may be given as ``args["in_channels"]``.
         in_channels: image channels.
-        use_masks: give every new extractor DER's channel masks (needed for pruning).
+        use_masks: give every new extractor DER's channel masks (needed for pruning). Masks
+            must be trained (``set_s``, ``compensate_mask_grads``, ...): ``update_fc``
+            binarises the previous extractor's masks, and does so for masks that were never
+            annealed only with an :class:`UntrainedMasksWarning` (an error for a model built
+            from PyCIL's ``args``).
         mask_init: new mask embeddings e are drawn from U(0, mask_init) (``masks.MASK_INIT``:
             logits at s_max = 400 spread over (0, ``masks.LOGIT_BOUND``)).
     """
@@ -37,16 +52,22 @@ class DERNet(nn.Module):
     def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
                  mask_init: float = M.MASK_INIT, pretrained: bool = False):
         super().__init__()
+        self.args = None
         if isinstance(backbone, dict):  # PyCIL: DERNet(args, pretrained)
             if isinstance(in_channels, bool):  # PyCIL's 2nd positional argument is `pretrained`
                 pretrained, in_channels = in_channels, 3
+            self.args = backbone
             in_channels = backbone.get("in_channels", in_channels)
-            backbone = backbone["convnet_type"]
+            use_masks = compat.masks_from_args(backbone)
+            mask_init = backbone.get("mask_init", mask_init)
+            backbone = compat.backbone_from_args(backbone)
         if backbone not in ARCHS:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(ARCHS)}")
         if pretrained:
             raise ValueError("pretrained backbones are not supported (no downloads here)")
         self.backbone = backbone
+        self.convnet_type = backbone  # PyCIL's name
+        self.pretrained = False
         self.in_channels = int(in_channels)
         self.use_masks = bool(use_masks)
         self.mask_init = float(mask_init)
@@ -77,6 +98,7 @@ class DERNet(nn.Module):
         known = self.n_classes
         if nb_classes <= known:
             raise ValueError(f"nb_classes must exceed the {known} classes already seen")
+        self._check_masks_trained()
         device, dtype = self._device_dtype()
         if len(self.convnets) == 0:
             new = MaskedResNet(self.backbone, self.in_channels, masked=self.use_masks,
@@ -99,6 +121,24 @@ class DERNet(nn.Module):
         self.aux_fc = nn.Linear(new.out_dim, self.task_sizes[-1] + 1).to(device=device,
                                                                          dtype=dtype)
         self.train(self.training)
+
+    def _check_masks_trained(self) -> None:
+        """Before ``update_fc`` binarises the newest extractor's soft masks: were they ever
+        annealed? Binarising untrained gates (sigmoid(e) ~ 0.5 -> 1) changes the old
+        extractor's features by orders of magnitude: PyCIL's learner never anneals masks."""
+        if not self.convnets:
+            return
+        net = self.convnets[-1]
+        if net.mask_e is None or net.binary_masks or getattr(net, "annealed", False):
+            return
+        msg = ("update_fc would binarise the masks of extractor "
+               f"{len(self.convnets) - 1}, which were never annealed (set_s was never "
+               "called): its features would change abruptly. Train the masks (set_s, "
+               "sparsity_loss, compensate_mask_grads, prune; see der_fast.train) or build "
+               "the model without masks (use_masks=False; PyCIL args: leave out 'use_masks').")
+        if self.args is not None:
+            raise RuntimeError(msg)
+        warnings.warn(msg, UntrainedMasksWarning, stacklevel=3)
 
     @staticmethod
     def _freeze_extractor(net: MaskedResNet) -> None:
@@ -154,6 +194,7 @@ class DERNet(nn.Module):
         return self.convnets[-1]
 
     def set_s(self, s: float) -> None:
+        """The newest extractor's mask temperature (marks its masks as annealed)."""
         M.set_s(self.convnets[-1], s)
 
     def sparsity_loss(self) -> torch.Tensor:
@@ -222,7 +263,8 @@ class DERNet(nn.Module):
                 "in_channels": self.in_channels, "use_masks": self.use_masks,
                 "mask_init": self.mask_init,
                 "binary": [bool(n.binary_masks) for n in self.convnets],
-                "s": [float(n.s) for n in self.convnets]}
+                "s": [float(n.s) for n in self.convnets],
+                "annealed": [bool(getattr(n, "annealed", False)) for n in self.convnets]}
 
     def _check_compatible(self, state) -> None:
         if state["backbone"] != self.backbone or state["in_channels"] != self.in_channels:
@@ -239,12 +281,63 @@ class DERNet(nn.Module):
             net.binary_masks = b
         for net, s in zip(self.convnets, state.get("s", [])):
             net.s = s
+        # checkpoints older than the flag: their masks count as trained
+        for net, a in zip(self.convnets, state.get("annealed", [True] * len(self.convnets))):
+            net.annealed = a
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads any DERNet/FastDERNet checkpoint: the structure (number of extractors, pruned
-        widths, masks, classifier sizes) is rebuilt from the checkpoint first."""
+        widths, masks, classifier sizes) is rebuilt from the checkpoint first. A PyCIL DERNet
+        state_dict is converted first (:func:`der_fast.compat.from_pycil_state_dict`, default
+        task sizes; use :meth:`from_pycil` to give them)."""
+        if compat.is_pycil_state_dict(state_dict):
+            state_dict = compat.from_pycil_state_dict(state_dict, self.backbone,
+                                                      self.in_channels)
         self._rebuild_like(state_dict)
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    # ------------------------------------------------------------------ PyCIL
+    @classmethod
+    def from_pycil(cls, state_dict: dict, args, task_sizes=None, **kw):
+        """A model holding a PyCIL ``DERNet`` state_dict (PyCIL's ``save_checkpoint`` stores it
+        as ``"model_state_dict"``). ``args``: PyCIL's args dict or a backbone name;
+        ``task_sizes``: see :func:`der_fast.compat.from_pycil_state_dict`; ``kw``: more
+        constructor arguments (e.g. FastDERNet's ``frozen_plan``)."""
+        model = cls(args, **kw)
+        model.load_state_dict(compat.from_pycil_state_dict(
+            state_dict, model.backbone, model.in_channels, task_sizes))
+        return model
+
+    def pycil_state_dict(self) -> dict:
+        """This model's state_dict with PyCIL DERNet names (unpruned, unmasked models only)."""
+        return compat.to_pycil_state_dict(self)
+
+    def load_checkpoint(self, args) -> float:
+        """PyCIL's ``load_checkpoint``: the first task's extractor and classifier from
+        ``checkpoints/finetune_{args['csv_name']}_0.pkl`` (``{"convnet", "fc", "test_acc"}``,
+        PyCIL or der_fast extractor names); returns the stored test accuracy."""
+        infos = torch.load(f"checkpoints/finetune_{args['csv_name']}_0.pkl",
+                           map_location="cpu")
+        if len(self.convnets) != 1:
+            raise RuntimeError("load_checkpoint needs exactly one extractor (after the first "
+                               "update_fc)")
+        net = self.convnets[0]
+        sd = dict(infos["convnet"])
+        if any(k.startswith(("stem.", "stages.")) for k in sd):  # der_fast names
+            net.load_state_dict(sd)
+        else:
+            wanted = {compat.pycil_extractor_name(self.backbone, k): k
+                      for k in net.state_dict() if not k.startswith(("kept_", "mask_e."))}
+            bad = sorted(set(wanted) ^ (set(sd) - {"fc.weight", "fc.bias"}))
+            if bad:
+                raise ValueError(f"checkpoint convnet entries do not match PyCIL's "
+                                 f"{self.backbone}: {', '.join(bad[:12])}")
+            net.load_state_dict({wanted[k]: v for k, v in sd.items() if k in wanted},
+                                strict=False)
+        self.fc.load_state_dict(infos["fc"])
+        if hasattr(self, "invalidate_plan"):
+            self.invalidate_plan()
+        return infos["test_acc"]
 
     def _rebuild_like(self, sd) -> None:
         if isinstance(sd.get("_extra_state"), dict):

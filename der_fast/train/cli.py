@@ -155,7 +155,7 @@ def config_from_args(argv=None):
         if preset:
             try:
                 base = _merge(base, P.preset_config(preset))
-            except (KeyError, TypeError) as exc:  # TypeError: a config file's odd "preset"
+            except (KeyError, TypeError):  # TypeError: a config file's odd "preset"
                 raise ConfigError(f"unknown preset {preset!r}; choose one of "
                                   f"{', '.join(sorted(P.PRESETS))}") from None
         base = _merge(base, file_cfg)
@@ -232,6 +232,9 @@ def main(argv=None) -> int:
     print(f"\naverage incremental top-1 {s['avg_incremental_top1']:.2f}  last top-1 "
           f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
           f"{time.perf_counter() - t0:.1f} s")
+    if "avg_incremental_nme" in s:
+        print(f"NME: average incremental top-1 {s['avg_incremental_nme']:.2f}  last top-1 "
+              f"{s['last_nme']:.2f}")
     unp = (f" (unpruned {s['avg_extractor_params_unpruned']:,.0f} / "
            f"{s['final_extractor_params_unpruned']:,})"
            if "avg_extractor_params_unpruned" in s else "")

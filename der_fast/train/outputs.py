@@ -166,7 +166,7 @@ class _Outputs:
         if self.tb is not None and metrics["steps"]:
             row = metrics["steps"][-1]
             t = row["step"]
-            for k in ("top1", "top5", "params", "params_unpruned", "memory_size",
+            for k in ("top1", "top5", "nme_top1", "params", "params_unpruned", "memory_size",
                       "loss_stage1", "loss_stage2", "time_total_s"):
                 if k in row:
                     self.tb.add_scalar(f"step/{k}", row[k], t)
@@ -179,21 +179,23 @@ class _Outputs:
 
 
 def format_table(steps: list) -> str:
-    """One line per step. ``extractors``: parameters of all extractors (pruned / unpruned);
+    """One line per step. ``nme``: top-1 of the nearest mean of exemplars (PyCIL's NME);
+    ``extractors``: parameters of all extractors (pruned / unpruned);
     ``keep``: the newest extractor's kept fraction; ``MMACs``: multiply-accumulates of one
     image through the super-feature extractor, in millions (pruned / unpruned)."""
-    head = (f"{'step':>4} {'classes':>7} {'top1':>7} {'top5':>7} {'extractors':>10} "
-            f"{'unpruned':>10} {'keep':>5} {'MMACs':>7} {'unpruned':>8} {'stage1 s':>9} "
-            f"{'stage2 s':>9}")
+    head = (f"{'step':>4} {'classes':>7} {'top1':>7} {'top5':>7} {'nme':>7} "
+            f"{'extractors':>10} {'unpruned':>10} {'keep':>5} {'MMACs':>7} {'unpruned':>8} "
+            f"{'stage1 s':>9} {'stage2 s':>9}")
     lines = [head, "-" * len(head)]
     for s in steps:
         top5 = f"{s['top5']:7.2f}" if "top5" in s else f"{'-':>7}"
+        nme = f"{s['nme_top1']:7.2f}" if "nme_top1" in s else f"{'-':>7}"
         unp = f"{sum(s['extractor_params_unpruned']):>10,}" \
             if "extractor_params_unpruned" in s else f"{'-':>10}"
         keep = f"{s['keep']:5.2f}" if "keep" in s else f"{'-':>5}"
         macs = f"{s['macs'] / 1e6:7.1f}" if "macs" in s else f"{'-':>7}"
         unm = f"{s['macs_unpruned'] / 1e6:8.1f}" if "macs_unpruned" in s else f"{'-':>8}"
-        lines.append(f"{s['step']:>4} {s['n_classes']:>7} {s['top1']:7.2f} {top5} "
+        lines.append(f"{s['step']:>4} {s['n_classes']:>7} {s['top1']:7.2f} {top5} {nme} "
                      f"{sum(s['extractor_params']):>10,} {unp} {keep} {macs} {unm} "
                      f"{s['time_stage1_s']:9.1f} {s['time_stage2_s']:9.1f}")
     return "\n".join(lines)

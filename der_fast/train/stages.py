@@ -17,7 +17,7 @@ from .loop import _Runtime, _train_epochs
 
 def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] = None,
            lambda_s0: Optional[float] = None, report: Optional[dict] = None) -> float:
-    """Representation learning of step t: CE + aux CE + lambda_s * sparsity, masks annealed.
+    """Representation learning of step t: CE + aux CE + lambda_s * sparsity (masks learnt).
 
     With a budget (``cfg.keep``) lambda_s starts at ``lambda_s0`` (the previous step's final
     value) and is adapted after every step (:class:`masks.BudgetController`). ``report``
@@ -85,10 +85,11 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
 @torch.no_grad()
 def recalibrate_bn(model, data, indices, cfg, device) -> None:
     """Re-estimate the newest extractor's BatchNorm statistics with its binary masks: the
-    plain average of the batch statistics over ``indices`` (no augmentation). During stage 1
-    its masks move from soft (s ~ 0: every gate ~ 1/2) to binary within every epoch, so the
-    running averages mix inputs of other scales, and in eval mode the errors compound over
-    the layers. Every process computes the same statistics from the same data."""
+    plain average of the batch statistics over ``indices`` (no augmentation). The running
+    averages also hold batches from before the masks became binary (soft gates; with
+    ``s_anneal="epoch"`` every gate starts each epoch at ~1/2), i.e. inputs of other scales,
+    and in eval mode such errors compound over the layers. Every process computes the same
+    statistics from the same data."""
     net = model.convnets[-1]
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     saved = [m.momentum for m in bns]
