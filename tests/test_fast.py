@@ -155,13 +155,12 @@ def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=
     fp32 a ReLU input within rounding of 0 (we hit |z| = 4e-10) may land on either side
     and legitimately change one element's gradient, in the reference as much as in the fast
     model; the fp32 gradients must be as close to float64 in norm as 2 x the fp32 reference's
-    (run NCHW and channels_last, the layouts the fast model may use: the layout alone moves
-    such flips) + 1e-3 of the norm.
+    (run as users run it: NCHW) + 1e-3 of the norm. (The per-tensor max-error bound over
+    random draws is tests/test_exactness.py.)
     """
     ref, fast = copy.deepcopy(ref), copy.deepcopy(fast)
     ref.train(train)
     fast.train(train)
-    ref_start = copy.deepcopy(ref)
     r64 = copy.deepcopy(ref).double()
     f64 = FastDERNet.from_reference(r64)
     n_old = ref.n_classes - ref.task_sizes[-1]
@@ -176,11 +175,9 @@ def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=
             torch.testing.assert_close(outs[3][k], outs[2][k], rtol=1e-9, atol=1e-10,
                                        msg=lambda m, k=k: f"{mode} {k} float64: {m}")
     if grads:
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        gr, grc, gf, g64, gf64 = (
+        gr, gf, g64, gf64 = (
             _grads(m, xx, n_old) for m, xx in
-            ((ref, x), (copy.deepcopy(ref_start), x_cl), (fast, x), (r64, x.double()),
-             (f64, x.double())))
+            ((ref, x), (fast, x), (r64, x.double()), (f64, x.double())))
         assert gr.keys() == gf.keys() == g64.keys() == gf64.keys() and gr, "trainable sets"
         for n in g64:
             if g64[n] is None:
@@ -193,7 +190,7 @@ def check_forward_backward(ref: DERNet, fast: FastDERNet, x, train: bool, grads=
                 f"{mode} grad of {n} (float64): {_where(gf64[n], g64[n])}"
             nrm = float(g64[n].norm())
             e_f = float((gf[n].double() - g64[n]).norm())
-            e_r = max(float((g[n].double() - g64[n]).norm()) for g in (gr, grc))
+            e_r = float((gr[n].double() - g64[n]).norm())
             assert e_f <= 2 * e_r + 1e-3 * nrm + 1e-7, (
                 f"{mode} grad of {n} (fp32): |fast - float64| = {e_f:.3e} > 2 x reference "
                 f"{e_r:.3e} + 1e-3 x |g| {nrm:.3e}; {_where(gf[n], g64[n])}")
@@ -489,30 +486,26 @@ def test_training_trajectory_float32(plan):
     """float32: ReLU networks trained in fp32 do not follow one trajectory: a ReLU input
     within rounding of 0 lands on either side and the difference grows. After these 20
     steps the fp32 reference itself is 10-60% of the update away from its float64 run (20%
-    without masks; NCHW vs channels_last input alone moves it that much; seeds 7-10 gave
-    fast 0.34-0.62, reference 0.22-0.61). So stage 1 is judged in distribution: the fast
-    model must end no farther from the float64 trajectory than 2x the fp32 reference (run
-    NCHW and channels_last) + 0.2. Stage 2 (a linear classifier on frozen features) is not
+    without masks). So stage 1 is judged in distribution: the fast model must end no farther
+    from the float64 trajectory than 2x the fp32 reference (NCHW, as users run it) + 0.2
+    (the step-by-step drift bound is tests/test_exactness.py). Stage 2 (a linear classifier on frozen features) is not
     chaotic: started from one state, both must match closely. The exact check of the
     training procedure is the float64 test."""
     ref, fast, n_old, data = _trajectory_setup(torch.float32)
     fast.frozen_plan = plan
     r64 = copy.deepcopy(ref).double()
-    ref_cl = copy.deepcopy(ref)  # the reference fed channels_last images, as the fast model
     init = {k: v.clone() for k, v in ref.state_dict().items() if isinstance(v, torch.Tensor)}
-    models = [ref, fast, r64, ref_cl]
+    models = [ref, fast, r64]
     for m in models:
         m.train()
     opts = [_sgd(m, 0.002) for m in models]
     for b, (x, y) in enumerate(data):
-        for i, (m, o) in enumerate(zip(models, opts)):
+        for m, o in zip(models, opts):
             xx = x.to(next(m.parameters()).dtype)
-            if i == 3:
-                xx = xx.contiguous(memory_format=torch.channels_last)
             _stage1_step(m, o, xx, y, n_old, b, len(data), s_max=50.0)
     sds = [m.state_dict() for m in models]
     dev_fast = _update_deviation(sds[1], sds[2], init)
-    dev_ref = max(_update_deviation(sds[i], sds[2], init) for i in (0, 3))
+    dev_ref = _update_deviation(sds[0], sds[2], init)
     assert dev_fast <= 2 * dev_ref + 0.2, (
         f"stage 1: fast is {dev_fast:.3f} of the update away from the float64 trajectory, "
         f"the fp32 reference {dev_ref:.3f}")

@@ -12,8 +12,9 @@ Same modules, parameters, buffers, ``state_dict`` and optimiser-facing API as DE
   stale: a version counter bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` /
   ``.to()`` / ``reset_fc`` / ``freeze_conv`` / ``invalidate_plan()``, the device and dtype,
   and, as a safety net, the ``data_ptr`` and ``_version`` of every parameter and buffer.
-* **The trainable extractor** (the newest one in stage 1) runs with autograd in channels_last,
-  BatchNorm native and every masked point one ``masked_gate`` op (:mod:`.trainable`).
+* **The trainable extractor** (the newest one in stage 1) runs with autograd, in the input's
+  layout (NCHW) unless ``trainable_channels_last``, BatchNorm native and every masked point
+  one ``masked_gate`` op (:mod:`.trainable`).
 * **The head** (concat + classifier + auxiliary classifier) is one ``concat_linear_head`` op.
 """
 
@@ -56,33 +57,38 @@ class FastDERNet(DERNet):
             Also settable as an attribute.
         onednn_fusion: on CPU (fp32 / bf16), run the frozen convs as fused oneDNN
             conv + bias [+ residual] + ReLU primitives.
+        trainable_channels_last: run the trainable extractor in channels_last (opt-in, also
+            an attribute). Off by default: in float32 its gradients are up to ~25x farther
+            from a float64 run than the NCHW reference's own (the NCHW path stays within 2x;
+            benchmarks/RESULTS.md, "7. Exactness against float64").
     """
 
     def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
                  mask_init: float = M.MASK_INIT, pretrained: bool = False,
                  frozen_plan: str = "auto",
-                 onednn_fusion: bool = True):
+                 onednn_fusion: bool = True, trainable_channels_last: bool = False):
         super().__init__(backbone, in_channels, use_masks, mask_init, pretrained)
-        self._init_fast(frozen_plan, onednn_fusion)
+        self._init_fast(frozen_plan, onednn_fusion, trainable_channels_last)
 
-    def _init_fast(self, frozen_plan="auto", onednn_fusion=True):
+    def _init_fast(self, frozen_plan="auto", onednn_fusion=True, trainable_channels_last=False):
         self._plan_version = 0
         self._plan_cache = {"nets": {}, "group": None}
         self.frozen_plan = frozen_plan
         self.onednn_fusion = bool(onednn_fusion)
-        self.trainable_channels_last = True
+        self.trainable_channels_last = bool(trainable_channels_last)
 
     # ------------------------------------------------------------------ conversion
     @classmethod
     def from_reference(cls, net: DERNet, frozen_plan: str = "auto",
-                       onednn_fusion: bool = True) -> FastDERNet:
+                       onednn_fusion: bool = True,
+                       trainable_channels_last: bool = False) -> FastDERNet:
         """A FastDERNet copy of ``net``: same modules, weights, buffers, masks, ``s``, train /
         eval modes, ``requires_grad`` flags, device and dtype (nothing is shared)."""
         if not isinstance(net, DERNet):
             raise TypeError(f"expected a DERNet, got {type(net).__name__}")
         fast = copy.deepcopy(net)
         fast.__class__ = cls
-        fast._init_fast(frozen_plan, onednn_fusion)
+        fast._init_fast(frozen_plan, onednn_fusion, trainable_channels_last)
         return fast
 
     def to_reference(self) -> DERNet:
@@ -220,8 +226,8 @@ class FastDERNet(DERNet):
                 f"expected input [N, {self.in_channels}, H, W], got {tuple(x.shape)}")
 
     def _trainable_input(self, x: torch.Tensor) -> torch.Tensor:
-        """channels_last for the autograd path, where it measured faster on CPU (RESULTS.md,
-        "6. The fast path's thresholds")."""
+        """channels_last for the autograd path if ``trainable_channels_last`` (opt-in: less
+        exact in float32, RESULTS.md "7. Exactness against float64"), else as given."""
         if self.trainable_channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
