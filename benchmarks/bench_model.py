@@ -3,9 +3,10 @@
     pytest benchmarks/bench_model.py --benchmark-only --benchmark-json out.json
     python -m der_fast.bench_report out.json
 
-Providers (benchmarks/harness/constants.py: ALL_PROVIDERS): DERNet eager, DERNet
+Providers (benchmarks/harness/constants.py: DEFAULT_PROVIDERS): DERNet eager, DERNet
 channels_last, torch.compile(DERNet), a torch.func ensemble of the frozen extractors,
-FastDERNet (each frozen plan). Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
+FastDERNet (each frozen plan); on request (DER_FAST_BENCH_PROVIDERS) also ``fast_cl``,
+FastDERNet with its opt-in channels_last trainable extractor. Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
 extractor + head) and, in the full grid, a stage-1 epoch. Every provider's outputs (logits,
 aux logits, loss, gradients of every trainable parameter) are checked against the reference
 before it is timed: a wrong answer fails the case instead of producing a number.

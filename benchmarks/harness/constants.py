@@ -30,7 +30,9 @@ WORKLOAD_DOC = {
 EPOCH_BATCHES = 4
 
 ALL_PROVIDERS = ("reference", "reference_cl", "compile", "func", "fast", "fast_loop",
-                 "fast_grouped")
+                 "fast_grouped", "fast_cl")
+# run unless DER_FAST_BENCH_PROVIDERS names others (fast_cl: opt-in layout, on request only)
+DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p != "fast_cl")
 PROVIDER_DOC = {
     "reference": "DERNet eager (loop over extractors, masks as multiplications)",
     "reference_cl": "DERNet eager, model and input in channels_last",
@@ -41,6 +43,7 @@ PROVIDER_DOC = {
     "fast": "FastDERNet.from_reference, frozen_plan='auto'",
     "fast_loop": "FastDERNet, frozen_plan='loop'",
     "fast_grouped": "FastDERNet, frozen_plan='grouped'",
+    "fast_cl": "FastDERNet, frozen_plan='auto', trainable extractor in channels_last (opt-in)",
 }
 
 

@@ -30,7 +30,7 @@ import torch
 
 import der_fast
 
-from .constants import ALL_PROVIDERS, CHECK_ATOL, CHECK_FACTOR
+from .constants import ALL_PROVIDERS, CHECK_ATOL, CHECK_FACTOR, DEFAULT_PROVIDERS
 
 
 def grid_name() -> str:
@@ -65,7 +65,7 @@ def memory_enabled() -> bool:
 def selected_providers() -> tuple:
     env = os.environ.get("DER_FAST_BENCH_PROVIDERS", "").strip()
     if not env:
-        return ALL_PROVIDERS
+        return DEFAULT_PROVIDERS
     names = tuple(p.strip() for p in env.split(",") if p.strip())
     bad = [p for p in names if p not in ALL_PROVIDERS]
     if bad:

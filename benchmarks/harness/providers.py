@@ -41,7 +41,7 @@ def _channels_last(x):
     return x.contiguous(memory_format=torch.channels_last)
 
 
-FAST_PLANS = {"fast": "auto", "fast_loop": "loop", "fast_grouped": "grouped"}
+FAST_PLANS = {"fast": "auto", "fast_loop": "loop", "fast_grouped": "grouped", "fast_cl": "auto"}
 
 
 def fast_class():
@@ -85,6 +85,9 @@ def build_provider(name: str, model: DERNet, device: torch.device) -> Built:
             raise ProviderUnavailable(f"FastDERNet rejects frozen_plan={plan!r}: {exc}")
         fast = fast.to(device)
         info = {"frozen_plan": plan}
+        if name == "fast_cl":  # the opt-in trainable layout (looser than 2x the reference)
+            fast.trainable_channels_last = True
+            info["trainable"] = "channels_last"
         resolved = getattr(fast, "resolved_frozen_plan", None)
         if callable(resolved):
             info["frozen_plan_resolved"] = resolved(device)
