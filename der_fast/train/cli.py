@@ -233,8 +233,8 @@ def main(argv=None) -> int:
           f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
           f"{time.perf_counter() - t0:.1f} s")
     if "avg_incremental_nme" in s:
-        print(f"NME: average incremental top-1 {s['avg_incremental_nme']:.2f}  last top-1 "
-              f"{s['last_nme']:.2f}")
+        print(f"average incremental NME {s['avg_incremental_nme']:.2f}  last NME "
+              f"{s['last_nme']:.2f}  (nearest mean of exemplars)")
     unp = (f" (unpruned {s['avg_extractor_params_unpruned']:,.0f} / "
            f"{s['final_extractor_params_unpruned']:,})"
            if "avg_extractor_params_unpruned" in s else "")
