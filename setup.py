@@ -11,9 +11,14 @@ Extensions (torch.utils.cpp_extension, ninja):
 Switches (environment variables):
   DER_FAST_BUILD_CUDA=auto|0|1  auto (default): build CUDA when possible, else warn;
                                 1: require it (fail without nvcc / CUDA torch); 0: skip it.
-  DER_FAST_CUDA_ARCHS           GPU architectures to compile for, ';'-separated, default "9.0"
-                                (H100) to keep compile time low. E.g. "8.0;9.0;10.0+PTX".
-                                "+PTX" also embeds PTX for forward compatibility.
+  DER_FAST_CUDA_ARCHS           GPU architectures to compile for, ';'-separated, e.g.
+                                "8.0;9.0;10.0+PTX" ("+PTX" also embeds PTX, which the driver
+                                compiles for newer GPUs). Default: the compute capability of
+                                the GPUs visible at build time; without one, the portable list
+                                der_fast/_backend.py:PORTABLE_CUDA_ARCHS (Ampere, Ada, Hopper,
+                                PTX for newer). At run time an op of der_fast._C_cuda on a GPU
+                                the build has no code for uses the PyTorch reference (one
+                                warning).
   DER_FAST_BUILD_CPU=1|0        build der_fast._C (default 1).
   DER_FAST_CUDA_HOME / CUDA_HOME / CUDA_PATH
                                 CUDA toolkit location; otherwise found from the real nvcc on
@@ -100,6 +105,7 @@ def configure():
         "cuda_home_found_by": None,
         "nvcc_version": None,
         "cuda_archs": [],
+        "cuda_archs_from": None,
         "openmp": False,
     }
     cuda_setting = record["cuda_setting"]
@@ -170,8 +176,8 @@ def configure():
             )
         )
     if want_cuda:
-        archs = backend.parse_cuda_archs()
-        record["cuda_archs"] = archs
+        archs, archs_from = backend.build_cuda_archs(supported=backend.nvcc_archs(cuda_home))
+        record.update(cuda_archs=archs, cuda_archs_from=archs_from)
         ext_modules.append(
             CUDAExtension(
                 "der_fast._C_cuda",

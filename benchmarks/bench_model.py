@@ -6,14 +6,18 @@
 Providers (benchmarks/harness/constants.py: DEFAULT_PROVIDERS): DERNet eager, DERNet
 channels_last, torch.compile(DERNet), a torch.func ensemble of the frozen extractors,
 FastDERNet (each frozen plan); on request (DER_FAST_BENCH_PROVIDERS) also ``fast_cl``,
-FastDERNet with its opt-in channels_last trainable extractor. Workloads: inference, a stage-1 step, a stage-2 step, the stage-1 floor (one trainable
-extractor + head) and, in the full grid, a stage-1 epoch. Every provider's outputs (logits,
-aux logits, loss, gradients of every trainable parameter) are checked against the reference
-before it is timed: a wrong answer fails the case instead of producing a number.
+FastDERNet with its opt-in channels_last trainable extractor. Workloads: inference, a stage-1
+step, a stage-2 step, the stage-1 floor (one trainable extractor + head) and, in the full grid,
+a stage-1 epoch. Every provider's outputs (logits, aux logits, loss, gradients of every
+trainable parameter) are checked against the reference before it is timed: a wrong answer fails
+the case instead of producing a number.
 
-DER_FAST_BENCH=quick (default, ~10 min on a 2-core CPU) | full; see benchmarks/harness/env.py
-for the other switches. Cases a provider cannot run (not importable yet, compile skipped by the
-quick grid, ...) are skipped with the reason, and the reasons go into the JSON
+DER_FAST_BENCH=quick (default, ~10 min on a 2-core CPU) | full | compile (torch.compile against
+fast and the reference at t = 1, 2, 5, 10, opt-in: hours on a 2-core CPU; compile_grid.py runs
+the same cases piecewise); see benchmarks/harness/env.py for the other switches. torch.compile's
+compile time (its first call, from a cold start) is recorded apart from the step time, as
+``extra_info["compile_s"]``. Cases a provider cannot run (not importable yet, compile skipped
+by the quick grid, ...) are skipped with the reason, and the reasons go into the JSON
 (``der_fast.skipped``) so the report lists them.
 """
 

@@ -1,60 +1,104 @@
 #!/usr/bin/env bash
-# The der_fast benchmark suite on a CUDA machine: install, run, write the JSON and the report.
+# der_fast on a CUDA machine, in one run of under 8 minutes: install, the gpu-marked tests, the
+# frozen-plan chooser's table, and the stage-1 / stage-2 / inference ratios against the eager
+# reference and torch.compile of the reference. Everything goes to one folder:
 #
-#   bash benchmarks/run_gpu.sh [OUT_DIR [extra pytest args...]]   (default OUT_DIR: bench_gpu/)
+#   bash benchmarks/run_gpu.sh [OUT_DIR]        (default OUT_DIR: bench_gpu/)
 #
-# Environment (see benchmarks/harness/env.py): DER_FAST_BENCH=full (default here) | quick | smoke,
-# DER_FAST_BENCH_COMPILE=small (default here: torch.compile for t <= 2; all | quick | none),
-# DER_FAST_BENCH_PROVIDERS=..., DER_FAST_BENCH_ROUNDS=N, DER_FAST_CUDA_ARCHS (build, default
-# 9.0), SKIP_INSTALL=1 to reuse an existing install, SCALING=0 to skip the scaling table.
+#   env.txt            nvidia-smi, torch / CUDA versions, `python -m der_fast.info`
+#   install.log        pip install of this checkout (built for the visible GPU)
+#   tests_gpu.log      pytest -m gpu tests/ (graph replay vs eager, CUDA head, Triton gating)
+#   chooser.md/.json   per backbone, density (100 %, 30 %), t = 1 5 10, batch 128: the
+#                      timings the chooser picked from (benchmarks/chooser_table.py)
+#   <workload>_<backbone>.md/.json   benchmarks/scaling.py, batch 128, density 30 %:
+#                      stage1 at t = 10 (reference, compile, fast; compile for ResNet-32
+#                      only unless COMPILE_R18=1), stage2 and infer at t = 1 5 10
+#                      (reference, fast_loop, fast)
+#   summary.txt        each step's exit status and seconds
 #
-# Where one command may run at most ~10 minutes, split the grid with pytest's -k and merge:
-#   bash benchmarks/run_gpu.sh bench_gpu/r32 -k "test_model and resnet32"
-#   SKIP_INSTALL=1 SCALING=0 bash benchmarks/run_gpu.sh bench_gpu/r18 -k "test_model and resnet18"
-#   python -m der_fast.bench_report bench_gpu/r32/bench_gpu.json bench_gpu/r18/bench_gpu.json
+# Environment: SKIP_INSTALL=1 reuses an installed der_fast; ROUNDS (default 5) timed rounds
+# per scaling row; COMPILE_R18=1 also times torch.compile for ResNet-18-CIFAR (adds minutes);
+# DER_FAST_CUDA_ARCHS overrides the build's architectures; BUDGET_S (default 460) bounds the
+# whole run. Each step has a time limit (seconds, below, cut to what is left of BUDGET_S) so a
+# slow one cannot take the whole run; a step that fails, runs out or finds no time left is
+# recorded in summary.txt and the run goes on. The full pytest-benchmark suite is separate:
+# DER_FAST_BENCH_DEVICE=cuda pytest benchmarks --benchmark-only (see benchmarks/RESULTS.md).
 #
-# Timing on CUDA: every timed call ends with torch.cuda.synchronize() (harness Workload.step),
-# so pytest-benchmark's wall-clock timer measures finished GPU work. Peak memory there is
-# torch.cuda.max_memory_allocated() over one call (minus what was allocated before it).
-set -euo pipefail
+# Timing on CUDA: scaling.py and chooser_table.py synchronize before reading the clock.
+set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "${1:-$ROOT/bench_gpu}" && cd "${1:-$ROOT/bench_gpu}" && pwd)"
-shift || true
 PY="${PYTHON:-python}"
-export DER_FAST_BENCH="${DER_FAST_BENCH:-full}"
-export DER_FAST_BENCH_COMPILE="${DER_FAST_BENCH_COMPILE:-small}"
+ROUNDS="${ROUNDS:-5}"
+BUDGET_S="${BUDGET_S:-460}"
 export DER_FAST_BENCH_DEVICE=cuda
+START=$SECONDS
+: > "$OUT/summary.txt"
 
-"$PY" -c "import torch, sys; ok = torch.cuda.is_available(); print('torch', torch.__version__, \
-'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if ok else 'NO GPU'); sys.exit(0 if ok else 1)"
+# step NAME LIMIT_S LOG CMD...: run CMD from OUT with a time limit, log to LOG, note the result
+step() {
+    local name=$1 limit=$2 log=$3 t0=$SECONDS rc left
+    shift 3
+    left=$((BUDGET_S - (SECONDS - START)))
+    if [ "$left" -lt 10 ]; then
+        echo "$name: exit skipped (budget of ${BUDGET_S}s spent)" | tee -a "$OUT/summary.txt"
+        return 0
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "== $name (limit ${limit}s, $((SECONDS - START))s so far)"
+    (cd "$OUT" && timeout --kill-after=10 "$limit" "$@") > "$OUT/$log" 2>&1
+    rc=$?
+    tail -n 5 "$OUT/$log"
+    echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+    return 0
+}
+
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "run_gpu.sh: no CUDA device visible to torch" >&2
+    exit 1
+fi
 
 if [ "${SKIP_INSTALL:-0}" != "1" ]; then
-    # --no-build-isolation: build against the torch already installed (and no network needed)
-    DER_FAST_BUILD_CUDA="${DER_FAST_BUILD_CUDA:-auto}" \
-        "$PY" -m pip install --no-build-isolation --no-deps "$ROOT" 2>&1 | tail -n 20
+    # --no-build-isolation: build against the torch already installed (no network needed);
+    # with a GPU visible the CUDA kernels are compiled for its architecture only
+    step install 240 install.log env DER_FAST_BUILD_CUDA="${DER_FAST_BUILD_CUDA:-1}" \
+        "$PY" -m pip install --no-build-isolation --no-deps "$ROOT"
 fi
 
-# Run from OUT with -P (no cwd on sys.path) and --import-mode=importlib, so `import der_fast`
-# is the installed package with its compiled kernels, not the source tree; the suite finds its
-# own helpers (benchmarks/harness/) by path. The JSON records which der_fast it imported.
-cd "$OUT"
-"$PY" -P -c "import der_fast; print('der_fast', der_fast.__version__, 'from', der_fast.__file__)"
-"$PY" -P -m der_fast.info 2>/dev/null || true
+# From OUT with -P (no cwd on sys.path): `import der_fast` is the installed package with its
+# compiled kernels, not the source tree.
+step env 30 env.txt bash -c "nvidia-smi; date -u; \"$PY\" -P -c 'import torch, der_fast; \
+print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name(0), \
+torch.cuda.get_device_capability(0)); print(\"der_fast\", der_fast.__version__, der_fast.__file__)'; \
+\"$PY\" -P -m der_fast.info --check"
 
-set +e
-"$PY" -P -m pytest "$ROOT/benchmarks" --rootdir "$ROOT" --import-mode=importlib \
-    -p no:cacheprovider --benchmark-only --benchmark-json "$OUT/bench_gpu.json" \
-    --benchmark-columns=median,iqr,min,rounds -ra "$@" 2>&1 | tee "$OUT/pytest.log"
-status=${PIPESTATUS[0]}
-set -e
+# the tests import their helpers from tests/; der_fast itself resolves to the installed copy
+step tests_gpu 90 tests_gpu.log "$PY" -P -m pytest "$ROOT/tests" --rootdir "$ROOT" \
+    -p no:cacheprovider -m gpu -q -ra
 
-if [ -f "$OUT/bench_gpu.json" ]; then
-    "$PY" -P -m der_fast.bench_report "$OUT/bench_gpu.json" --out "$OUT/report_gpu.md"
+step chooser 90 chooser_stderr.log "$PY" -P "$ROOT/benchmarks/chooser_table.py" \
+    --device cuda --batch 128 --ts 1 5 10 --out chooser.md --json chooser.json
+
+scaling() {  # scaling WORKLOAD BACKBONE PROVIDERS LIMIT TS...
+    local w=$1 b=$2 p=$3 limit=$4
+    shift 4
+    step "${w}_${b}" "$limit" "${w}_${b}.log" "$PY" -P "$ROOT/benchmarks/scaling.py" \
+        --device cuda --workload "$w" --backbone "$b" --batch 128 --density 0.3 \
+        --rounds "$ROUNDS" --providers "$p" --ts "$@" --out "${w}_${b}.md" --json "${w}_${b}.json"
+}
+scaling stage1 resnet32 reference,compile,fast 150 10
+if [ "${COMPILE_R18:-0}" = "1" ]; then
+    scaling stage1 resnet18_cifar reference,compile,fast 240 10
+else
+    scaling stage1 resnet18_cifar reference,fast 45 10
 fi
-if [ "${SCALING:-1}" != "0" ]; then
-    "$PY" -P "$ROOT/benchmarks/scaling.py" --device cuda --batch 128 --rounds 10 \
-        --ts 1 2 5 10 15 20 --out "$OUT/scaling_gpu.md" --json "$OUT/scaling_gpu.json" || true
-fi
-echo "results in $OUT (bench_gpu.json, report_gpu.md, scaling_gpu.md, pytest.log)"
-exit "$status"
+for w in stage2 infer; do
+    for b in resnet32 resnet18_cifar; do
+        scaling "$w" "$b" reference,fast_loop,fast 40 1 5 10
+    done
+done
+
+echo "total $((SECONDS - START)) s" | tee -a "$OUT/summary.txt"
+echo "results in $OUT"
+! grep -v ": exit 0," "$OUT/summary.txt" | grep -q "exit"

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,36 +26,6 @@ import torch  # noqa: E402
 
 from benchmarks import harness as H  # noqa: E402
 from der_fast import masks as M  # noqa: E402
-
-
-def _stats(times: list) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median": statistics.median(times), "q1": q[0], "q3": q[2], "min": min(times),
-            "times": times}
-
-
-def measure(case, providers, device, rounds: int) -> dict:
-    """Every provider prepared (checked against the reference, warmed up), then timed in
-    interleaved rounds (p1, p2, p1, p2, ...) so that a change in the machine's load hits all of
-    them alike."""
-    ready, out = {}, {}
-    for p in providers:
-        try:
-            wl, info = H.prepare(case, p, device, grid_skips=False)
-        except H.ProviderUnavailable as exc:
-            out[p] = {"skipped": str(exc)}
-            continue
-        wl.step()  # warm-up: optimizer state, caches
-        ready[p] = (wl, info, [])
-    for _ in range(rounds):
-        for p, (wl, _, times) in ready.items():
-            t0 = time.perf_counter()
-            wl.step()  # synchronises on CUDA
-            times.append(time.perf_counter() - t0)
-    for p, (wl, info, times) in ready.items():
-        out[p] = dict(_stats(times), params=info["params"],
-                      check_max_rel_err=info["check_max_rel_err"])
-    return out
 
 
 def frozen_params(model) -> int:
@@ -71,7 +39,7 @@ def run(args) -> tuple:
     rows = []
     for t in args.ts:
         case = H.Case(args.workload, args.backbone, t, args.density, batch, hw)
-        row = {"t": t, "providers": measure(case, args.providers, device, args.rounds)}
+        row = {"t": t, "providers": H.measure(case, args.providers, device, args.rounds)}
         for p, m in row["providers"].items():
             print(f"t={t} {p}: median {m.get('median', 'skipped')} min {m.get('min', '-')}",
                   file=sys.stderr, flush=True)

@@ -26,8 +26,12 @@ from pathlib import Path
 
 ENV_BUILD_CUDA = "DER_FAST_BUILD_CUDA"  # auto | 0 | 1
 ENV_BUILD_CPU = "DER_FAST_BUILD_CPU"  # 1 (default) | 0
-ENV_CUDA_ARCHS = "DER_FAST_CUDA_ARCHS"  # e.g. "9.0" (default) or "8.0;9.0;10.0+PTX"
-DEFAULT_CUDA_ARCHS = "9.0"
+ENV_CUDA_ARCHS = "DER_FAST_CUDA_ARCHS"  # e.g. "9.0" or "8.0;9.0;10.0+PTX"
+# Built when no GPU is visible at build time: a cubin for sm_80 (runs on every 8.x: Ampere
+# A100 / RTX 30xx / A10, Ada RTX 40xx / L4 / L40), one for sm_90 (Hopper) and PTX of 9.0, which
+# the driver compiles for newer GPUs (Blackwell). Kept to two cubins: each architecture adds
+# to every `pip install` (compile times in benchmarks/RESULTS.md).
+PORTABLE_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _is_toolkit(root: str | os.PathLike | None) -> bool:
@@ -97,14 +101,152 @@ def build_cpu_setting() -> bool:
     return os.environ.get(ENV_BUILD_CPU, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def parse_cuda_archs(spec: str | None = None) -> list[str]:
+def parse_cuda_archs(spec: str) -> list[str]:
     """'9.0' / '8.0;9.0a 10.0+PTX' -> ['9.0', '9.0a', '10.0+PTX']"""
-    spec = os.environ.get(ENV_CUDA_ARCHS, DEFAULT_CUDA_ARCHS) if spec is None else spec
     archs = [a for a in re.split(r"[;,\s]+", spec.strip()) if a]
     for a in archs:
         if not re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", a):
             raise ValueError(f"{ENV_CUDA_ARCHS}: bad architecture {a!r} (want e.g. 9.0 or 9.0+PTX)")
     return archs
+
+
+def visible_capabilities() -> list[tuple[int, int]]:
+    """Compute capabilities of the GPUs torch sees (empty without torch, CUDA or a GPU)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return []
+    if not torch.version.cuda or not torch.cuda.is_available():
+        return []
+    return sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
+def build_cuda_archs(capabilities: list[tuple[int, int]] | None = None,
+                     supported: list[str] | None = None) -> tuple[list[str], str]:
+    """-> (architectures to compile for, where the choice came from).
+
+    ``$DER_FAST_CUDA_ARCHS`` if set; else the visible GPUs' capabilities (``capabilities``,
+    default :func:`visible_capabilities`), each one nvcc cannot target (``supported``:
+    ``["8.0", "9.0", ...]`` from :func:`nvcc_archs`, ``None`` = do not check) replaced by the
+    newest one below it that it can, with PTX; else ``PORTABLE_CUDA_ARCHS``."""
+    spec = os.environ.get(ENV_CUDA_ARCHS, "").strip()
+    if spec:
+        return parse_cuda_archs(spec), f"${ENV_CUDA_ARCHS}"
+    caps = visible_capabilities() if capabilities is None else capabilities
+    if not caps:
+        return parse_cuda_archs(PORTABLE_CUDA_ARCHS), "no GPU visible: portable default"
+    archs = []
+    for major, minor in sorted(set(caps)):
+        arch = f"{major}.{minor}"
+        if supported is not None and arch not in supported:
+            older = [a for a in supported if _arch_num(a) < _arch_num(arch)]
+            if not older:
+                raise RuntimeError(f"der_fast: nvcc supports no architecture <= sm_{major}{minor}")
+            arch = max(older, key=_arch_num) + "+PTX"
+        if arch not in archs:
+            archs.append(arch)
+    names = ", ".join(f"{a}.{b}" for a, b in sorted(set(caps)))
+    return archs, f"visible GPU (compute capability {names})"
+
+
+def nvcc_archs(cuda_home: str) -> list[str] | None:
+    """Architectures ``nvcc --list-gpu-arch`` can compile for, as ``["7.5", "8.0", ...]``
+    (``None`` if it cannot say)."""
+    import subprocess
+
+    try:
+        out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--list-gpu-arch"],
+                             capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    nums = re.findall(r"compute_(\d+)", out)
+    return [f"{n[:-1]}.{n[-1]}" for n in nums] or None
+
+
+def _arch_num(arch: str) -> tuple[int, int]:
+    """'8.6' / '9.0a+PTX' -> (8, 6) / (9, 0)"""
+    m = re.match(r"(\d+)\.(\d+)", arch)
+    return int(m.group(1)), int(m.group(2))
+
+
+def arch_covered(capability: tuple[int, int], built_archs: list[str]) -> bool:
+    """Whether code built for ``built_archs`` runs on a GPU of ``capability`` (major, minor).
+
+    CUDA's rules: a cubin for sm_XY runs on X.Z with Z >= Y (same major); an
+    architecture-specific one (``9.0a``) only on X.Y itself; PTX for compute_XY is compiled by
+    the driver for any X.Y or newer."""
+    cap = tuple(capability)
+    for arch in built_archs:
+        base = arch.replace("+PTX", "")
+        num = _arch_num(base)
+        if arch.endswith("+PTX") and cap >= num:
+            return True
+        if base.endswith("a"):
+            if cap == num:
+                return True
+        elif cap[0] == num[0] and cap[1] >= num[1]:
+            return True
+    return False
+
+
+def built_cuda_archs() -> list[str] | None:
+    """The architectures der_fast._C_cuda was compiled for, from der_fast/_build_info.py
+    (``None`` without a build record: an extension built some other way)."""
+    try:
+        info = importlib.import_module("der_fast._build_info")
+    except ImportError:
+        return None
+    return list(getattr(info, "CUDA_ARCHS", []) or [])
+
+
+def device_capability(index: int) -> tuple[int, int]:
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def cuda_ext_runs_on(capability: tuple[int, int]) -> tuple[bool, str]:
+    """Whether der_fast._C_cuda has code for a GPU of ``capability``; -> (covered, why).
+    Without a build record it is assumed to."""
+    archs = built_cuda_archs()
+    name = f"sm_{capability[0]}{capability[1]}"
+    if archs is None:
+        return True, f"{name}: no build record (der_fast/_build_info.py), assumed covered"
+    if arch_covered(capability, archs):
+        return True, f"{name} covered by the build ({';'.join(archs)})"
+    return False, (f"der_fast._C_cuda has no code for {name} (built for "
+                   f"{';'.join(archs) or 'nothing'}); rebuild with "
+                   f"{ENV_CUDA_ARCHS}={capability[0]}.{capability[1]}")
+
+
+_CUDA_EXT_ON_DEVICE: dict = {}  # device index -> (covered, why), decided on first use
+_CUDA_EXT_WARNED: list = []
+
+
+def cuda_ext_status(index: int | None = None) -> tuple[bool, str]:
+    """:func:`cuda_ext_runs_on` for CUDA device ``index`` (None: the current one), decided
+    once per device and process."""
+    import torch
+
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _CUDA_EXT_ON_DEVICE:
+        _CUDA_EXT_ON_DEVICE[index] = cuda_ext_runs_on(device_capability(index))
+    return _CUDA_EXT_ON_DEVICE[index]
+
+
+def use_cuda_ext(index: int | None = None) -> bool:
+    """Whether the ops of der_fast._C_cuda may run on CUDA device ``index``. Where the build has
+    no code for it: one warning per process, and the ops use their PyTorch reference."""
+    covered, why = cuda_ext_status(index)
+    if not covered and not _CUDA_EXT_WARNED:
+        _CUDA_EXT_WARNED.append(True)
+        import warnings
+
+        warnings.warn(f"der_fast: {why}; its ops use the PyTorch reference on this GPU "
+                      "(slower; `python -m der_fast.info` shows what runs where)",
+                      RuntimeWarning, stacklevel=3)
+    return covered
 
 
 def gencode_flags(archs: list[str]) -> list[str]:

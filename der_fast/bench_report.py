@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["Result", "load", "speedup", "ratio_table", "floor_shares", "format_report", "main"]
+__all__ = ["Result", "load", "speedup", "ratio_table", "floor_shares", "format_report",
+           "format_summary", "main"]
 
 WORKLOAD_ORDER = ("infer", "stage1", "stage2", "epoch", "floor")
 PROVIDER_ORDER = ("fast", "fast_loop", "fast_grouped", "reference", "reference_cl", "compile",
@@ -295,6 +296,46 @@ def format_params_table(results, fast: str = "fast") -> str:
         dens = "-" if d is None else f"{round(d * 100)}%"
         lines.append(f"| {w} | {bb} | {dens} | {t} | {n:,} |")
     return "\n".join(lines)
+
+
+def _summary_cell(r: Result, base: Optional[Result], compiled: Optional[Result]) -> str:
+    """``median ms [b ratio | c ratio]``: the speedups over the baseline and the compiled
+    provider (their median / this median), each where measured and not this provider."""
+    marks = [f"{tag} {other.median / r.median:.2f}" for tag, other in (("b", base),
+             ("c", compiled)) if other is not None and other is not r and r.median > 0]
+    return _ms(r.median) + (f" [{' | '.join(marks)}]" if marks else "")
+
+
+def format_summary(results, baseline: str = "reference", compiled: str = "compile") -> str:
+    """A plain-text table for the end of a benchmark run: one row per case (workload,
+    backbone, batch, t, density), the median ms of every provider, its speedup over
+    ``baseline`` (``b``: baseline median / its median) and over ``compiled`` (``c``), and the
+    compiled provider's compile time (first call, s). Empty when there are no results."""
+    cases = _by_case(results)
+    if not cases:
+        return ""
+    provs = providers_in(results)  # the baseline and the compiled provider first
+    provs = [p for p in (baseline, compiled) if p in provs] + \
+        [p for p in provs if p not in (baseline, compiled)]
+    comp = any(r.extra.get("compile_s") is not None for r in results)
+    head = ["workload", "backbone", "t", "density"] + [f"{p} ms" for p in provs]
+    head += ["compile s"] if comp else []
+    rows = [head]
+    for key, by in cases.items():
+        w, bb, b, hw, t, d = key
+        row = [w, f"{bb} b{b} {hw}px", str(t), "-" if d is None else f"{round(d * 100)}%"]
+        row += [_summary_cell(by[p], by.get(baseline), by.get(compiled)) if p in by else "-"
+                for p in provs]
+        if comp:
+            cs = by[compiled].extra.get("compile_s") if compiled in by else None
+            row.append("-" if cs is None else f"{cs:.1f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(wd) if i < 2 else c.rjust(wd)
+                       for i, (c, wd) in enumerate(zip(r, widths))) for r in rows]
+    legend = (f"median per call; [b x | c y]: speedup over {baseline} (x = {baseline} / "
+              f"provider) and over {compiled} (y = {compiled} / provider), > 1 = faster")
+    return "\n".join([legend, lines[0], "-" * len(lines[0])] + lines[1:])
 
 
 def format_report(src, fast: str = "fast", stat: str = "median") -> str:

@@ -1,8 +1,9 @@
 """``python -m der_fast.info``: what this installation of der_fast contains and uses.
 
 Prints the package and torch versions, which compiled backends were built (from the generated
-der_fast/_build_info.py) and can be imported, whether Triton is available, and which
-implementation each op uses on CPU and on CUDA.
+der_fast/_build_info.py) and can be imported, for each visible GPU whether der_fast._C_cuda has
+code for it, whether Triton is available, and which implementation each op uses on CPU and on
+CUDA.
 
 Options:
   --check  exit with status 1 if a part that should have been built is missing: the C++ CPU
@@ -40,9 +41,13 @@ def collect() -> dict:
         except Exception:  # noqa: BLE001
             triton_version = "installed"
     cuda_expected, cuda_why = _backend.cuda_expected()
-    devices = []
+    devices, coverage = [], []
     if torch.cuda.is_available():
         devices = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if ops.HAS_CUDA_EXT:
+            for i, name in enumerate(devices):
+                covered, why = _backend.cuda_ext_status(i)
+                coverage.append({"device": f"cuda:{i} {name}", "covered": covered, "why": why})
     return {
         "der_fast": der_fast.__version__,
         "python": sys.version.split()[0],
@@ -52,6 +57,7 @@ def collect() -> dict:
         "build": build,
         "cpu_ext": {"importable": ops.HAS_CPU_EXT, "error": ops.CPU_EXT_ERROR},
         "cuda_ext": {"importable": ops.HAS_CUDA_EXT, "error": ops.CUDA_EXT_ERROR},
+        "cuda_ext_on_devices": coverage,
         "triton": {"version": triton_version, "used": ops.HAS_TRITON},
         "cuda_expected": {"expected": cuda_expected, "why": cuda_why},
         "cpu_expected": _backend.build_cpu_setting(),
@@ -101,7 +107,9 @@ def render(info: dict) -> str:
     cuda_detail = ""
     if b.get("built_cuda"):
         cuda_detail = (
-            f" (archs {';'.join(b.get('cuda_archs', []))}, nvcc {b.get('nvcc_version')} in "
+            f" (archs {';'.join(b.get('cuda_archs', []))}"
+            + (f" from {b['cuda_archs_from']}" if b.get("cuda_archs_from") else "")
+            + f", nvcc {b.get('nvcc_version')} in "
             f"{b.get('cuda_home')}, found via {b.get('cuda_home_found_by')})"
         )
     elif b:
@@ -110,6 +118,9 @@ def render(info: dict) -> str:
         f"  cuda C++ extension  der_fast._C_cuda  built: {_yes(b.get('built_cuda', False))}, "
         f"importable: {_yes(info['cuda_ext']['importable'])}{cuda_detail}"
     )
+    for d in info["cuda_ext_on_devices"]:
+        state = "has code for it" if d["covered"] else "NO CODE for it: PyTorch fallback"
+        lines.append(f"  {d['device']}: der_fast._C_cuda {state} ({d['why']})")
     tv = info["triton"]["version"]
     lines.append(
         f"  triton              {tv or 'not installed'}"

@@ -23,6 +23,14 @@ Where the values come from
   (``exps/der_womask/imagenet-100/b0_10s``): milestones 60, 120, 160 (that config trains 200
   epochs with a 20-epoch warm-up; we keep DER.md's 220 epochs and 10-epoch warm-up and the
   authors' milestones; override with ``--epochs/--warmup-epochs/--milestones``).
+* Step 0 of the B50 presets: the authors' configs "pretrain" the 50 base classes with their
+  own schedule (``pretrain``: 200 epochs, x0.1 at 60 / 120 / 160, weight decay 5e-4), as
+  ``init_epochs`` / ``init_milestones`` / ``init_weight_decay``; the B0 configs train step
+  0 like every other step.
+* ``pycil-cifar100-b0-10`` is PyCIL's DER recipe (G-U-N/PyCIL ``models/der.py``,
+  ``exps/der.json``), for comparisons with PyCIL: ResNet-32, no warm-up, step 0 200 epochs
+  (x0.1 at 60 / 120 / 170, weight decay 5e-4), later steps 170 epochs (x0.1 at 80 / 120 /
+  150, weight decay 2e-4), weight aligning instead of re-training, no masks.
 * Augmentation: RandomCrop(32, padding 4) + horizontal flip + ColorJitter(brightness
   63/255) on CIFAR-100 (the authors' ``iCIFAR100`` transforms); RandomResizedCrop(224) +
   flip on ImageNet-100 (their ColorJitter is commented out there).
@@ -49,7 +57,17 @@ _CIFAR = dict(
     temperature=5.0, top5=False, color_jitter=63 / 255,
 )
 _B0 = dict(memory_total=2000, memory_per_class=None)
-_B50 = dict(memory_total=None, memory_per_class=20)
+# B50: the authors "pretrain" the 50 base classes with their own schedule (200 epochs, x0.1 at
+# 60 / 120 / 160, weight decay 5e-4) before the incremental steps
+_B50 = dict(memory_total=None, memory_per_class=20, init_epochs=200, init_milestones=[60, 120, 160],
+            init_weight_decay=5e-4)
+# PyCIL's DER (models/der.py, exps/der.json): ResNet-32, no warm-up, step 0 200 epochs (x0.1 at
+# 60 / 120 / 170, weight decay 5e-4), later steps 170 epochs (x0.1 at 80 / 120 / 150, weight
+# decay 2e-4), weight aligning instead of classifier re-training, no masks
+_PYCIL = dict(
+    _CIFAR, backbone="resnet32", warmup_epochs=0, epochs=170, milestones=[80, 120, 150],
+    weight_decay=2e-4, init_epochs=200, init_milestones=[60, 120, 170], init_weight_decay=5e-4,
+    stage2="weight_align", masks=False, prune=False, keep=None, lambda_s=0.0, **_B0)
 
 _IMAGENET = dict(
     _CIFAR, dataset="imagenet100", backbone="resnet18", epochs=220, warmup_epochs=10,
@@ -68,12 +86,16 @@ PRESETS = {
                        dict(_CIFAR, **_B50, init_cls=50, increment=10)),
     "cifar100-b50-10": ("CIFAR-100, 50 base classes + 10 steps of 5, memory 20/class",
                         dict(_CIFAR, **_B50, init_cls=50, increment=5)),
+    "pycil-cifar100-b0-10": ("PyCIL's DER recipe: CIFAR-100, 10 steps of 10, ResNet-32, memory "
+                             "2000, weight aligning, no masks",
+                             dict(_PYCIL, init_cls=10, increment=10)),
     "imagenet100-b0-10": ("ImageNet-100, 10 steps of 10 classes, memory 2000, top-5",
                           dict(_IMAGENET, **_B0, init_cls=10, increment=10)),
 }
 
 #: the Config fields that --epochs-scale rescales
-SCHEDULE_FIELDS = ("epochs", "warmup_epochs", "milestones", "epochs_stage2", "milestones_stage2")
+SCHEDULE_FIELDS = ("epochs", "warmup_epochs", "milestones", "init_epochs", "init_milestones",
+                   "epochs_stage2", "milestones_stage2")
 
 
 def preset_config(name: str) -> dict:
@@ -94,8 +116,8 @@ def _round(x: float) -> int:
 def scale_schedule(cfg: dict, factor: float) -> dict:
     """Scale the stage-1 and stage-2 schedules of ``cfg`` (a dict with any of
     :data:`SCHEDULE_FIELDS`) by ``factor``, keeping their shape: epochs ->
-    ``max(1, round(E * f))``, a non-zero warm-up -> ``max(1, round(W * f))`` (at most the
-    epochs), milestones -> ``max(1, round(m * f))`` (duplicates kept, so the final lr is the
+    ``max(1, round(E * f))`` (step 0's ``init_epochs`` too), a non-zero warm-up ->
+    ``max(1, round(W * f))`` (at most either epochs), milestones (``init_milestones`` too) -> ``max(1, round(m * f))`` (duplicates kept, so the final lr is the
     same), stage-2 epochs likewise (0 stays 0). Returns a new dict."""
     if not factor > 0 or math.isinf(factor):
         raise ValueError(f"epochs scale must be a positive number, got {factor}")
@@ -104,14 +126,18 @@ def scale_schedule(cfg: dict, factor: float) -> dict:
     def ep(v, keep_zero):
         return 0 if (keep_zero and v == 0) else max(1, _round(v * factor))
 
-    if "epochs" in out:
-        out["epochs"] = ep(out["epochs"], False)
+    for key in ("epochs", "init_epochs"):
+        if out.get(key) is not None:
+            out[key] = ep(out[key], False)
     if out.get("warmup_epochs"):
         w = ep(out["warmup_epochs"], True)
-        out["warmup_epochs"] = min(w, out["epochs"]) if "epochs" in out else w
+        for key in ("epochs", "init_epochs"):
+            if out.get(key) is not None:
+                w = min(w, out[key])
+        out["warmup_epochs"] = w
     if "epochs_stage2" in out:
         out["epochs_stage2"] = ep(out["epochs_stage2"], True)
-    for key in ("milestones", "milestones_stage2"):
+    for key in ("milestones", "init_milestones", "milestones_stage2"):
         if out.get(key):
             out[key] = sorted(max(1, _round(m * factor)) for m in out[key])
     return out
@@ -125,8 +151,12 @@ def describe(names=None) -> str:
         desc, d = PRESETS[name]
         mem = (f"memory {d['memory_total']}" if d["memory_total"] is not None
                else f"memory {d['memory_per_class']}/class")
+        first = ""
+        if d.get("init_epochs") is not None:
+            first = (f"step 0: {d['init_epochs']} epochs (x0.1 at {d['init_milestones']}, wd "
+                     f"{d['init_weight_decay']}); ")
         lines.append(
-            f"{name:<18} {desc}\n{'':<18} {d['backbone']}, {d['epochs']} epochs (warm-up "
+            f"{name:<20} {desc}\n{'':<20} {d['backbone']}, {first}{d['epochs']} epochs (warm-up "
             f"{d['warmup_epochs']}, x0.1 at {d['milestones']}), batch {d['batch_size']}, lr "
             f"{d['lr']}, wd {d['weight_decay']}; stage 2: {d['epochs_stage2']} epochs lr "
             f"{d['lr_stage2']} (x0.1 at {d['milestones_stage2']}), T={d['temperature']:g}; "

@@ -22,11 +22,22 @@ from . import compat
 from . import masks as M
 from .backbones import ARCHS, MaskedResNet
 
-__all__ = ["DERNet", "UntrainedMasksWarning"]
+__all__ = ["DERNet", "UntrainedMasksWarning", "new_classifier"]
 
 
 class UntrainedMasksWarning(UserWarning):
     """``update_fc`` binarised soft masks that were never annealed (``set_s`` never called)."""
+
+
+def new_classifier(in_features: int, out_features: int, device=None, dtype=None) -> nn.Linear:
+    """A classifier (H_t, the auxiliary one, stage 2's re-initialised one) as the authors' code
+    and PyCIL initialise it: weights of variance 1 / in_features (kaiming, 'linear' gain;
+    PyCIL's uniform form) and a zero bias. ``nn.Linear``'s own default has a third of that
+    variance and a random bias."""
+    fc = nn.Linear(in_features, out_features)
+    nn.init.kaiming_uniform_(fc.weight, nonlinearity="linear")
+    nn.init.zeros_(fc.bias)
+    return fc.to(device=device, dtype=dtype)
 
 
 class DERNet(nn.Module):
@@ -110,7 +121,7 @@ class DERNet(nn.Module):
             self._freeze_extractor(old)
         self.convnets.append(new.to(device=device, dtype=dtype))
 
-        fc = nn.Linear(self.feature_dim, nb_classes).to(device=device, dtype=dtype)
+        fc = new_classifier(self.feature_dim, nb_classes, device, dtype)
         if self.fc is not None:
             with torch.no_grad():
                 n_out, n_in = self.fc.weight.shape
@@ -118,8 +129,7 @@ class DERNet(nn.Module):
                 fc.bias[:n_out] = self.fc.bias
         self.fc = fc
         self.task_sizes.append(nb_classes - known)
-        self.aux_fc = nn.Linear(new.out_dim, self.task_sizes[-1] + 1).to(device=device,
-                                                                         dtype=dtype)
+        self.aux_fc = new_classifier(new.out_dim, self.task_sizes[-1] + 1, device, dtype)
         self.train(self.training)
 
     def _check_masks_trained(self) -> None:
@@ -157,7 +167,7 @@ class DERNet(nn.Module):
     def reset_fc(self) -> None:
         """Re-initialise the classifier H_t (stage 2 of DER trains it from scratch)."""
         device, dtype = self._device_dtype()
-        self.fc = nn.Linear(self.feature_dim, self.n_classes).to(device=device, dtype=dtype)
+        self.fc = new_classifier(self.feature_dim, self.n_classes, device, dtype)
 
     def freeze(self):
         self.requires_grad_(False)

@@ -175,6 +175,37 @@ def test_format_report_and_cli(tmp_path, capsys):
     assert "Test CPU" in text
 
 
+def test_summary_table_at_the_end_of_a_run():
+    """The table benchmarks/conftest.py prints after a run: per case the median of every
+    provider, its speedup over the reference (b) and over torch.compile (c), and the compile
+    time."""
+    results, _ = R.load(synthetic())
+    lines = R.format_summary(results).splitlines()
+    assert "speedup over reference" in lines[0] and "over compile" in lines[0]
+    head = lines[1].split()
+    assert head == ["workload", "backbone", "t", "density", "reference", "ms", "compile", "ms",
+                    "fast", "ms", "fast_grouped", "ms", "func", "ms", "compile", "s"]
+    assert set(lines[2]) == {"-"}
+    rows = {tuple(r.split()[:6]): r for r in lines[3:]}  # workload, backbone (3), t, density
+    assert list(rows) == [("infer", "resnet32", "b128", "32px", "5", "30%"),
+                          ("stage1", "resnet32", "b128", "32px", "5", "30%"),
+                          ("stage2", "resnet32", "b128", "32px", "2", "100%"),
+                          ("stage2", "resnet32", "b128", "32px", "2", "30%"),
+                          ("floor", "resnet32", "b128", "32px", "1", "-")]
+    # stage 1, t = 5: fast 50 ms = 4x faster than the reference's 200 ms, func 3x slower
+    stage1 = rows["stage1", "resnet32", "b128", "32px", "5", "30%"]
+    assert "50.0 [b 4.00]" in stage1 and "600 [b 0.33]" in stage1
+    assert stage1.split()[6:8] == ["200", "-"]  # the reference: no ratio to itself
+    # stage 2 at 30 %: no reference; fast's 20 ms is half as fast as compile's 10 ms, which
+    # took 42 s to compile
+    s2 = rows["stage2", "resnet32", "b128", "32px", "2", "30%"]
+    assert s2.split()[6:8] == ["-", "10.0"]
+    assert "20.0 [c 0.50]" in s2 and s2.rstrip().endswith("42.0") and "[b" not in s2
+    assert rows["infer", "resnet32", "b128", "32px", "5", "30%"].split()[6:] == \
+        ["100"] + ["-"] * 5
+    assert R.format_summary([]) == ""
+
+
 def test_cli_bad_file(tmp_path, capsys):
     assert R.main([str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err

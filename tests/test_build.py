@@ -113,7 +113,8 @@ def test_cuda_arch_flags(monkeypatch):
     with pytest.raises(ValueError, match="DER_FAST_CUDA_ARCHS"):
         _backend.parse_cuda_archs("sm_90")
     monkeypatch.delenv("DER_FAST_CUDA_ARCHS", raising=False)
-    assert _backend.parse_cuda_archs() == [_backend.DEFAULT_CUDA_ARCHS]
+    assert _backend.build_cuda_archs(capabilities=[])[0] == _backend.parse_cuda_archs(
+        _backend.PORTABLE_CUDA_ARCHS)
     monkeypatch.setenv("DER_FAST_BUILD_CUDA", "0")
     assert _backend.cuda_expected() == (False, "DER_FAST_BUILD_CUDA=0")
 

@@ -432,3 +432,20 @@ def test_load_rejects_other_input_channels():
     model.update_fc(3)
     with pytest.raises(ValueError, match="input channels"):
         DERNet("resnet32", in_channels=1).load_state_dict(model.state_dict())
+
+
+def test_classifiers_start_like_the_authors_and_pycil():
+    """Every classifier (H_t, the auxiliary one, stage 2's re-initialised one): weights of
+    variance 1 / in_features, zero bias (nn.Linear's default would give a third of that
+    variance and a random bias)."""
+    torch.manual_seed(5)
+    model = DERNet("resnet32", use_masks=False)
+    model.update_fc(40)
+    model.update_fc(90)
+    model.reset_fc()
+    for fc in (model.fc, model.aux_fc):
+        w = fc.weight.detach().double()
+        fan_in = w.shape[1]
+        assert torch.equal(fc.bias, torch.zeros_like(fc.bias))
+        assert w.var().item() == pytest.approx(1 / fan_in, rel=0.1)
+        assert w.abs().max().item() <= (3 / fan_in) ** 0.5 + 1e-7

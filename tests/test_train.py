@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from der_fast import train as T
-from der_fast.train import batches, loop, outputs, pipeline
+from der_fast.train import batches, loop, outputs, pipeline, stages
 
 TINY = ["--data-root", "embedded", "--train-per-class", "24", "--test-per-class", "10",
         "--init-cls", "2", "--increment", "4", "--epochs", "1", "--epochs-stage2", "1",
@@ -86,6 +86,29 @@ def test_cli_tiny_run_writes_valid_metrics(tmp_path):
     assert saved == m["config"]
     again, _ = T.config_from_args(["--config", str(out / "config.json")])
     assert asdict(again) == saved
+
+
+def test_step0_trains_with_its_own_schedule(tmp_path, monkeypatch):
+    """--init-* reach step 0's stage-1 optimiser (epochs, lr, decays, weight decay); the
+    later steps and stage 2 keep the main schedule."""
+    calls, real = [], loop.make_optimizer
+
+    def spy(params, lr, **kw):
+        calls.append({"lr": lr, "weight_decay": kw["weight_decay"]})
+        return real(params, lr, **kw)
+
+    epochs = []
+    monkeypatch.setattr(loop, "make_optimizer", spy)
+    monkeypatch.setattr(loop, "_lr_at", lambda e, base, w, m: epochs.append((base, e, m)) or
+                        base * 0.1 ** sum(e >= x for x in m))
+    cfg = _tiny_cfg(tmp_path, init_epochs=3, init_lr=0.02, init_milestones=[2],
+                    init_weight_decay=1e-3, lr=0.05, weight_decay=2e-4, lr_stage2=0.07)
+    T.run(cfg, log=lambda *a: None)
+    assert calls[0] == {"lr": 0.02, "weight_decay": 1e-3}  # step 0, stage 1
+    assert calls[1:] == [{"lr": 0.05, "weight_decay": 2e-4},  # step 1, stage 1
+                         {"lr": 0.07, "weight_decay": 2e-4}] * 2  # stage 2; step 2 likewise
+    assert [(e, m) for b, e, m in epochs if b == 0.02] == [(0, [2]), (1, [2]), (2, [2])]
+    assert [e for b, e, m in epochs if b == 0.05] == [0, 0]  # one epoch per later step
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):

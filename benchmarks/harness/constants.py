@@ -33,6 +33,14 @@ ALL_PROVIDERS = ("reference", "reference_cl", "compile", "func", "fast", "fast_l
                  "fast_grouped", "fast_cl")
 # run unless DER_FAST_BENCH_PROVIDERS names others (fast_cl: opt-in layout, on request only)
 DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p != "fast_cl")
+# the compile grid (DER_FAST_BENCH=compile, benchmarks/compile_grid.py): fast against the
+# reference eager and compiled
+COMPILE_GRID_PROVIDERS = ("reference", "compile", "fast")
+COMPILE_GRID_WORKLOADS = ("stage1", "stage2", "infer")
+COMPILE_GRID_TS = (1, 2, 5, 10)
+COMPILE_GRID_DENSITIES = (1.0, 0.3)
+# inductor's compile worker count (benchmarks/harness/isolation.py sets it to 1 unless given)
+COMPILE_THREADS_ENV = "TORCHINDUCTOR_COMPILE_THREADS"
 PROVIDER_DOC = {
     "reference": "DERNet eager (loop over extractors, masks as multiplications)",
     "reference_cl": "DERNet eager, model and input in channels_last",

@@ -3,12 +3,13 @@ side) and the quick, full and smoke grids."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
-from .constants import BACKBONES, BACKBONES_CUDA, CLASSES_PER_TASK
+from .constants import (BACKBONES, BACKBONES_CUDA, CLASSES_PER_TASK, COMPILE_GRID_DENSITIES,
+                        COMPILE_GRID_TS, COMPILE_GRID_WORKLOADS)
 from .env import bench_device, env_info, grid_name, selected_providers
 
 
@@ -49,8 +50,11 @@ def _cases(workloads, backbone, ts, densities, batch=None, hw=None):
 
 def grid(name: Optional[str] = None) -> list:
     """The benchmark cases. ``quick`` (default) fits in about 10 minutes on a 2-core CPU;
-    ``full`` is the whole grid of the issue (hours on a 2-core CPU, minutes on a GPU)."""
+    ``full`` is the whole grid of the issue (hours on a 2-core CPU, minutes on a GPU);
+    ``compile``: resnet32 at every t and density of :func:`compile_cases`."""
     name = name or grid_name()
+    if name == "compile":
+        return compile_cases()
     if name == "smoke":
         cases = _cases(("floor",), "resnet32", (1,), (1.0,), batch=4, hw=16)
         cases += _cases(("infer", "stage1", "stage2", "epoch"), "resnet32", (3,), (0.3,),
@@ -69,6 +73,20 @@ def grid(name: Optional[str] = None) -> list:
     cases += _cases(("infer", "stage2"), "resnet32", (5,), (0.3,))
     cases += _cases(("floor",), "resnet18_cifar", (1,), (1.0,))
     cases += _cases(("stage1", "infer"), "resnet18_cifar", (5,), (0.3,))
+    return cases
+
+
+def compile_cases(workloads=COMPILE_GRID_WORKLOADS, ts=COMPILE_GRID_TS,
+                  densities=COMPILE_GRID_DENSITIES, backbone: str = "resnet32") -> list:
+    """The cases of the torch.compile comparison (DER_FAST_BENCH=compile and
+    benchmarks/compile_grid.py), or a subset of them. Stage 1 at t = 1 has no frozen
+    extractor, so the density does not matter there: one case, at 100 %."""
+    cases = []
+    for c in _cases(workloads, backbone, ts, densities):
+        if c.workload == "stage1" and c.t == 1:
+            c = replace(c, density=1.0)
+        if c not in cases:
+            cases.append(c)
     return cases
 
 

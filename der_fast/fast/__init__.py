@@ -2,6 +2,8 @@
 
   model         FastDERNet: plan cache, frozen / trainable split, head
   plan          which plan runs frozen extractors, its thresholds, and what each name means
+  chooser       the measured plan: candidates checked against loop, timed, fastest cached
+  graphs        CUDA graphs of the frozen path (a candidate of the measured plan on CUDA)
   fold          extractors folded for inference (BN into convs, off channels removed), fusing
   run_loop      the loop executor (channels_last, fused oneDNN convs): plans loop, grouped
   run_bordered  the bordered executor (zero-bordered NCHW, conv3x3_bordered kernel): plan direct

@@ -7,11 +7,13 @@ Same modules, parameters, buffers, ``state_dict`` and optimiser-facing API as DE
   all of them in stage 2 after ``freeze_conv`` or under ``torch.no_grad()`` in eval mode) run
   folded (:mod:`.fold`: BatchNorm folded into the convs in float64, binary masks folded by
   removing the off channels, soft gates folded where there is no residual, no autograd) on
-  the plan :mod:`.plan` picks: ``loop`` / ``grouped`` (:mod:`.run_loop`) or ``direct``
-  (:mod:`.run_bordered`). The folded networks are cached and rebuilt whenever they could be
-  stale: a version counter bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` /
-  ``.to()`` / ``reset_fc`` / ``freeze_conv`` / ``invalidate_plan()``, the device and dtype,
-  and, as a safety net, the ``data_ptr`` and ``_version`` of every parameter and buffer.
+  the plan :mod:`.plan` picks: ``loop`` / ``grouped`` (:mod:`.run_loop`), ``direct``
+  (:mod:`.run_bordered`), or ``measure``: the fastest of them (and of their CUDA graphs,
+  :mod:`.graphs`) on the first call per input shape and structure (:mod:`.chooser`). The
+  folded networks are cached and rebuilt whenever they could be stale: a version counter
+  bumped by ``update_fc`` / ``prune`` / ``load_state_dict`` / ``.to()`` / ``reset_fc`` /
+  ``freeze_conv`` / ``invalidate_plan()``, the device and dtype, and, as a safety net, the
+  ``data_ptr`` and ``_version`` of every parameter and buffer.
 * **The trainable extractor** (the newest one in stage 1) runs with autograd, in the input's
   layout (NCHW) unless ``trainable_channels_last``, BatchNorm native and every masked point
   one ``masked_gate`` op (:mod:`.trainable`).
@@ -28,12 +30,19 @@ from .. import masks as M
 from .. import ops
 from ..backbones import MaskedResNet
 from ..reference import DERNet
+from . import chooser
+from . import graphs as G
 from . import plan as P
 from .fold import FoldedNet, fold_extractor, fuse_grouped
 from .plan import FROZEN_PLANS
 from .run_bordered import run_bordered
 from .run_loop import _mkldnn_ok, run_folded
 from .trainable import trainable_feature_map
+
+
+def _empty_plan_cache() -> dict:
+    """Folded extractors by id, the fused group, CUDA graphs by input shape."""
+    return {"nets": {}, "group": None, "graphs": {}}
 
 
 def _net_key(net: MaskedResNet) -> tuple:
@@ -49,8 +58,11 @@ class FastDERNet(DERNet):
     Same constructor arguments as DERNet plus:
 
     Args:
-        frozen_plan: how frozen extractors run: ``"auto"`` (fastest measured plan for the
-            device: ``"direct"`` on CPU, ``"loop"`` on CUDA), ``"loop"`` (one folded extractor
+        frozen_plan: how frozen extractors run: ``"auto"`` (``"direct"`` on CPU where its
+            AVX-512 kernel runs, else ``"loop"``; ``"measure"`` on CUDA), ``"measure"`` (time
+            the plans that can run, and on CUDA their CUDA graphs, on the first call per input
+            shape and extractor structure; keep the fastest that matches ``"loop"``;
+            ``plan()["frozen_choice"]`` shows the timings), ``"loop"`` (one folded extractor
             after the other, oneDNN/cuDNN convs), ``"grouped"`` (all fused into dense-stem +
             grouped convs) or ``"direct"`` (the bordered executor, the conv3x3_bordered
             kernel for every 3x3 conv; CPU float32 only, elsewhere it runs ``"loop"``).
@@ -72,7 +84,7 @@ class FastDERNet(DERNet):
 
     def _init_fast(self, frozen_plan="auto", onednn_fusion=True, trainable_channels_last=False):
         self._plan_version = 0
-        self._plan_cache = {"nets": {}, "group": None}
+        self._plan_cache = _empty_plan_cache()
         self.frozen_plan = frozen_plan
         self.onednn_fusion = bool(onednn_fusion)
         self.trainable_channels_last = bool(trainable_channels_last)
@@ -95,7 +107,7 @@ class FastDERNet(DERNet):
         """A plain :class:`DERNet` copy of this model (same state, modes and flags)."""
         ref = copy.deepcopy(self)
         for name in ("_plan_version", "_plan_cache", "_frozen_plan", "_last_frozen_run",
-                     "onednn_fusion",
+                     "_last_choice", "onednn_fusion",
                      "trainable_channels_last"):
             ref.__dict__.pop(name, None)
         ref.__class__ = DERNet
@@ -103,7 +115,7 @@ class FastDERNet(DERNet):
 
     def __getstate__(self):  # deepcopy / pickle: never carry the compiled plan
         state = dict(super().__getstate__())
-        state["_plan_cache"] = {"nets": {}, "group": None}
+        state["_plan_cache"] = _empty_plan_cache()
         return state
 
     # ------------------------------------------------------------------ plan cache
@@ -122,7 +134,7 @@ class FastDERNet(DERNet):
         """Drop the compiled frozen plan (rebuilt on the next forward). Called by every method
         that changes the model; call it yourself after modifying weights through ``.data``."""
         self._plan_version = getattr(self, "_plan_version", 0) + 1
-        self._plan_cache = {"nets": {}, "group": None}
+        self._plan_cache = _empty_plan_cache()
 
     def update_fc(self, nb_classes: int) -> None:
         super().update_fc(nb_classes)
@@ -154,9 +166,10 @@ class FastDERNet(DERNet):
         return out
 
     def resolved_frozen_plan(self, device=None) -> str:
-        """``"loop"``, ``"grouped"`` or ``"direct"``: the frozen plan used on ``device``
-        (``"direct"`` falls back to ``"loop"`` per call where it cannot run: not CPU float32,
-        an input gradient needed, or the op not built)."""
+        """``"measure"``, ``"loop"``, ``"grouped"`` or ``"direct"``: the frozen plan used on
+        ``device`` (``"direct"`` falls back to ``"loop"`` per call where it cannot run: not CPU
+        float32, an input gradient needed, or the op not built; so does ``"measure"`` where an
+        input gradient is needed)."""
         device = torch.device(device) if device is not None else self._device_dtype()[0]
         return P.resolve_frozen_plan(self.frozen_plan, device)
 
@@ -177,45 +190,104 @@ class FastDERNet(DERNet):
         self._plan_cache["nets"][id(net)] = (key, f)
         return f
 
-    def _frozen_net(self, nets: list, plan: str) -> list:
-        """Folded networks to run, in order (one per extractor, or one fused group)."""
+    def _frozen_folded(self, nets: list) -> list:
+        """The folded network of every frozen extractor, in order (cache entries of extractors
+        that are gone are dropped)."""
         alive = {id(n) for n in self.convnets}
         cache = self._plan_cache["nets"]
         for k in [k for k in cache if k not in alive]:
             del cache[k]
-        folded = [self._folded(n) for n in nets]
-        if plan in ("loop", "direct") or len(nets) == 1:
-            self._plan_cache["group"] = None
-            return folded
+        return [self._folded(n) for n in nets]
+
+    def _grouped(self, folded: list) -> FoldedNet:
+        """The folded networks fused into one (cached; kept while other plans run, since the
+        measured plan may alternate between plans per input shape)."""
         key = (self._plan_version, tuple(id(f) for f in folded))
         hit = self._plan_cache["group"]
-        if hit is not None and hit[0] == key:
-            return [hit[1]]
-        g = fuse_grouped(folded)
-        self._plan_cache["group"] = (key, g)
-        return [g]
+        if hit is None or hit[0] != key:
+            hit = self._plan_cache["group"] = (key, fuse_grouped(folded))
+        return hit[1]
+
+    def _plan_runner(self, folded: list, x: torch.Tensor, plan: str) -> tuple:
+        """-> (run, how): ``run(x)`` computes the super-feature slice of the ``folded`` frozen
+        extractors on ``plan`` ("loop", "grouped", "direct", each optionally + "+graph":
+        replayed as a CUDA graph captured for x's shape); ``how``: per network run, what runs
+        it."""
+        base, graph = plan.removesuffix("+graph"), plan.endswith("+graph")
+        nets = [self._grouped(folded)] if base == "grouped" and len(folded) > 1 else folded
+        need_grad = torch.is_grad_enabled() and x.requires_grad
+        fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
+        hw, force = tuple(x.shape[2:]), self.frozen_plan == "direct"
+        parts = []
+        for f in nets:
+            if base == "direct" and P.runs_bordered(f, hw, self.frozen_plan):
+                parts.append(("direct", lambda xx, f=f: run_bordered(f, xx, force=force)))
+            else:
+                parts.append(("loop" if base == "direct" else base,
+                              lambda xx, f=f: run_folded(f, xx, fused=fused)))
+
+        def run(xx):
+            outs = [part(xx) for _, part in parts]
+            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+        how = [h for h, _ in parts]
+        if graph:
+            return self._graph(base, nets, run, x), [h + "+graph" for h in how]
+        return run, how
+
+    def _graph(self, base: str, nets: list, run, x: torch.Tensor) -> G.FrozenGraph:
+        """The CUDA graph of ``run`` (on the folded ``nets``) for x's shape, captured anew when
+        the folded networks (the model) or the input shape changed."""
+        key = (base, tuple(x.shape), x.stride(), x.dtype, str(x.device))
+        graphs = self._plan_cache["graphs"]
+        hit = graphs.get(key)
+        if hit is None or len(hit[0]) != len(nets) or any(
+                a is not b for a, b in zip(hit[0], nets)):
+            hit = graphs[key] = (list(nets), G.FrozenGraph(run, x))
+        return hit[1]
+
+    def _frozen_candidates(self, folded: list, x: torch.Tensor) -> dict:
+        """The measured plan's candidates for ``x``: name -> ``run(x)``."""
+        names = ["loop"] + (["grouped"] if len(folded) > 1 else [])
+        if P.direct_possible(x.device, x.dtype, False):
+            names.append("direct")
+        if G.available(x):
+            names += [n + "+graph" for n in names]
+        return {n: (lambda xx, n=n: self._plan_runner(folded, xx, n)[0](xx)) for n in names}
+
+    def _choice_key(self, folded: list, x: torch.Tensor) -> tuple:
+        """What the measured plan's choice depends on: device, dtype, input shape and strides,
+        oneDNN fusion, and the structure of every frozen extractor."""
+        fused = self.onednn_fusion and _mkldnn_ok(x)
+        return (str(x.device), x.dtype, tuple(x.shape), x.stride(), fused,
+                tuple(P.structure(f) for f in folded))
+
+    def _run_measured(self, nets: list, x: torch.Tensor) -> torch.Tensor:
+        folded = self._frozen_folded(nets)
+        candidates = self._frozen_candidates(folded, x)
+        label = (f"{x.device} {str(x.dtype).replace('torch.', '')} {list(x.shape)}, "
+                 f"{len(nets)} frozen extractors")
+        choice, out = chooser.choose(self._choice_key(folded, x), candidates, x, label)
+        self._last_choice = choice
+        if choice.chosen.removesuffix("+graph") in ("loop", "grouped", "direct"):
+            run, self._last_frozen_run = self._plan_runner(folded, x, choice.chosen)
+        else:  # a candidate that is not a plan (added by a test)
+            run, self._last_frozen_run = candidates[choice.chosen], [choice.chosen]
+        return run(x) if out is None else out
 
     def _run_frozen(self, nets: list, x: torch.Tensor) -> torch.Tensor:
         """Super-feature slice [N, sum out_dim] of frozen extractors (no autograd unless x
         needs a gradient)."""
         plan = self.resolved_frozen_plan(x.device)
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        if plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad):
-            plan = "loop"
         with torch.set_grad_enabled(need_grad):
-            folded = self._frozen_net(nets, plan)
-            fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
-            outs, how = [], []
-            for f in folded:
-                if plan == "direct" and P.runs_bordered(f, tuple(x.shape[2:]),
-                                                        self.frozen_plan):
-                    outs.append(run_bordered(f, x, force=self.frozen_plan == "direct"))
-                    how.append("direct")
-                else:
-                    outs.append(run_folded(f, x, fused=fused))
-                    how.append("loop" if plan == "direct" else plan)
-            self._last_frozen_run = how
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+            if plan == "measure" and not need_grad:
+                return self._run_measured(nets, x)
+            if plan == "measure" or (
+                    plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad)):
+                plan = "loop"
+            run, self._last_frozen_run = self._plan_runner(self._frozen_folded(nets), x, plan)
+            return run(x)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
@@ -307,6 +379,9 @@ class FastDERNet(DERNet):
             "frozen": frozen, "frozen_extractors": frozen_idx,
             # per frozen extractor, how the last forward ran it ("direct" / "loop" / "grouped")
             "frozen_last_run": list(getattr(self, "_last_frozen_run", [])),
+            # under "measure": the last choice (winner, timings of the candidates, dropped ones)
+            "frozen_choice": (self._last_choice.as_dict()
+                              if getattr(self, "_last_choice", None) else None),
             "trainable": trainable, "trainable_extractors": train_idx,
             "head": f"concat_linear_head op ({head_impl})",
         }

@@ -2,6 +2,10 @@
 
 Plans (``FastDERNet.frozen_plan``; ``"auto"`` picks per device, see ``resolve_frozen_plan``):
 
+- ``"measure"`` (``"auto"`` on CUDA): the fastest of the plans below that can run, each also
+  as a CUDA graph on CUDA, timed on the first call per input shape and extractor structure
+  and checked against ``loop`` (:mod:`~der_fast.fast.chooser`, :mod:`~der_fast.fast.graphs`);
+
 - ``"loop"``: one folded extractor after the other, channels_last, oneDNN / cuDNN convs
   (:func:`~der_fast.fast.run_loop.run_folded`);
 - ``"grouped"``: all folded extractors fused into one network (dense stem conv, grouped convs,
@@ -37,12 +41,13 @@ import torch
 from .. import ops
 from .fold import FoldedNet, _Conv, _convs_with_size
 
-FROZEN_PLANS = ("auto", "loop", "grouped", "direct")
+FROZEN_PLANS = ("auto", "measure", "loop", "grouped", "direct")
 
 # Plan under "auto" per device type. CPU: loop vs grouped, benchmarks/bench_model.py and
 # scaling.py (providers fast_loop / fast_grouped; RESULTS.md sections 1-3); direct vs loop,
-# RESULTS.md section 0a. CUDA: not measured yet.
-_AUTO_PLAN = {"cpu": "direct", "cuda": "loop"}
+# RESULTS.md section 0a; "measure" is opt-in there until it is shown never slower than this
+# static rule. CUDA: which plan wins depends on the card, so it is measured there.
+_AUTO_PLAN = {"cpu": "direct", "cuda": "measure"}
 # narrow: C_in * C_out of a 3x3 stride-1 conv (ad-hoc whole-extractor A/Bs, not a benchmarks/
 # case: RESULTS.md, "6. The fast path's thresholds")
 _DIRECT_MAX_CIN_COUT = 700
@@ -113,9 +118,10 @@ def _direct_isa() -> str:
 
 
 def resolve_frozen_plan(setting: str, device: torch.device) -> str:
-    """``"loop"``, ``"grouped"`` or ``"direct"``: the plan a ``frozen_plan`` setting means on
-    ``device``. "auto" picks direct only where the kernel runs its AVX-512 build (its AVX2
-    build measured slower than oneDNN: RESULTS.md section 5, "Frozen plan on this CPU")."""
+    """``"measure"``, ``"loop"``, ``"grouped"`` or ``"direct"``: the plan a ``frozen_plan``
+    setting means on ``device``. On CPU "auto" picks direct only where the kernel runs its
+    AVX-512 build (its AVX2 build measured slower than oneDNN: RESULTS.md section 5, "Frozen
+    plan on this CPU")."""
     if setting != "auto":
         return setting
     plan = _AUTO_PLAN.get(device.type, "loop")
@@ -131,11 +137,27 @@ def direct_possible(device: torch.device, dtype: torch.dtype, need_grad: bool) -
             and ops.HAS_CPU_EXT)
 
 
+def structure(f: FoldedNet) -> tuple:
+    """The shapes that decide a folded net's speed (conv shapes, strides, groups, shortcuts,
+    gates, output widths), for the measured plan's key."""
+    if "structure" not in f.memo:
+        def conv(c):
+            return None if c is None else (tuple(c.weight.shape), c.stride, c.padding, c.groups)
+        f.memo["structure"] = (
+            conv(f.stem), f.maxpool, tuple(f.out_dims), f.out_index is not None,
+            tuple((conv(b.conv1), conv(b.conv2), b.sc, conv(b.sc_conv), b.sc_stride,
+                   b.gate is not None) for b in f.blocks))
+    return f.memo["structure"]
+
+
 def describe_frozen(plan: str, setting: str, n_frozen: int, fused: bool,
                     direct_ok: bool) -> str:
     """The ``"frozen"`` entry of ``FastDERNet.plan()``: how frozen extractors run, in words."""
     if n_frozen == 0:
         return "none"
+    if plan == "measure":
+        return ("measured: the fastest plan that matches loop, timed on the first call per "
+                "(device, dtype, input shape, extractor structure); see frozen_choice")
     if plan == "direct" and direct_ok:
         force = setting == "direct"
         return ("direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for "

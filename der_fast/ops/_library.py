@@ -13,6 +13,8 @@ import importlib.util
 
 import torch
 
+from .. import _backend
+
 # Copy of the schemas in csrc/der_fast.cpp, used only when der_fast._C is missing (they cannot
 # be read from the extension exactly when they are needed, and csrc/ is not installed).
 # tests/test_build.py checks that both agree. conv3x3_isa and bordered_resnet are defined only
@@ -129,6 +131,10 @@ def implementation(op: str, device: str | torch.device) -> str:
             if HAS_TRITON:
                 return "triton (der_fast.kernels.masked_gate)"
             return "ref (PyTorch fallback; triton not installed)"
+        if HAS_CUDA_EXT and torch.cuda.is_available():
+            covered, why = _backend.cuda_ext_status()
+            if not covered:
+                return f"ref (PyTorch fallback; {why})"
         if HAS_CUDA_EXT:
             return "cuda (der_fast._C_cuda)"
         return f"ref (PyTorch fallback; der_fast._C_cuda missing: {CUDA_EXT_ERROR})"
@@ -147,9 +153,12 @@ def conv3x3_isa() -> str:
 
 
 def _resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """-> "op" (call the registered op) or "ref". Explicit requests are checked loudly."""
+    """-> "op" (call the registered op) or "ref". Explicit requests are checked loudly. An op
+    of der_fast._C_cuda on a GPU the build has no code for runs "ref" (see
+    ``_backend.use_cuda_ext``)."""
+    cuda_ext_op = device.type == "cuda" and HAS_CUDA_EXT and _OP_BACKENDS[op]["cuda"] == "cuda"
     if backend in ("auto", None):
-        return "op"
+        return "ref" if cuda_ext_op and not _backend.use_cuda_ext(device.index) else "op"
     if backend == "ref":
         return "ref"
     if backend not in BACKENDS:
@@ -160,6 +169,9 @@ def _resolve_backend(op: str, backend: str, device: torch.device) -> str:
             f"der_fast.{op}: backend={backend!r} is not an implementation for {device.type} "
             f"tensors (available there: {native or 'none'}, 'ref')"
         )
+    if backend == "cuda" and cuda_ext_op and not _backend.cuda_ext_status(device.index)[0]:
+        why = _backend.cuda_ext_status(device.index)[1]
+        raise RuntimeError(f"der_fast.{op}: backend='cuda' was requested but {why}")
     if not available_backends()[backend]:
         why = {"cpp": CPU_EXT_ERROR, "cuda": CUDA_EXT_ERROR, "triton": "triton not installed"}[
             backend

@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, help=f"stage-1 epochs per step ({d.epochs})")
     a("--warmup-epochs", dest="warmup_epochs", type=int)
     a("--milestones", type=int, nargs="*", help="stage-1 epochs where lr is divided by 10")
+    a("--init-epochs", dest="init_epochs", type=int,
+      help="stage-1 epochs of step 0 (default: --epochs)")
+    a("--init-lr", dest="init_lr", type=float, help="learning rate of step 0 (default: --lr)")
+    a("--init-milestones", dest="init_milestones", type=int, nargs="*",
+      help="step 0's epochs where lr is divided by 10 (default: --milestones)")
+    a("--init-weight-decay", dest="init_weight_decay", type=float,
+      help="weight decay of step 0 (default: --weight-decay)")
     a("--epochs-stage2", dest="epochs_stage2", type=int, help=f"stage-2 epochs ({d.epochs_stage2})")
     a("--lr-stage2", dest="lr_stage2", type=float)
     a("--milestones-stage2", dest="milestones_stage2", type=int, nargs="*",
@@ -113,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
                                "the class order has --class-seed")
     a("--device", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
     a("--impl", choices=IMPLS)
+    a("--compile", action="store_true", default=None,
+      help="with --impl reference: torch.compile the model each training stage trains "
+           "(recompiled whenever the model changes; compile time counts in the wall times; "
+           "evaluation stays eager)")
     a("--out", help=f"output directory ({d.out})")
     a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     a("--overwrite", action="store_true",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -19,6 +19,15 @@ from ..masks import MASK_INIT, MASK_LR
 STAGE2_MODES = ("retrain", "weight_align", "none")
 IMPLS = ("reference", "fast")
 S_ANNEAL = ("epoch", "fixed")
+
+
+class Schedule(NamedTuple):
+    """One step's stage-1 schedule (see :meth:`Config.schedule`)."""
+
+    epochs: int
+    lr: float
+    milestones: list
+    weight_decay: float
 
 
 class ConfigError(ValueError):
@@ -49,6 +58,12 @@ class Config:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # step 0's own stage-1 schedule (PyCIL and the authors' configs train the first step with
+    # other epochs / decays / weight decay than the later ones); None = the later steps' value
+    init_epochs: Optional[int] = None
+    init_lr: Optional[float] = None
+    init_milestones: Optional[list] = None
+    init_weight_decay: Optional[float] = None
     lambda_a: float = 1.0
     # the parameter budget: fraction of each new extractor's parameters that pruning keeps
     # (lambda_s is then adapted during stage 1 to land there); None = manual lambda_s
@@ -72,6 +87,9 @@ class Config:
     seed: int = 1993
     device: str = "auto"
     impl: str = "fast"
+    # torch.compile the model trained in stage 1 / stage 2 (recompiled per stage; evaluation
+    # stays eager); wall times include the compiles
+    compile: bool = False
     out: str = "runs/der"
     progress: bool = True
     deterministic: bool = False
@@ -123,15 +141,38 @@ class Config:
         if (self.keep is None) == (self.lambda_s is None):
             raise ConfigError("give exactly one of keep (a parameter budget) / lambda_s (a "
                               "manual sparsity weight)")
+        if self.compile and self.impl != "reference":
+            # FastDERNet picks its plan in Python from tensor values: dynamo splits it into
+            # per-layer graphs that recompile for every layer width, then run eagerly
+            raise ConfigError(f"--compile works with --impl reference only (got --impl "
+                              f"{self.impl}): torch.compile splits FastDERNet into per-layer "
+                              "graphs that recompile for every layer width and then fall back "
+                              "to eager; FastDERNet is the fused alternative to "
+                              "torch.compile(reference)")
         if self.prune and not self.masks:
             raise ConfigError("pruning needs masks: use --no-prune with --no-masks")
-        if self.warmup_epochs > self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed epochs "
-                              f"({self.epochs})")
+        for name in ("epochs", "init_epochs"):
+            if getattr(self, name) is not None and self.warmup_epochs > getattr(self, name):
+                raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) cannot exceed {name} "
+                                  f"({getattr(self, name)})")
         if self.accum_steps > self.batch_size:
             raise ConfigError(f"accum_steps ({self.accum_steps}) cannot exceed batch_size "
                               f"({self.batch_size})")
         return self
+
+    def schedule(self, t: int) -> "Schedule":
+        """Stage 1's schedule at step ``t``: step 0 takes each ``init_*`` value that is set.
+        Without milestones the lr is divided by 10 at 60 % and 85 % of the epochs."""
+        first = t == 0
+
+        def pick(name):
+            v = getattr(self, "init_" + name) if first else None
+            return getattr(self, name) if v is None else v
+
+        epochs = pick("epochs")
+        milestones = pick("milestones") or [int(0.6 * epochs), int(0.85 * epochs)]
+        return Schedule(epochs, pick("lr"), [m for m in milestones if m > 0],
+                        pick("weight_decay"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
@@ -229,6 +270,10 @@ _SPECS = {
     "lr": _Spec(float, 0, open_lo=True),
     "momentum": _Spec(float, 0, 1, open_hi=True),
     "weight_decay": _Spec(float, 0),
+    "init_epochs": _Spec(int, 1, _EPOCHS, none=True),
+    "init_lr": _Spec(float, 0, open_lo=True, none=True),
+    "init_milestones": _Spec(list, 1, _EPOCHS, none=True),
+    "init_weight_decay": _Spec(float, 0, none=True),
     "lambda_a": _Spec(float, 0),
     "keep": _Spec(float, 0, 1, open_lo=True, none=True),
     "lambda_s": _Spec(float, 0, none=True),
@@ -247,6 +292,7 @@ _SPECS = {
     "seed": _Spec(int, **_SEED),
     "device": _Spec(str),  # parsed and checked against the machine in _check_device
     "impl": _Spec(str, choices=IMPLS),
+    "compile": _Spec(bool),
     "out": _Spec(str),
     "progress": _Spec(bool),
     "deterministic": _Spec(bool),
@@ -279,8 +325,8 @@ def _merge(base: dict, layer: dict) -> dict:
     """``base`` updated with ``layer``; a layer that sets one memory budget (total or per
     class) clears the other, so ``--memory N`` overrides a per-class preset and vice versa;
     likewise a parameter budget ``keep`` and a manual ``lambda_s``. A layer that turns masks
-    off turns pruning off too, and one that sets fewer epochs than a lower layer's warm-up
-    shortens that warm-up to the epochs (unless it sets the warm-up itself)."""
+    off turns pruning off too, and one that sets fewer epochs (or step-0 epochs) than a lower
+    layer's warm-up shortens that warm-up to the epochs (unless it sets the warm-up itself)."""
     out = dict(base)
     out.update(layer)
     for mine, other in (("memory_total", "memory_per_class"),
@@ -290,8 +336,9 @@ def _merge(base: dict, layer: dict) -> dict:
             out[other] = None
     if layer.get("masks") is False and "prune" not in layer:
         out["prune"] = False
-    e, w = out.get("epochs"), out.get("warmup_epochs")
-    if "epochs" in layer and "warmup_epochs" not in layer and type(e) is int \
-            and type(w) is int and w > e:
-        out["warmup_epochs"] = e
+    for key in ("epochs", "init_epochs"):
+        e, w = out.get(key), out.get("warmup_epochs")
+        if key in layer and "warmup_epochs" not in layer and type(e) is int \
+                and type(w) is int and w > e:
+            out["warmup_epochs"] = e
     return out

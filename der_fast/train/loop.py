@@ -8,6 +8,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from ..masks import anneal_s
 from ..objective import make_optimizer
 from .batches import _gen, _train_batches
@@ -57,8 +59,25 @@ def _trained_only(model, params):
             p.requires_grad_(True)
 
 
-def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, warmup,
-                  seed_salt, device, loss_fn, after_backward=None, after_step=None, desc="",
+@contextlib.contextmanager
+def _compiled(net, enabled: bool):
+    """``torch.compile(net)`` inside the block when ``enabled`` (else ``net``). ``net`` is the
+    model or its DDP wrapper (torch compiles DDP's module graph by graph between its gradient
+    buckets). The model changed since the last stage (update_fc, prune, freeze_conv), so the
+    graphs compiled for it are dropped before (the recompile limit then counts this stage's
+    recompiles only) and after the stage (their memory freed)."""
+    if not enabled:
+        yield net
+        return
+    torch._dynamo.reset()
+    try:
+        yield torch.compile(net)
+    finally:
+        torch._dynamo.reset()
+
+
+def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, weight_decay,
+                  warmup, seed_salt, device, loss_fn, after_backward=None, after_step=None, desc="",
                   s_anneal=False, rt: Optional[_Runtime] = None, tag: str = ""):
     """Train ``params`` (``[(name, p)]``) by SGD for ``epochs``; returns the mean loss of the
     last epoch (over all ranks).
@@ -72,11 +91,10 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
     identically on every rank. ``rt.on_epoch(tag, epoch, loss)`` is called after every
     epoch when ``tag`` is given."""
     rt = rt or _Runtime()
-    opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=weight_decay,
                          mask_lr=cfg.mask_lr)
-    with _trained_only(model, params):
-        d = rt.dist
-        net = _wrap(model, d)
+    d = rt.dist
+    with _trained_only(model, params), _compiled(_wrap(model, d), cfg.compile) as net:
         chunks = d.world * cfg.accum_steps
         mine = list(range(d.rank * cfg.accum_steps, (d.rank + 1) * cfg.accum_steps))
         pick = indices if callable(indices) else (lambda epoch: indices)
@@ -106,7 +124,7 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                     final = k == len(parts) - 1
                     if bn is not None:
                         bn.before(k)
-                    no_sync = net.no_sync() if (net is not model and not final) else \
+                    no_sync = net.no_sync() if (d.active and not final) else \
                         contextlib.nullcontext()
                     with no_sync:
                         loss = loss_fn(net, x, y)

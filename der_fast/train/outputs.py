@@ -142,11 +142,12 @@ class _Outputs:
                     "and the PNG plots are written anyway)") from None
             self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
 
-    def epoch(self, t: int, epochs_per_step: dict):
-        """The per-epoch loss callback of step t (TensorBoard x axis: epochs over the run)."""
+    def epoch(self, first_epoch: dict):
+        """The per-epoch loss callback of a step whose epochs of each loss ``tag`` start at
+        ``first_epoch[tag]`` (TensorBoard x axis: epochs over the run)."""
         def on_epoch(tag, epoch, loss):
             if self.tb is not None:
-                self.tb.add_scalar(tag, loss, t * max(1, epochs_per_step[tag]) + epoch)
+                self.tb.add_scalar(tag, loss, first_epoch[tag] + epoch)
         return on_epoch
 
     def step(self, metrics: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -30,10 +31,13 @@ def _model_class(impl: str):
     return FastDERNet
 
 
-def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False,
+        dataset: Optional[D.ClassDataset] = None) -> dict:
     """Run the whole pipeline; returns the metrics dict (also written to OUT/metrics.json).
     A fresh run (not ``resume``) into a directory that holds a run is refused unless
-    ``overwrite``.
+    ``overwrite``. ``dataset``: an already loaded dataset to run on instead of loading
+    ``cfg.dataset`` (which then only names it in the results; ``cfg.train_per_class`` still
+    applies).
 
     Under torchrun (``WORLD_SIZE`` > 1) or inside an initialised torch.distributed process
     group, the training stages run data-parallel (see :mod:`der_fast.train.distributed`);
@@ -44,7 +48,7 @@ def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False) -
     try:
         with _stop_signals():
             say = log if d.main else (lambda *a, **k: None)
-            data, memory, outputs = _prepare(cfg, say, d, resume, overwrite)
+            data, memory, outputs = _prepare(cfg, say, d, resume, overwrite, dataset)
             try:
                 metrics = _incremental_steps(cfg, resume, say, d, data, memory, outputs)
             finally:
@@ -66,7 +70,7 @@ def _probe_out(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {exc}") from exc
 
 
-def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool):
+def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=None):
     """Checks that need the process count, the output directory (never an existing run by
     accident), the data (every class present, every image readable; on the device when it
     fits in memory), the empty exemplar memory and the result writer."""
@@ -82,7 +86,8 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool):
 
     def load_data():
         try:
-            return D.IncrementalData(cfg.dataset, cfg.init_cls, cfg.increment,
+            return D.IncrementalData(cfg.dataset if dataset is None else dataset,
+                                     cfg.init_cls, cfg.increment,
                                      root=cfg.data_root, download=cfg.download and d.main,
                                      seed=cfg.class_seed, max_train_per_class=cfg.train_per_class)
         except D.DataError as exc:
@@ -171,7 +176,6 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
         f"{cfg.init_cls or cfg.increment} + {cfg.increment}/step), backbone {cfg.backbone}, "
         f"impl {cfg.impl}, device {device}{par}")
     rt = _Runtime(dist=d)
-    epochs_per = {"train/loss_stage1": cfg.epochs, "train/loss_stage2": cfg.epochs_stage2}
 
     def ckpt(next_t, next_stage, partial):
         if d.main:
@@ -189,7 +193,9 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
     for t in range(start_t, data.num_steps):
         n_old, n_known = data.num_old(t), data.num_known(t)
         stage = start_stage if t == start_t else 0
-        rt.on_epoch = outputs.epoch(t, epochs_per)
+        rt.on_epoch = outputs.epoch({
+            "train/loss_stage1": sum(cfg.schedule(s).epochs for s in range(t)),
+            "train/loss_stage2": t * cfg.epochs_stage2})
         if stage == 0:
             partial = {}
             torch.manual_seed(cfg.seed * 1009 + t)

@@ -34,10 +34,11 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
               if p.requires_grad and (aux_used or not n.startswith("aux_fc."))]
 
     new = model.convnets[-1]
+    sched = cfg.schedule(t)
     control = None
     if use_masks and cfg.keep is not None:
         n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
-        control = BudgetController(cfg.keep, cfg.epochs * n_batches,
+        control = BudgetController(cfg.keep, sched.epochs * n_batches,
                                    lambda_s0 if lambda_s0 is not None else 1.0)
     lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
 
@@ -65,9 +66,9 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
         if rt.on_epoch is not None:
             rt.on_epoch(tag, epoch, loss)
 
-    milestones = cfg.milestones or [int(0.6 * cfg.epochs), int(0.85 * cfg.epochs)]
-    loss = _train_epochs(model, params, data, indices, cfg, epochs=cfg.epochs, lr=cfg.lr,
-                         milestones=[m for m in milestones if m > 0], warmup=cfg.warmup_epochs,
+    loss = _train_epochs(model, params, data, indices, cfg, epochs=sched.epochs, lr=sched.lr,
+                         milestones=sched.milestones, weight_decay=sched.weight_decay,
+                         warmup=cfg.warmup_epochs,
                          seed_salt=(t, 1), device=device, loss_fn=loss_fn,
                          after_backward=after_backward,
                          after_step=after_step if use_masks else None,
@@ -124,6 +125,7 @@ def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> 
         return pool[D.balanced_subset(labels[pool], generator=_gen(cfg.seed, t, 2, epoch))]
 
     return _train_epochs(model, params, data, subset, cfg, epochs=cfg.epochs_stage2,
-                         lr=cfg.lr_stage2, milestones=milestones, warmup=0, seed_salt=(t, 3),
+                         lr=cfg.lr_stage2, milestones=milestones, weight_decay=cfg.weight_decay,
+                         warmup=0, seed_salt=(t, 3),
                          device=device, loss_fn=loss_fn, desc=f"step {t} stage 2", rt=rt,
                          tag="train/loss_stage2")

@@ -1,0 +1,87 @@
+"""benchmarks/parity.py, the side-by-side comparison with PyCIL: the images both systems see,
+der_fast's side of a run, and the table's statistics. (PyCIL itself is not a dependency: its
+side runs only where a checkout is given.)"""
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
+spec = importlib.util.spec_from_file_location("parity", SCRIPT)
+parity = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(parity)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _protocol(**kw):
+    p = parity._parser().parse_args([])
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+def test_protocol_images_are_padded_grey_images_repeated_to_rgb():
+    images, source = parity.protocol_images(7, 3)
+    from der_fast.data import limit_per_class, load_fashion_mnist
+
+    ds = limit_per_class(load_fashion_mnist(), 7)
+    (tx, ty), (vx, vy) = images["train"], images["test"]
+    assert tx.shape == (70, 32, 32, 3) and tx.dtype == np.uint8 and vx.shape == (30, 32, 32, 3)
+    assert np.bincount(ty).tolist() == [7] * 10 and np.bincount(vy).tolist() == [3] * 10
+    assert (tx[:, :2] == 0).all() and (tx[:, :, -2:] == 0).all()  # the zero border
+    assert (tx[..., 0] == tx[..., 2]).all()
+    # the first images of each class, in the dataset's order
+    np.testing.assert_array_equal(tx[:, 2:30, 2:30, 1], ds.images("train")[:, 0].numpy())
+    first = np.flatnonzero(ds.labels("test") == vy[0])[0]
+    np.testing.assert_array_equal(vx[0, 2:30, 2:30, 0], ds.images("test")[first, 0].numpy())
+
+
+def test_der_fast_side_runs_the_protocol(tmp_path):
+    p = _protocol(train_per_class=12, test_per_class=4, memory=20, epochs=1, milestones=[],
+                  init_cls=4, increment=3, batch_size=16)
+    images, _ = parity.protocol_images(12, 4)
+    res = parity.run_der_fast(p, 3, images, tmp_path / "run")
+    assert len(res["top1"]) == 3 and all(0 <= a <= 100 for a in res["top1"])
+    from der_fast.data import class_order
+
+    assert res["class_order"] == class_order(10, 1993)  # PyCIL's order for the same seed
+
+
+def test_summary_statistics_and_verdict():
+    rng = np.random.default_rng(0)
+    runs = []
+    for system, shift in (("der_fast", 0.0), ("pycil", 1.0)):
+        for seed in range(1, 6):
+            runs.append({"system": system, "seed": seed, "threads": 1,
+                         "top1": list(rng.uniform(40, 90, 3) + shift),
+                         "wall_s": float(rng.uniform(50, 100))})
+    s = parity.summarise(runs)
+    for system in ("der_fast", "pycil"):
+        rs = [r for r in runs if r["system"] == system]
+        avg = [np.mean(r["top1"]) for r in rs]
+        assert s[system]["avg_inc"][0] == pytest.approx(np.mean(avg))
+        assert s[system]["avg_inc"][1] == pytest.approx(np.std(avg, ddof=1))
+        assert s[system]["step_top1"][2][0] == pytest.approx(np.mean([r["top1"][2] for r in rs]))
+    d = s["difference"]
+    se = math.sqrt(s["der_fast"]["avg_inc"][1] ** 2 / 5 + s["pycil"]["avg_inc"][1] ** 2 / 5)
+    assert d["se"] == pytest.approx(se)
+    assert d["within_se"] == (d["avg_inc"] >= -se)
+    text = parity.table(s, _protocol())
+    assert "average incremental top-1" in text and "standard error" in text
+    # a clearly lower der_fast is reported as such
+    for r in runs:
+        if r["system"] == "der_fast":
+            r["top1"] = [a - 30 for a in r["top1"]]
+    low = parity.summarise(runs)
+    assert not low["difference"]["within_se"]
+    assert "BELOW PyCIL" in parity.table(low, _protocol())
+
+
+def test_memory_too_large_for_pycils_herding_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="herding"):
+        parity.main(["--out", str(tmp_path), "--memory", "2000", "--train-per-class", "300"])
