@@ -97,18 +97,6 @@ def test_compiled_training_matches_eager(tmp_path, monkeypatch):
     _check_compiled_run(tmp_path, monkeypatch, "aot_eager", top1_images=0)
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("DER_FAST_TEST_COMPILE") != "1",
                     reason="a second compiled training run (minutes on a 2-core CPU): set "

@@ -88,18 +88,6 @@ def test_shards_of_path_based_data(tmp_path):
     assert [n for _, n in plain] == [4, 4, 2]
 
 
-@pytest.fixture
-def world_of_one(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ddp_path_in_process_equals_plain_path(tmp_path, world_of_one):
     """The DDP code path (wrapping, no_sync, flags, BN averaging) with one process equals the
     plain path; lambda_a = 0 leaves the auxiliary classifier out of the loss at every step:
