@@ -212,8 +212,12 @@ def summarise(runs: list) -> dict:
                        "step_top1": [_mean_sd(list(s)) for s in steps],
                        "avg_inc": _mean_sd(avg), "avg_inc_runs": avg,
                        "last": _mean_sd([r["top1"][-1] for r in rs]),
-                       "wall_s": _mean_sd([r["wall_s"] for r in rs]),
-                       "wall_runs": [r["wall_s"] for r in rs]}
+                       "nme_last": _mean_sd([r["nme_top1"][-1] for r in rs])
+                       if all(r.get("nme_top1") for r in rs) else None,
+                       # per thread count: (mean, sd, number of runs)
+                       "wall_s": {th: (*_mean_sd(w), len(w)) for th, w in (
+                           (th, [r["wall_s"] for r in rs if r["threads"] == th])
+                           for th in sorted({r["threads"] for r in rs}))}}
     if len(out) == 2:
         a, b = out["der_fast"], out["pycil"]
         na, nb = len(a["seeds"]), len(b["seeds"])
@@ -221,7 +225,8 @@ def summarise(runs: list) -> dict:
             if na > 1 and nb > 1 else float("nan")
         diff = a["avg_inc"][0] - b["avg_inc"][0]
         out["difference"] = {"avg_inc": diff, "se": se, "within_se": diff >= -se,
-                             "wall_ratio": b["wall_s"][0] / a["wall_s"][0]}
+                             "wall_ratio": {th: b["wall_s"][th][0] / a["wall_s"][th][0]
+                                            for th in a["wall_s"] if th in b["wall_s"]}}
     return out
 
 
@@ -246,16 +251,22 @@ def table(s: dict, p) -> str:
     lines.append("| per seed | " + " | ".join(
         " / ".join(f"{v:.1f}" for v in s[k]["avg_inc_runs"]) for k in systems) + " |")
     lines.append("| last top-1 | " + " | ".join(f(s[k]["last"]) for k in systems) + " |")
-    lines.append("| wall time per run, s (threads) | " + " | ".join(
-        f"{s[k]['wall_s'][0]:.0f} ± {s[k]['wall_s'][1]:.0f} ({s[k]['threads']})"
-        for k in systems) + " |")
+    lines.append("| last NME top-1 (class means of the exemplars) | " + " | ".join(
+        f(s[k]["nme_last"]) if s[k]["nme_last"] else "-" for k in systems) + " |")
+    for th in sorted({th for k in systems for th in s[k]["wall_s"]}):
+        lines.append(f"| wall time per run, s, {th} thread(s) | " + " | ".join(
+            "{:.0f} ± {:.0f} ({} runs)".format(*s[k]["wall_s"][th]) if th in s[k]["wall_s"]
+            else "-"
+            for k in systems) + " |")
     if "difference" in s:
         d = s["difference"]
         lines += ["", f"der_fast - PyCIL, average incremental top-1: {d['avg_inc']:+.2f} "
                       f"(standard error of the difference {d['se']:.2f}): "
                       + ("not below PyCIL by more than one standard error" if d["within_se"]
                          else "BELOW PyCIL by more than one standard error")
-                      + f". Wall time PyCIL / der_fast: {d['wall_ratio']:.2f}x."]
+                      + ". Wall time PyCIL / der_fast: " + ", ".join(
+                          f"{r:.2f}x at {th} thread(s)" for th, r in d["wall_ratio"].items())
+                      + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +313,8 @@ def compare(p) -> int:
                 status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
                 print(f"{sy} seed {se}: {status} in {time.time() - t0:.0f} s", flush=True)
     runs = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))]
-    runs = [r for r in runs if r["seed"] in p.seeds and r["system"] in p.systems]
+    runs = sorted((r for r in runs if r["seed"] in p.seeds and r["system"] in p.systems),
+                  key=lambda r: r["seed"])
     orders = {tuple(r["class_order"]) for r in runs}
     if len(orders) > 1:
         sys.exit(f"the systems used different class orders: {orders}")

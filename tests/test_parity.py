@@ -57,9 +57,10 @@ def test_summary_statistics_and_verdict():
     runs = []
     for system, shift in (("der_fast", 0.0), ("pycil", 1.0)):
         for seed in range(1, 6):
-            runs.append({"system": system, "seed": seed, "threads": 1,
+            runs.append({"system": system, "seed": seed, "threads": 1 + seed % 2,
                          "top1": list(rng.uniform(40, 90, 3) + shift),
-                         "wall_s": float(rng.uniform(50, 100))})
+                         "nme_top1": list(rng.uniform(40, 90, 3)),
+                         "wall_s": float(rng.uniform(50, 100) / (1 + seed % 2))})
     s = parity.summarise(runs)
     for system in ("der_fast", "pycil"):
         rs = [r for r in runs if r["system"] == system]
@@ -71,8 +72,15 @@ def test_summary_statistics_and_verdict():
     se = math.sqrt(s["der_fast"]["avg_inc"][1] ** 2 / 5 + s["pycil"]["avg_inc"][1] ** 2 / 5)
     assert d["se"] == pytest.approx(se)
     assert d["within_se"] == (d["avg_inc"] >= -se)
+    # wall times are compared per thread count, never across
+    for th in (1, 2):
+        w = {sy: [r["wall_s"] for r in runs if r["system"] == sy and r["threads"] == th]
+             for sy in ("der_fast", "pycil")}
+        assert s["der_fast"]["wall_s"][th][2] == len(w["der_fast"])
+        assert d["wall_ratio"][th] == pytest.approx(np.mean(w["pycil"]) / np.mean(w["der_fast"]))
     text = parity.table(s, _protocol())
     assert "average incremental top-1" in text and "standard error" in text
+    assert "2 thread(s)" in text and "NME" in text
     # a clearly lower der_fast is reported as such
     for r in runs:
         if r["system"] == "der_fast":
