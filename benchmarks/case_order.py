@@ -55,17 +55,23 @@ def main(argv=None) -> int:
     def case(t):
         return H.Case("stage1", "resnet32", t, 0.3, batch, hw)
 
-    def timed(c, provider):
-        m = H.measure(c, [provider], device, args.rounds, fresh=args.isolation)[provider]
+    def timed(c, provider, strict=True):
+        m = H.measure(c, [provider], device, args.rounds, fresh=args.isolation,
+                      strict=strict)[provider]
         if "median" not in m:
             raise SystemExit(f"{c.id} {provider}: skipped: {m['skipped']}")
         extra = f", compile {m['compile_s']:.1f} s" if "compile_s" in m else ""
+        if "check_failed" in m:
+            extra += f"; fails the equivalence check: {m['check_failed']}"
         print(f"{c.id} {provider}: median {m['median'] * 1e3:.1f} ms "
               f"(IQR {(m['q3'] - m['q1']) * 1e3:.1f} ms){extra}", file=sys.stderr, flush=True)
         return m
 
     first = timed(case(args.t), args.provider)
-    between = {f"compile t={t}": timed(case(t), "compile") for t in args.compile_t}
+    # the cases in between run for what they leave behind: timed even where torch.compile's
+    # gradients miss the equivalence bound (they do in stage 1 on this CPU, RESULTS.md 9)
+    between = {f"compile t={t}": timed(case(t), "compile", strict=False)
+               for t in args.compile_t}
     last = timed(case(args.t), args.provider)
     ratio = last["median"] / first["median"]
     env = H.env_info(device)

@@ -296,14 +296,13 @@ def shortcut_a_index(kept_in: torch.Tensor, kept_out: torch.Tensor) -> torch.Ten
 def binarize(e: torch.Tensor, min_on: int = 1) -> torch.Tensor:
     """Binary mask of an embedding: sigmoid(s_max * e) > 0.5, i.e. e > 0, and at least
     ``min_on`` channels on (the largest e; ties by lower index), so no layer is ever removed
-    entirely."""
+    entirely. No Python branch on tensor values, so torch.compile traces a binarised model
+    without graph breaks."""
     m = e > 0
     k = min(max(1, int(min_on)), e.numel())
-    if int(m.sum()) < k:
-        order = torch.argsort(-e.float(), stable=True)[:k]
-        m = m.clone()
-        m[order] = True
-    return m
+    top = torch.argsort(-e.float(), stable=True)[:k]
+    floor = torch.zeros_like(m).scatter(0, top, True)
+    return m | (floor & (m.sum() < k))
 
 
 def make_backbone(name: str, in_channels: int = 3, masked: bool = False, **kw) -> MaskedResNet:

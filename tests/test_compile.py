@@ -127,3 +127,38 @@ def test_compile_flag(tmp_path):
     with pytest.raises(T.ConfigError, match="--impl reference only"):
         _run(tmp_path / "fast", impl="fast", compile=True)
     assert not (tmp_path / "fast").exists()
+
+
+def test_binarised_masks_compile_without_graph_breaks():
+    """With a budget the newest extractor's masks binarise in the middle of stage 1, and old
+    extractors keep binary masks: such a model must still be one graph (``fullgraph=True``
+    raises at a graph break), with eager's outputs and gradients. Masks with fewer than
+    ``min_on`` positive embeddings exercise the floor of ``binarize``."""
+    from der_fast import DERNet
+
+    torch.manual_seed(7)
+    model = DERNet("resnet32", use_masks=True)
+    model.update_fc(2)
+    model.set_s(50.0)
+    model.update_fc(4)  # extractor 0 frozen with binary masks
+    model.set_s(50.0)
+    new = model.convnets[-1]
+    with torch.no_grad():
+        for p, e in new.mask_e.items():
+            e.uniform_(-1.0, 1.0)
+        new.mask_e["stream2"].uniform_(-1.0, -0.1)  # every embedding negative: the floor acts
+    new.binary_masks = True
+    assert int(new.binary_mask("stream2").sum()) == new.min_on("stream2") > 0
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out_c = compiled(x)["logits"]
+    out_e = model(x)["logits"]
+    torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+    g_c = torch.autograd.grad(out_c.square().sum(), list(new.parameters()), allow_unused=True)
+    g_e = torch.autograd.grad(out_e.square().sum(), list(new.parameters()), allow_unused=True)
+    for a, b in zip(g_c, g_e):
+        if b is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -23,20 +23,20 @@ def stats(times: list) -> dict:
 
 
 def measure(case: Case, providers, device: torch.device, rounds: int,
-            fresh: bool = True) -> dict:
+            fresh: bool = True, strict: bool = True) -> dict:
     """{provider: timing} for one case. The case starts fresh (:func:`fresh_case`: a
     torch.compile provider compiles cold; ``fresh=False`` skips that, to show what is left
     over from earlier cases otherwise); every provider is prepared (checked against the
     reference, which is also its first call: the compile of torch.compile, recorded as
     ``compile_s``), warmed up by one step, then timed in interleaved rounds (p1, p2, p1, p2,
     ...) so that a change in the machine's load hits all of them alike. A provider that cannot
-    run gives ``{"skipped": reason}``."""
+    run gives ``{"skipped": reason}``; ``strict=False``: see :func:`check.prepare`."""
     if fresh:
         fresh_case(device)
     ready, out = {}, {}
     for p in providers:
         try:
-            wl, info = prepare(case, p, device, grid_skips=False)
+            wl, info = prepare(case, p, device, grid_skips=False, strict=strict)
         except ProviderUnavailable as exc:
             out[p] = {"skipped": str(exc)}
             continue
@@ -51,6 +51,7 @@ def measure(case: Case, providers, device: torch.device, rounds: int,
         out[p] = dict(stats(times), params=info["params"],
                       check_max_rel_err=info["check_max_rel_err"],
                       first_call_s=info["first_call_s"])
-        if "compile_s" in info:
-            out[p]["compile_s"] = info["compile_s"]
+        for k in ("compile_s", "check_failed"):
+            if k in info:
+                out[p][k] = info[k]
     return out
