@@ -38,11 +38,12 @@ PROVIDERS = H.COMPILE_GRID_PROVIDERS  # reference, compile, fast
 TABLE, MERGED = "compile_grid.md", "compile_grid.json"
 
 
-def run_case(case, device, rounds: int, out: Path) -> dict:
-    """Measure one case and write it to ``out/<case id>.json``."""
+def run_case(case, device, rounds: int, out: Path, strict: bool = True) -> dict:
+    """Measure one case and write it to ``out/<case id>.json``. ``strict=False`` also times
+    a provider that fails the equivalence check (its record keeps ``check_failed``)."""
     print(f"{case.id}: measuring {', '.join(PROVIDERS)} ...", file=sys.stderr, flush=True)
     rec = {"case": asdict(case), "rounds": rounds, "env": H.env_info(device),
-           "providers": H.measure(case, PROVIDERS, device, rounds)}
+           "providers": H.measure(case, PROVIDERS, device, rounds, strict=strict)}
     (out / f"{case.id}.json").write_text(json.dumps(rec, indent=1))
     for p, m in rec["providers"].items():
         extra = f", compile {m['compile_s']:.1f} s" if "compile_s" in m else ""
@@ -71,7 +72,7 @@ def _time(m: dict) -> str:
     if "median" not in m:
         return "skipped"
     iqr = 100 * (m["q3"] - m["q1"]) / m["median"]
-    return f"{m['median'] * 1e3:.0f} ±{iqr:.0f}%"
+    return f"{m['median'] * 1e3:.0f} ±{iqr:.0f}%" + (" (!)" if "check_failed" in m else "")
 
 
 def markdown(recs: list) -> str:
@@ -102,7 +103,12 @@ def markdown(recs: list) -> str:
     skipped = [f"- {r['case']['workload']} t={r['case']['t']} d={r['case']['density']} {p}: "
                f"{m['skipped']}" for r in recs for p, m in r["providers"].items()
                if "skipped" in m]
-    return "\n".join(lines + (["", "Skipped:"] + skipped if skipped else []))
+    failed = [f"- {r['case']['workload']} t={r['case']['t']} d={r['case']['density']} {p}: "
+              f"{m['check_failed']}" for r in recs for p, m in r["providers"].items()
+              if "check_failed" in m]
+    return "\n".join(lines + (["", "Skipped:"] + skipped if skipped else [])
+                     + (["", "(!) failed the equivalence check, timed with --time-failing:"]
+                        + failed if failed else []))
 
 
 def write_table(out: Path) -> str:
@@ -125,6 +131,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, help="batch size (default: the suite's)")
     ap.add_argument("--hw", type=int, help="image side (default: the suite's)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--time-failing", action="store_true",
+                    help="time a provider even if it fails the equivalence check (marked (!))")
     ap.add_argument("--report", type=Path, metavar="DIR",
                     help="only rewrite DIR's table from its case files")
     args = ap.parse_args(argv)
@@ -139,7 +147,7 @@ def main(argv=None) -> int:
         if args.batch or args.hw:
             case = H.Case(case.workload, case.backbone, case.t, case.density,
                           args.batch or case.batch, args.hw or case.hw)
-        run_case(case, device, args.rounds, args.out)
+        run_case(case, device, args.rounds, args.out, strict=not args.time_failing)
         write_table(args.out)
     print(write_table(args.out))
     return 0
