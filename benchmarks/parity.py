@@ -86,7 +86,7 @@ def run_der_fast(p, seed: int, images, workdir: Path) -> dict:
     import torch
 
     from der_fast.data import ClassDataset, dataset_info
-    from der_fast.train import Config, run
+    from der_fast.train import run
 
     info = dataset_info("fashion_mnist", image_size=32, channels=3, mean=_MEAN, std=_STD,
                         crop_padding=4)
@@ -94,22 +94,31 @@ def run_der_fast(p, seed: int, images, workdir: Path) -> dict:
     ds = ClassDataset(info=info, train_y=ty, test_y=vy,
                       train_x=torch.from_numpy(tx).permute(0, 3, 1, 2).contiguous(),
                       test_x=torch.from_numpy(vx).permute(0, 3, 1, 2).contiguous())
-    cfg = Config(dataset="fashion_mnist", train_per_class=None, test_per_class=None,
-                 backbone="resnet32", init_cls=p.init_cls, increment=p.increment,
-                 class_seed=p.class_seed, memory_total=p.memory, epochs=p.epochs,
-                 milestones=p.milestones, batch_size=p.batch_size, lr=p.lr,
-                 weight_decay=p.weight_decay, init_weight_decay=p.init_weight_decay,
-                 masks=False, prune=False, keep=None, lambda_s=0.0, stage2="weight_align",
-                 seed=seed, impl=p.impl, device="cpu", out=str(workdir), progress=False,
-                 plots=False)
-    metrics = run(cfg, overwrite=True, log=lambda *a, **k: None, dataset=ds)
+    metrics = run(der_fast_config(p, seed, workdir), overwrite=True,
+                  log=lambda *a, **k: None, dataset=ds)
     return {"top1": [s["top1"] for s in metrics["steps"]],
             "nme_top1": [s.get("nme_top1") for s in metrics["steps"]],
             "class_order": metrics["class_order"]}
 
 
-def run_pycil(p, seed: int, images, pycil: Path) -> dict:
-    import numpy as np
+def der_fast_config(p, seed: int, workdir: Path):
+    """der_fast's ``Config`` for the protocol."""
+    from der_fast.train import Config
+
+    return Config(dataset="fashion_mnist", train_per_class=None, test_per_class=None,
+                  backbone="resnet32", init_cls=p.init_cls, increment=p.increment,
+                  class_seed=p.class_seed, memory_total=p.memory, epochs=p.epochs,
+                  milestones=p.milestones, batch_size=p.batch_size, lr=p.lr,
+                  weight_decay=p.weight_decay, init_weight_decay=p.init_weight_decay,
+                  masks=False, prune=False, keep=None, lambda_s=0.0, stage2="weight_align",
+                  seed=seed, impl=p.impl, device="cpu", out=str(workdir), progress=False,
+                  plots=False)
+
+
+def pycil_learner(p, seed: int, images, pycil: Path):
+    """PyCIL's DER learner and data manager for the protocol (``models.der`` patched from the
+    outside as the module docstring says), torch seeded with ``seed``. Returns
+    ``(learner, data_manager, models.der)``."""
     import torch
     from torch.utils.data import DataLoader
     from torchvision import transforms
@@ -156,6 +165,11 @@ def run_pycil(p, seed: int, images, pycil: Path) -> dict:
             "increment": p.increment, "shuffle": True, "prefix": "parity"}
     learner = factory.get_model("der", args)
     learner.topk = 1
+    return learner, data, pycil_der
+
+
+def run_pycil(p, seed: int, images, pycil: Path) -> dict:
+    learner, data, _ = pycil_learner(p, seed, images, pycil)
     top1, nme = [], []
     for _ in range(data.nb_tasks):
         learner.incremental_train(data)
