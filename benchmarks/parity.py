@@ -30,6 +30,8 @@ The recipe differences that remain, all outside DER's definition: PyCIL augments
 with PIL on the CPU, der_fast whole batches with tensors (the same distribution, other
 random numbers); PyCIL evaluates the test set every 5 epochs during training (it changes no
 weight); der_fast recalibrates nothing and re-draws nothing here (no masks, no stage 2).
+``benchmarks/parity_lockstep.py`` checks that the rest is the same without the seed noise:
+both trainers stepped from one state on PyCIL's recorded batches, in float64.
 
 Each run is a subprocess (``--jobs`` at a time, ``--threads`` intra-op threads each) that
 writes ``OUT/runs/<system>_<seed>.json``; runs whose file exists are not repeated, so an

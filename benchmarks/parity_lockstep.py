@@ -152,7 +152,9 @@ def der_fast_step(p, seed, start_state, task_sizes, epochs, *, impl, dtype, weig
     return model
 
 
-def lockstep(p, seed: int, log=print) -> dict:
+def lockstep(p, seed: int, log=print, out=None) -> dict:
+    """The lockstep of one seed, steps 0 to ``p.last_step`` (default: all); the result so far
+    is written to ``out`` (JSON) after every step."""
     import numpy as np
     import torch
     from torch.utils.data import DataLoader
@@ -191,7 +193,10 @@ def lockstep(p, seed: int, log=print) -> dict:
                 "der_fast reference, float32": dict(impl="reference", dtype=f32),
                 "control: reference, float64, weight decay x2.5":
                     dict(impl="reference", dtype=f64)}
-    for t in range(data.nb_tasks):
+    res = {"seed": seed, "data_source": source, "pycil_commit": _commit(p.pycil),
+           "threads": torch.get_num_threads(), "steps": steps}
+    last = data.nb_tasks - 1 if p.last_step is None else min(p.last_step, data.nb_tasks - 1)
+    for t in range(last + 1):
         t0 = time.perf_counter()
         learner.incremental_train(data)
         cnn, _ = learner.eval_task()
@@ -261,10 +266,13 @@ def lockstep(p, seed: int, log=print) -> dict:
         row["wall_s"] = time.perf_counter() - t0
         log(json.dumps(row))
         steps.append(row)
+        if out is not None:
+            tmp = Path(out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(out)
         learner.after_task()
     torch.set_default_dtype(torch.float32)
-    return {"seed": seed, "data_source": source, "pycil_commit": _commit(p.pycil),
-            "steps": steps}
+    return res
 
 
 def _commit(path) -> str:
@@ -280,16 +288,17 @@ def _commit(path) -> str:
 def table(res: dict) -> str:
     """One row per step and run: the relative distance to der_fast's float64 reference after
     k SGD iterations and at the end of the step."""
-    first = res["steps"][0]
-    names = list(first["distance_to_float64"])
-    ks = [k for k in CHECKPOINTS if any(k in r["distance_after"][names[0]]
-                                        for r in res["steps"])]
+    names = list(res["steps"][0]["distance_to_float64"])
+    # iteration counts are the keys (strings once read back from JSON)
+    after_k = [{n: {int(k): v for k, v in r["distance_after"][n].items()} for n in names}
+               for r in res["steps"]]
+    ks = [k for k in CHECKPOINTS if any(k in a[names[0]] for a in after_k)]
     lines = ["| step | run | " + " | ".join(f"after {k}" for k in ks)
              + " | end of step | test predictions equal | herding equal |",
              "|---:|---|" + "---:|" * (len(ks) + 3)]
-    for r in res["steps"]:
+    for r, a in zip(res["steps"], after_k):
         for n in names:
-            after = r["distance_after"][n]
+            after = a[n]
             cells = [f"{after[k]:.1e}" if k in after else "" for k in ks]
             if n == names[0]:
                 extra = (f" | {100 * r['test_predictions_equal']:.1f} % | "
@@ -306,6 +315,9 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     ap = parity._parser()
     ap.description = __doc__.split("\n\n")[0]
+    ap.add_argument("--last-step", type=int, default=None,
+                    help="stop after this step (default: the last; each step costs about "
+                         "five trainings of it, in float64)")
     # parity.py's --seed (the torch seed) and --out (here: the JSON file written)
     ap.set_defaults(seed=1, out="lockstep.json")
     p = ap.parse_args(argv)
@@ -314,9 +326,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(p.threads)
-    res = lockstep(p, p.seed, log=lambda s: print(s, flush=True))
-    res["threads"] = p.threads
-    Path(p.out).write_text(json.dumps(res, indent=1))
+    res = lockstep(p, p.seed, log=lambda s: print(s, flush=True), out=p.out)
     print(table(res))
     return 0
 

@@ -115,3 +115,23 @@ def test_distance_is_relative_l2():
     assert lockstep._distance(b, a, ["w", "b"]) == pytest.approx(1.0)
     assert lockstep._distance(a, b, ["w", "b"]) == pytest.approx(5.0 / math.sqrt(50.0))
     assert lockstep._distance(a, a, ["w"]) == 0.0
+
+
+def test_table_reads_results_back_from_json():
+    import json
+
+    names = ["pycil, float64", "control"]
+    rows = [{"step": t, "iterations": 3 + 5 * t, "step_size": 0.1,
+             "distance_after": {n: {k: float(torch.rand(())) for k in (1, 2, 4)
+                                    if k < 3 + 5 * t} for n in names},
+             "distance_to_float64": {n: float(torch.rand(())) for n in names},
+             "test_predictions_equal": 1.0, "herding_same_exemplars_in_order": [True, False]}
+            for t in range(2)]
+    text = lockstep.table(json.loads(json.dumps({"steps": rows})))
+    lines = text.splitlines()
+    assert "after 1 | after 2 | after 4 | end of step" in lines[0]
+    assert len(lines) == 2 + 2 * len(names)
+    step0 = [c.strip() for c in lines[2].split("|")]
+    assert f"{rows[0]['distance_after']['pycil, float64'][2]:.1e}" in step0
+    assert step0[-2] == "1/2 classes"
+    assert lines[3].split("|")[5].strip() == ""  # no 4th iteration at step 0
