@@ -25,7 +25,6 @@ the test accuracy (der_fast's model with PyCIL's final state must predict what P
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib.util
 import json
@@ -89,8 +88,6 @@ class _Trace:
 
 def _distance(state, truth, keys) -> float:
     """Relative L2 distance over ``keys``: ||state - truth|| / ||truth||."""
-    import torch
-
     num = sum(float(((state[k].double() - truth[k].double()) ** 2).sum()) for k in keys)
     den = sum(float((truth[k].double() ** 2).sum()) for k in keys)
     return math.sqrt(num / den)

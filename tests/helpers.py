@@ -1,8 +1,20 @@
-"""Assertions shared by the tests (import as ``from helpers import ...``: pytest puts tests/
-on sys.path)."""
+"""Assertions and loaders shared by the tests (import as ``from helpers import ...``: pytest
+puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_close(actual, expected, atol, rtol, what):

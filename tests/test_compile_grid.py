@@ -1,15 +1,12 @@
 """benchmarks/compile_grid.py's table: medians, ratios, compile times, and providers that were
 skipped or timed although they failed the equivalence check (--time-failing)."""
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_grid.py"
-spec = importlib.util.spec_from_file_location("compile_grid", SCRIPT)
-grid = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(grid)
+from helpers import load_benchmark
+
+grid = load_benchmark("compile_grid")
 
 
 def _timing(rng, median):

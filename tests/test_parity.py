@@ -2,18 +2,14 @@
 der_fast's side of a run, and the table's statistics. (PyCIL itself is not a dependency: its
 side runs only where a checkout is given.)"""
 
-import importlib.util
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity.py"
-spec = importlib.util.spec_from_file_location("parity", SCRIPT)
-parity = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(parity)
+from helpers import load_benchmark
+
+parity = load_benchmark("parity")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

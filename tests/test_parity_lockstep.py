@@ -4,9 +4,7 @@ parameters that require grad, MultiStepLR, CE + auxiliary CE, frozen extractors 
 weight aligning); der_fast's trainer fed the same batches must land on the same weights."""
 
 import copy
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +12,9 @@ import torch.nn.functional as F
 
 from der_fast import DERNet
 from der_fast.compat import from_pycil_state_dict, to_pycil_state_dict
+from helpers import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parity_lockstep.py"
-spec = importlib.util.spec_from_file_location("parity_lockstep", SCRIPT)
-lockstep = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lockstep)
+lockstep = load_benchmark("parity_lockstep")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
