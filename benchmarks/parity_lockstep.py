@@ -327,6 +327,8 @@ def main(argv=None) -> int:
     # parity.py's --seed (the torch seed) and --out (here: the JSON file written)
     ap.set_defaults(seed=1, out="lockstep.json")
     p = ap.parse_args(argv)
+    if p.first_step < 0 or p.last_step is not None and p.last_step < p.first_step:
+        ap.error(f"need 0 <= --first-step ({p.first_step}) <= --last-step ({p.last_step})")
     if not (Path(p.pycil) / "models" / "der.py").is_file():
         sys.exit(f"--pycil {p.pycil!r}: not a PyCIL checkout (no models/der.py)")
     import torch

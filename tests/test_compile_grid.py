@@ -1,7 +1,6 @@
 """benchmarks/compile_grid.py's table: medians, ratios, compile times, and providers that were
 skipped or timed although they failed the equivalence check (--time-failing)."""
 
-
 import numpy as np
 
 from helpers import load_benchmark

@@ -131,3 +131,12 @@ def test_table_reads_results_back_from_json():
     assert f"{rows[0]['distance_after']['pycil, float64'][2]:.1e}" in step0
     assert step0[-2] == "1/2 classes"
     assert lines[3].split("|")[5].strip() == ""  # no 4th iteration at step 0
+
+
+@pytest.mark.parametrize("args", [["--first-step", "3", "--last-step", "2"],
+                                  ["--first-step", "-1"]])
+def test_bad_step_range_is_refused_before_anything_runs(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lockstep.main(["--pycil", "/nonexistent"] + args)
+    assert exc.value.code == 2
+    assert "--first-step" in capsys.readouterr().err
