@@ -33,6 +33,11 @@ weight); der_fast recalibrates nothing and re-draws nothing here (no masks, no s
 ``benchmarks/parity_lockstep.py`` checks that the rest is the same without the seed noise:
 both trainers stepped from one state on PyCIL's recorded batches, in float64.
 
+``--last-step T`` stops both systems after step T: ``--last-step 0`` compares the base
+training alone (two classes from scratch, where a run can stay at chance), many seeds
+cheaply. Each run records its last epoch's training loss at every step (PyCIL's from the
+line its learner logs), and the table counts the seeds whose step 0 stayed near chance.
+
 Each run is a subprocess (``--jobs`` at a time, ``--threads`` intra-op threads each) that
 writes ``OUT/runs/<system>_<seed>.json``; runs whose file exists are not repeated, so an
 interrupted comparison continues where it stopped. The table is ``OUT/parity.md`` (and
@@ -43,8 +48,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,6 +107,7 @@ def run_der_fast(p, seed: int, images, workdir: Path) -> dict:
                   log=lambda *a, **k: None, dataset=ds)
     return {"top1": [s["top1"] for s in metrics["steps"]],
             "nme_top1": [s.get("nme_top1") for s in metrics["steps"]],
+            "loss": [s["loss_stage1"] for s in metrics["steps"]],
             "class_order": metrics["class_order"]}
 
 
@@ -114,7 +122,7 @@ def der_fast_config(p, seed: int, workdir: Path):
                   weight_decay=p.weight_decay, init_weight_decay=p.init_weight_decay,
                   masks=False, prune=False, keep=None, lambda_s=0.0, stage2="weight_align",
                   seed=seed, impl=p.impl, device="cpu", out=str(workdir), progress=False,
-                  plots=False)
+                  plots=False, last_step=p.last_step)
 
 
 def pycil_learner(p, seed: int, images, pycil: Path):
@@ -170,16 +178,43 @@ def pycil_learner(p, seed: int, images, pycil: Path):
     return learner, data, pycil_der
 
 
+class _EpochLog(logging.Handler):
+    """Collects the training loss PyCIL logs after each step's last epoch ("... => Loss
+    0.693, ..."): the mean loss of that epoch's batches."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.losses = []
+
+    def emit(self, record):
+        m = re.search(r"=> Loss ([0-9.]+|nan|inf)", record.getMessage())
+        if m:
+            self.losses.append(float(m.group(1)))
+
+
 def run_pycil(p, seed: int, images, pycil: Path) -> dict:
     learner, data, _ = pycil_learner(p, seed, images, pycil)
     top1, nme = [], []
-    for _ in range(data.nb_tasks):
-        learner.incremental_train(data)
-        cnn_accy, nme_accy = learner.eval_task()
-        learner.after_task()
-        top1.append(float(cnn_accy["top1"]))
-        nme.append(float(nme_accy["top1"]) if nme_accy is not None else None)
-    return {"top1": top1, "nme_top1": nme, "class_order": list(map(int, data._class_order))}
+    root, epoch_log = logging.getLogger(), _EpochLog()
+    level = root.level
+    root.setLevel(logging.INFO)
+    root.addHandler(epoch_log)
+    try:
+        n = data.nb_tasks if p.last_step is None else p.last_step + 1
+        for _ in range(n):
+            learner.incremental_train(data)
+            cnn_accy, nme_accy = learner.eval_task()
+            learner.after_task()
+            top1.append(float(cnn_accy["top1"]))
+            nme.append(float(nme_accy["top1"]) if nme_accy is not None else None)
+    finally:
+        root.removeHandler(epoch_log)
+        root.setLevel(level)
+    if len(epoch_log.losses) != n:
+        raise RuntimeError(f"expected PyCIL to log {n} last-epoch losses, found "
+                           f"{len(epoch_log.losses)}: has its models/der.py's log line changed?")
+    return {"top1": top1, "nme_top1": nme, "loss": epoch_log.losses,
+            "class_order": list(map(int, data._class_order))}
 
 
 def _one(p) -> int:
@@ -193,7 +228,7 @@ def _one(p) -> int:
         res = run_der_fast(p, p.seed, images, Path(p.json).with_suffix(".run"))
     else:
         res = run_pycil(p, p.seed, images, Path(p.pycil))
-    res.update(system=p.system, seed=p.seed, threads=p.threads,
+    res.update(system=p.system, seed=p.seed, threads=p.threads, init_cls=p.init_cls,
                wall_s=time.perf_counter() - t0, data_source=source,
                n_train=int(len(images["train"][1])), n_test=int(len(images["test"][1])))
     tmp = Path(p.json).with_suffix(".tmp")
@@ -230,6 +265,14 @@ def summarise(runs: list) -> dict:
                        "last": _mean_sd([r["top1"][-1] for r in rs]),
                        "nme_last": _mean_sd([r["nme_top1"][-1] for r in rs])
                        if all(r.get("nme_top1") for r in rs) else None,
+                       # the last epoch's training loss per step, and the runs whose step 0
+                       # stayed near chance (loss >= 0.9 ln(classes)); runs from before the
+                       # losses were recorded have none
+                       "step_loss": [_mean_sd(list(s)) for s in zip(*[r["loss"] for r in rs])]
+                       if all("loss" in r for r in rs) else None,
+                       "stalled": [r["seed"] for r in rs
+                                   if r["loss"][0] >= 0.9 * math.log(r["init_cls"])]
+                       if all("loss" in r and "init_cls" in r for r in rs) else None,
                        # per thread count: (mean, sd, number of runs)
                        "wall_s": {th: (*_mean_sd(w), len(w)) for th, w in (
                            (th, [r["wall_s"] for r in rs if r["threads"] == th])
@@ -252,7 +295,8 @@ def table(s: dict, p) -> str:
              f"test images per class, {p.init_cls} + {p.increment}/step, class seed "
              f"{p.class_seed}, ResNet-32, memory {p.memory}, batch {p.batch_size}, lr {p.lr}, "
              f"{p.epochs} epochs per step (x0.1 at {p.milestones}), weight decay "
-             f"{p.init_weight_decay} (step 0) / {p.weight_decay}, weight aligning, no masks.", ""]
+             f"{p.init_weight_decay} (step 0) / {p.weight_decay}, weight aligning, no masks"
+             + ("." if p.last_step is None else f"; stopped after step {p.last_step}."), ""]
     systems = [k for k in SYSTEMS if k in s]
     n_steps = len(s[systems[0]]["step_top1"])
     lines.append("| | " + " | ".join(systems) + " |")
@@ -267,6 +311,14 @@ def table(s: dict, p) -> str:
     lines.append("| per seed | " + " | ".join(
         " / ".join(f"{v:.1f}" for v in s[k]["avg_inc_runs"]) for k in systems) + " |")
     lines.append("| last top-1 | " + " | ".join(f(s[k]["last"]) for k in systems) + " |")
+    if all(s[k]["step_loss"] for k in systems):
+        for t in range(n_steps):
+            lines.append(f"| last epoch's training loss, step {t} | "
+                         + " | ".join(f(s[k]["step_loss"][t]) for k in systems) + " |")
+        lines.append("| seeds whose step 0 stayed near chance (loss >= 0.9 ln classes) | "
+                     + " | ".join(f"{len(s[k]['stalled'])}: "
+                                  + (" ".join(map(str, s[k]["stalled"])) or "-")
+                                  for k in systems) + " |")
     lines.append("| last NME top-1 (class means of the exemplars) | " + " | ".join(
         f(s[k]["nme_last"]) if s[k]["nme_last"] else "-" for k in systems) + " |")
     for th in sorted({th for k in systems for th in s[k]["wall_s"]}):
@@ -293,6 +345,8 @@ def _child_argv(p, system: str, seed: int, path: Path) -> list:
                  "increment", "class_seed", "memory", "epochs", "batch_size", "lr",
                  "weight_decay", "init_weight_decay", "impl"):
         argv += ["--" + name.replace("_", "-"), str(getattr(p, name))]
+    if p.last_step is not None:
+        argv += ["--last-step", str(p.last_step)]
     return argv + ["--milestones", *map(str, p.milestones)]
 
 
@@ -367,6 +421,9 @@ def _parser():
     a("--weight-decay", type=float, default=2e-4)
     a("--init-weight-decay", type=float, default=5e-4)
     a("--impl", default="fast", choices=("fast", "reference"))
+    a("--last-step", type=int, default=None,
+      help="stop both systems after this step (0-based; default: the last); step 0 alone "
+           "compares the base training without the incremental steps' noise")
     a("--_one", action="store_true", help=argparse.SUPPRESS)
     a("--system", choices=SYSTEMS, help=argparse.SUPPRESS)
     a("--seed", type=int, help=argparse.SUPPRESS)

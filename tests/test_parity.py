@@ -46,6 +46,24 @@ def test_der_fast_side_runs_the_protocol(tmp_path):
     from der_fast.data import class_order
 
     assert res["class_order"] == class_order(10, 1993)  # PyCIL's order for the same seed
+    assert len(res["loss"]) == 3 and all(0 < v < math.inf for v in res["loss"])
+    # --last-step 0: step 0 alone, the same as the whole run's step 0
+    p.last_step = 0
+    first = parity.run_der_fast(p, 3, images, tmp_path / "step0")
+    assert first["top1"] == res["top1"][:1]
+    assert first["loss"] == pytest.approx(res["loss"][:1])
+
+
+def test_pycils_last_epoch_loss_is_read_from_its_log_line():
+    import logging
+
+    log = parity._EpochLog()
+    for msg in ("Exemplar size: 200",
+                "Task 0, Epoch 6/6 => Loss 0.693, Train_accy 50.12",
+                "Task 1, Epoch 6/6 => Loss 1.234, Loss_clf 0.900, Loss_aux 0.334, "
+                "Train_accy 71.00, Test_accy 60.50"):
+        log.handle(logging.LogRecord("root", logging.INFO, "der.py", 1, msg, None, None))
+    assert log.losses == [0.693, 1.234]
 
 
 def test_summary_statistics_and_verdict():
@@ -56,6 +74,8 @@ def test_summary_statistics_and_verdict():
             runs.append({"system": system, "seed": seed, "threads": 1 + seed % 2,
                          "top1": list(rng.uniform(40, 90, 3) + shift),
                          "nme_top1": list(rng.uniform(40, 90, 3)),
+                         "loss": [0.69 if seed == 2 else float(rng.uniform(0.1, 0.5)), 0.4,
+                                  0.3], "init_cls": 2,
                          "wall_s": float(rng.uniform(50, 100) / (1 + seed % 2))})
     s = parity.summarise(runs)
     for system in ("der_fast", "pycil"):
@@ -77,6 +97,15 @@ def test_summary_statistics_and_verdict():
     text = parity.table(s, _protocol())
     assert "average incremental top-1" in text and "standard error" in text
     assert "2 thread(s)" in text and "NME" in text
+    # seed 2's step-0 loss stayed at ln 2 = 0.693 (two classes): near chance
+    assert s["der_fast"]["stalled"] == s["pycil"]["stalled"] == [2]
+    losses = [r["loss"][0] for r in runs if r["system"] == "pycil"]
+    assert s["pycil"]["step_loss"][0][0] == pytest.approx(np.mean(losses))
+    assert "1: 2 |" in text and "training loss, step 2" in text
+    # runs recorded before the losses were: the table leaves those rows out
+    old = parity.summarise([{k: v for k, v in r.items() if k != "loss"} for r in runs])
+    assert old["der_fast"]["stalled"] is None
+    assert "training loss" not in parity.table(old, _protocol())
     # a clearly lower der_fast is reported as such
     for r in runs:
         if r["system"] == "der_fast":

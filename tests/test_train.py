@@ -141,6 +141,22 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
         assert a["loss_stage1"] == pytest.approx(b["loss_stage1"], rel=1e-4)
 
 
+def test_last_step_stops_early_and_resume_extends_the_run(tmp_path):
+    full = T.run(_tiny_cfg(tmp_path / "a"), log=lambda *a: None)
+    first = T.run(_tiny_cfg(tmp_path / "b", last_step=0), log=lambda *a: None)
+    saved = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert len(first["steps"]) == len(saved["steps"]) == 1
+    assert first["summary"]["last_top1"] == pytest.approx(full["steps"][0]["top1"])
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert tuple(ck["next"]) == (1, 0)
+    # the stopped run goes on where it stopped and ends as the uninterrupted one
+    rest = T.run(_tiny_cfg(tmp_path / "b", last_step=2), resume=True, log=lambda *a: None)
+    assert len(rest["steps"]) == len(full["steps"]) == 3
+    for a, b in zip(full["steps"], rest["steps"]):
+        assert a["top1"] == pytest.approx(b["top1"])
+        assert a["loss_stage1"] == pytest.approx(b["loss_stage1"], rel=1e-4)
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     out = tmp_path / "c"
     out.mkdir()
@@ -172,6 +188,8 @@ def _cli(args, tmp_path):
     (["--memory", "5"], "smaller than the number of classes"),
     (["--dataset", "cifar100", "--data-root", "/nonexistent/dir"], "nonexistent"),
     (["--no-masks", "--prune"], "pruning needs masks"),  # --no-masks alone: no pruning
+    (["--last-step", "5"], "past the protocol's last step"),  # 2 + 2/step: steps 0..4
+    (["--last-step", "-1"], "last_step must be >= 0"),
 ])
 def test_bad_input_gives_clear_message(args, message, tmp_path):
     proc = _cli(["--data-root", "embedded", *args] if "--data-root" not in args else args,

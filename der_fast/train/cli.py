@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     a("--init-cls", dest="init_cls", type=int, help="classes in step 0 (0 = same as increment)")
     a("--increment", type=int, help="new classes per later step")
     a("--class-seed", dest="class_seed", type=int, help="seed of the class order (1993)")
+    a("--last-step", dest="last_step", type=int, metavar="T",
+      help="stop after step T (0-based; default: the last). --resume DIR --last-step T "
+           "extends a stopped run")
     a("--memory", dest="memory_total", type=int, help="exemplar memory, total")
     a("--memory-per-class", dest="memory_per_class", type=int,
       help="exemplar memory per class (instead of --memory)")

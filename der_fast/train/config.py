@@ -49,6 +49,7 @@ class Config:
     init_cls: int = 2
     increment: int = 2
     class_seed: int = 1993
+    last_step: Optional[int] = None  # stop after this step (0-based); None = the protocol's last
     memory_total: Optional[int] = 200
     memory_per_class: Optional[int] = None
     epochs: int = 4
@@ -261,6 +262,7 @@ _SPECS = {
     "init_cls": _Spec(int, 0),
     "increment": _Spec(int, 1),
     "class_seed": _Spec(int, **_SEED),
+    "last_step": _Spec(int, 0, none=True),
     "memory_total": _Spec(int, 1, none=True),
     "memory_per_class": _Spec(int, 1, none=True),
     "epochs": _Spec(int, 1, _EPOCHS),

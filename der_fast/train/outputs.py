@@ -68,7 +68,7 @@ def _read_ckpt(path: Path) -> dict:
 
 
 # fields that do not change the numbers: they may differ when resuming
-_RESUME_FREE = {"out", "progress", "device", "impl", "plots", "tensorboard"}
+_RESUME_FREE = {"out", "progress", "device", "impl", "plots", "tensorboard", "last_step"}
 
 
 def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:

@@ -103,6 +103,10 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=
         d.agree(lambda: load_data() and None)
     data = d.agree_all(load_data)
     d.agree(check_data)
+    if cfg.last_step is not None and cfg.last_step >= data.num_steps:
+        raise ConfigError(f"last_step {cfg.last_step} is past the protocol's last step: "
+                          f"{data.num_classes} classes in {data.num_steps} steps are steps "
+                          f"0..{data.num_steps - 1}")
     memory = D.Memory(total=cfg.memory_total, per_class=cfg.memory_per_class)
     if cfg.memory_total is not None and cfg.memory_total < data.num_classes:
         raise ConfigError(f"memory_total {cfg.memory_total} is smaller than the number of "
@@ -174,7 +178,8 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
     par = f", {d.world} processes ({d.backend})" if d.active else ""
     say(f"DER on {cfg.dataset} ({data.num_classes} classes, {data.num_steps} steps: "
         f"{cfg.init_cls or cfg.increment} + {cfg.increment}/step), backbone {cfg.backbone}, "
-        f"impl {cfg.impl}, device {device}{par}")
+        f"impl {cfg.impl}, device {device}{par}"
+        + ("" if cfg.last_step is None else f"; stopping after step {cfg.last_step}"))
     rt = _Runtime(dist=d)
 
     def ckpt(next_t, next_stage, partial):
@@ -190,7 +195,8 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
             raise Interrupted(stop, f"the end of {done}")
 
     hw = (data.info.image_size, data.info.image_size)
-    for t in range(start_t, data.num_steps):
+    end = data.num_steps if cfg.last_step is None else cfg.last_step + 1
+    for t in range(start_t, end):
         n_old, n_known = data.num_old(t), data.num_known(t)
         stage = start_stage if t == start_t else 0
         rt.on_epoch = outputs.epoch({
@@ -251,7 +257,7 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
             outputs.step(metrics)
             say(format_table(metrics["steps"][-1:]) if t == 0 and not resume
                 else format_table(metrics["steps"][-1:]).splitlines()[-1])
-            if t + 1 < data.num_steps:
+            if t + 1 < end:
                 check_stop(f"step {t}")
     metrics["summary"] = _summary(metrics["steps"])
     if d.main:
