@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import load_benchmark
 
@@ -125,3 +126,35 @@ def test_summary_statistics_and_verdict():
 def test_memory_too_large_for_pycils_herding_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="herding"):
         parity.main(["--out", str(tmp_path), "--memory", "2000", "--train-per-class", "300"])
+
+
+def test_der_fast_batches_are_pycils_transforms_of_the_same_images():
+    """PyCIL makes each training image with PIL: RandomCrop(32, padding=4), RandomHorizontalFlip,
+    ToTensor, Normalize; der_fast whole batches with tensors. Given the same crop offsets and
+    flips, the two give the same numbers (the random draws differ, their distributions not)."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    from der_fast.data import crop_flip, normalize_batch
+
+    images, _ = parity.protocol_images(3, 1)
+    x = images["train"][0]  # uint8 [N, 32, 32, 3]
+    g = torch.Generator().manual_seed(5)
+    n = len(x)
+    i, j = torch.randint(0, 9, (n,), generator=g), torch.randint(0, 9, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5
+    mine = normalize_batch(crop_flip(torch.from_numpy(x).permute(0, 3, 1, 2), i, j, flip, 4),
+                           parity._MEAN, parity._STD)
+    theirs = []
+    for k in range(n):
+        im = TF.crop(TF.pad(Image.fromarray(x[k]), 4), int(i[k]), int(j[k]), 32, 32)
+        im = TF.hflip(im) if flip[k] else im
+        theirs.append(TF.normalize(TF.to_tensor(im), parity._MEAN, parity._STD))
+    assert flip.any() and not flip.all() and len(set(i.tolist())) > 1
+    torch.testing.assert_close(mine, torch.stack(theirs), rtol=0, atol=0)
+    # and the test images, unaugmented
+    v = images["test"][0]
+    torch.testing.assert_close(
+        normalize_batch(torch.from_numpy(v).permute(0, 3, 1, 2), parity._MEAN, parity._STD),
+        torch.stack([TF.normalize(TF.to_tensor(Image.fromarray(a)), parity._MEAN, parity._STD)
+                     for a in v]), rtol=0, atol=0)
