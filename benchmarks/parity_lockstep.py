@@ -321,10 +321,8 @@ def main(argv=None) -> int:
     ap.add_argument("--first-step", type=int, default=0,
                     help="compare from this step on (default 0); PyCIL alone trains the "
                          "steps before it")
-    ap.add_argument("--last-step", type=int, default=None,
-                    help="stop after this step (default: the last; each step costs about "
-                         "five trainings of it, in float64)")
-    # parity.py's --seed (the torch seed) and --out (here: the JSON file written)
+    # parity.py's --last-step (here each compared step costs about five trainings of it, in
+    # float64), --seed (the torch seed) and --out (here: the JSON file written)
     ap.set_defaults(seed=1, out="lockstep.json")
     p = ap.parse_args(argv)
     if p.first_step < 0 or p.last_step is not None and p.last_step < p.first_step:
