@@ -35,9 +35,10 @@ both trainers stepped from one state on PyCIL's recorded batches, in float64.
 
 ``--last-step T`` stops both systems after step T: ``--last-step 0`` compares the base
 training alone (two classes from scratch, where a run can stay at chance), many seeds
-cheaply. Each run records its last epoch's training loss at every step (PyCIL's from the
-line its learner logs), and the table counts the seeds whose step 0 stayed near chance
-(top-1 under 100 / classes + 5 points).
+cheaply. Each run records its last epoch's training loss at every step (der_fast's mean
+over the epoch's images; PyCIL's, from the line its learner logs, the mean of its batch
+means, a short last batch counting as a full one), and the table counts the seeds whose step
+0 stayed near chance (top-1 under 100 / classes + 5 points).
 
 Each run is a subprocess (``--jobs`` at a time, ``--threads`` intra-op threads each) that
 writes ``OUT/runs/<system>_<seed>.json``; runs whose file exists are not repeated, so an

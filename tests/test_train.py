@@ -155,6 +155,8 @@ def test_last_step_stops_early_and_resume_extends_the_run(tmp_path):
     for a, b in zip(full["steps"], rest["steps"]):
         assert a["top1"] == pytest.approx(b["top1"])
         assert a["loss_stage1"] == pytest.approx(b["loss_stage1"], rel=1e-4)
+    with pytest.raises(T.ConfigError, match="already finished step 2"):
+        T.run(_tiny_cfg(tmp_path / "b", last_step=1), resume=True, log=lambda *a: None)
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

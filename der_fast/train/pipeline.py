@@ -156,6 +156,9 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
         state = d.agree(load)
         start_t, start_stage = state["next"]
         _check_position(out, start_t, start_stage, state["memory"], data)
+        if cfg.last_step is not None and start_t > cfg.last_step + 1:
+            raise ConfigError(f"last_step {cfg.last_step}: the run in {out} has already "
+                              f"finished step {start_t - 1}")
         try:
             model.load_state_dict(state["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
