@@ -15,7 +15,7 @@ from .backbones import LOGIT_BOUND, MASK_INIT, S_MAX, MaskedResNet, binarize, co
 
 __all__ = [
     "anneal_s", "set_s", "compensate_grads", "clamp_embeddings", "sparsity_loss",
-    "binary_masks", "prune", "count_params", "keep_ratio", "shift_to_budget", "extractor_macs",
+    "binary_masks", "prune", "prune_with_slices", "cut", "count_params", "keep_ratio", "shift_to_budget", "extractor_macs",
     "expand_from",
     "BudgetController", "S_MAX", "LOGIT_BOUND", "MASK_INIT", "MASK_LR",
 ]
@@ -177,10 +177,6 @@ def count_params(module: nn.Module, include_masks: bool = False) -> int:
                if include_masks or "mask_e" not in n)
 
 
-def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
-    return t.detach().index_select(dim, idx.to(t.device)).clone()
-
-
 def prune(net: MaskedResNet) -> MaskedResNet:
     """Binarise the masks and remove the off channels physically.
 
@@ -188,26 +184,44 @@ def prune(net: MaskedResNet) -> MaskedResNet:
     original channels. It computes exactly the function of ``net`` with binary masks (in eval
     mode; BN running statistics are carried over). Pruning an already pruned net composes.
     """
+    return prune_with_slices(net)[0]
+
+
+def prune_with_slices(net: MaskedResNet) -> tuple:
+    """:func:`prune`, and how each tensor of the pruned net was cut from ``net``'s: a dict
+    state name -> ``[(dim, index), ...]`` (indices local to ``net``) for every conv weight and
+    BatchNorm tensor, so that state kept beside the parameters (an optimiser's momentum) can
+    be cut the same way."""
     masks = binary_masks(net)
     local = {p: torch.nonzero(m).flatten() for p, m in masks.items()}  # positions in net
     kept = {p: net.kept(p)[local[p].to(net.kept(p).device)].cpu() for p in local}
     new = MaskedResNet(net.arch, net.in_channels, masked=False, kept=kept)
     new = new.to(device=next(net.parameters()).device, dtype=next(net.parameters()).dtype)
     local["input"] = torch.arange(net.in_channels)
+    bn_of = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "sc_conv": "sc_bn"}
+    slices, bns = {}, []
+    for path, src, dst, _ in conv_layers(net.arch):
+        slices[f"{path}.weight"] = [(0, local[dst]), (1, local[src])]
+        head, _, leaf = path.rpartition(".")
+        bns.append(f"{head}.{bn_of[leaf]}")
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            slices[f"{bns[-1]}.{name}"] = [(0, local[dst])]
+    old_state, new_state = net.state_dict(keep_vars=True), new.state_dict(keep_vars=True)
     with torch.no_grad():
-        for path, src, dst, _ in conv_layers(net.arch):
-            old_conv, new_conv = net.get_submodule(path), new.get_submodule(path)
-            w = _take(_take(old_conv.weight, 0, local[dst]), 1, local[src])
-            new_conv.weight.copy_(w)
-            bn_path = {"conv": "bn", "conv1": "bn1", "conv2": "bn2", "sc_conv": "sc_bn"}
-            head, _, leaf = path.rpartition(".")
-            bn_name = f"{head}.{bn_path[leaf]}"
-            old_bn, new_bn = net.get_submodule(bn_name), new.get_submodule(bn_name)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(new_bn, name).copy_(_take(getattr(old_bn, name), 0, local[dst]))
-            new_bn.num_batches_tracked.copy_(old_bn.num_batches_tracked)
+        for name, cuts in slices.items():
+            new_state[name].copy_(cut(old_state[name], cuts))
+        for bn in bns:
+            new_state[f"{bn}.num_batches_tracked"].copy_(old_state[f"{bn}.num_batches_tracked"])
     new.train(net.training)
-    return new
+    return new, slices
+
+
+def cut(t: torch.Tensor, cuts) -> torch.Tensor:
+    """``t`` (detached) with ``index_select(dim, index)`` applied for each ``(dim, index)``."""
+    t = t.detach()
+    for dim, idx in cuts:
+        t = t.index_select(dim, idx.to(t.device))
+    return t.clone()
 
 
 def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = MASK_INIT) -> MaskedResNet:

@@ -224,28 +224,38 @@ class DERNet(nn.Module):
         """Multiply-accumulates of each extractor's convolutions for one ``hw`` image."""
         return [M.extractor_macs(net, hw) for net in self.convnets]
 
-    def prune(self) -> dict:
+    def prune(self, optimizer=None) -> dict:
         """Binarise the newest extractor's masks and remove its off channels (and the matching
         classifier columns) for real. Exact: outputs equal those of the binary-masked model.
-        Returns parameter counts before and after."""
+        Returns parameter counts before and after.
+
+        With ``optimizer`` (one holding the model's parameters, e.g. mid-way through a
+        stage), the optimiser goes on with the pruned parameters: each removed parameter is
+        replaced by its pruned successor in its group, its state (momentum buffers) cut the
+        same way; the mask embeddings leave it. Training on is then exactly training the
+        binary-masked model on (the removed channels compute zeros and get no gradient)."""
         net = self.convnets[-1]
         if net.mask_e is None:
             raise RuntimeError("the newest extractor has no masks to prune (use_masks=False)")
         before = self.num_params()
         local = torch.nonzero(net.binary_mask(net.feature_point)).flatten()
-        pruned = M.prune(net)
-        self.convnets[-1] = pruned
-        offset = self.feature_dim - pruned.out_dim
+        pruned, slices = M.prune_with_slices(net)
+        offset = self.feature_dim - net.out_dim  # columns of the older extractors
         cols = torch.cat([torch.arange(offset), offset + local]).to(self.fc.weight.device)
+        local = local.to(self.fc.weight.device)
         device, dtype = self._device_dtype()
+        fc = nn.Linear(len(cols), self.fc.out_features).to(device=device, dtype=dtype)
+        aux = nn.Linear(pruned.out_dim, self.aux_fc.out_features).to(device=device, dtype=dtype)
+        old_params = dict(net.named_parameters())
+        moved = [(old_params[name], p, slices[name]) for name, p in pruned.named_parameters()]
+        moved += [(self.fc.weight, fc.weight, [(1, cols)]), (self.fc.bias, fc.bias, []),
+                  (self.aux_fc.weight, aux.weight, [(1, local)]), (self.aux_fc.bias, aux.bias, [])]
         with torch.no_grad():
-            fc = nn.Linear(len(cols), self.fc.out_features).to(device=device, dtype=dtype)
-            fc.weight.copy_(self.fc.weight[:, cols])
-            fc.bias.copy_(self.fc.bias)
-            aux = nn.Linear(pruned.out_dim, self.aux_fc.out_features).to(device=device,
-                                                                         dtype=dtype)
-            aux.weight.copy_(self.aux_fc.weight[:, local.to(device)])
-            aux.bias.copy_(self.aux_fc.bias)
+            for old, p, cuts in moved:
+                p.copy_(M.cut(old, cuts))
+        if optimizer is not None:
+            _carry_optimizer(optimizer, moved, dropped=list(net.mask_e.values()))
+        self.convnets[-1] = pruned
         self.fc, self.aux_fc = fc, aux
         self.train(self.training)
         return {"params_before": before, "params_after": self.num_params()}
@@ -373,3 +383,28 @@ class DERNet(nn.Module):
         k, d = sd["aux_fc.weight"].shape
         self.aux_fc = nn.Linear(d, k).to(device=device, dtype=dtype)
         self.train(self.training)
+
+
+def _carry_optimizer(optimizer, moved, dropped) -> None:
+    """Point ``optimizer`` at the pruned parameters: ``moved`` is ``[(old, new, cuts)]``
+    (:func:`masks.cut`), ``dropped`` parameters leave it; state tensors shaped like their
+    parameter are cut like it, others (step counts) carried as they are."""
+    successor = {id(old): (new, cuts) for old, new, cuts in moved}
+    gone = {id(p) for p in dropped}
+    for group in optimizer.param_groups:
+        params = []
+        for p in group["params"]:
+            if id(p) in gone:
+                optimizer.state.pop(p, None)
+                continue
+            if id(p) in successor:
+                new, cuts = successor[id(p)]
+                state = optimizer.state.pop(p, None)
+                if state:
+                    optimizer.state[new] = {
+                        k: M.cut(v, cuts) if torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in state.items()}
+                p = new
+            params.append(p)
+        group["params"] = params
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]

@@ -140,8 +140,8 @@ class FastDERNet(DERNet):
         super().update_fc(nb_classes)
         self.invalidate_plan()
 
-    def prune(self) -> dict:
-        out = super().prune()
+    def prune(self, optimizer=None) -> dict:
+        out = super().prune(optimizer)
         self.invalidate_plan()
         return out
 

@@ -88,13 +88,22 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
     weight world * n_k / n: DDP's gradient average is then the gradient of the global batch's
     mean loss. Gradient compensation (``after_backward(s)``) runs after ``backward()``, i.e.
     after DDP's all-reduce, and the clamp (``after_step``) after the optimiser step,
-    identically on every rank. ``rt.on_epoch(tag, epoch, loss)`` is called after every
-    epoch when ``tag`` is given."""
+    identically on every rank. ``after_step(opt)`` returns True when it changed the model's
+    structure (the early prune of stage 1, which carries ``opt`` over to the pruned
+    parameters): the model is then re-wrapped (DDP, compile) for the rest of the stage.
+    ``rt.on_epoch(tag, epoch, loss)`` is called after every epoch when ``tag`` is given."""
     rt = rt or _Runtime()
     opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=weight_decay,
                          mask_lr=cfg.mask_lr)
     d = rt.dist
-    with _trained_only(model, params), _compiled(_wrap(model, d), cfg.compile) as net:
+
+    def wrap(stack, params):  # the model as this stage trains it: only params trained
+        stack.enter_context(_trained_only(model, params))
+        return stack.enter_context(_compiled(_wrap(model, d), cfg.compile))
+
+    with contextlib.ExitStack() as outer:
+        stack = outer.enter_context(contextlib.ExitStack())
+        net = wrap(stack, params)
         chunks = d.world * cfg.accum_steps
         mine = list(range(d.rank * cfg.accum_steps, (d.rank + 1) * cfg.accum_steps))
         pick = indices if callable(indices) else (lambda epoch: indices)
@@ -152,8 +161,11 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                 if after_backward is not None:
                     after_backward(s)
                 opt.step()
-                if after_step is not None:
-                    after_step()
+                if after_step is not None and after_step(opt):
+                    stack.close()
+                    stack = outer.enter_context(contextlib.ExitStack())
+                    net = wrap(stack, [(None, p) for g in opt.param_groups for p in g["params"]])
+                    net.train()
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{total / max(count, 1):.3f}")

@@ -19,7 +19,7 @@ from .faults import Interrupted, _stop_signals
 from .loop import _Runtime
 from .outputs import (_clear_run, _env_info, _load_ckpt, _Outputs, _save_ckpt, _write_json,
                       format_table)
-from .stages import stage1, stage2
+from .stages import stage1, stage2, unpruned_counts
 
 
 def _model_class(impl: str):
@@ -217,14 +217,14 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
             partial["loss_stage1"] = stage1(model, data, train_idx, cfg, t, n_old, device, rt,
                                             lambda_s0=prev.get("lambda_s"), report=report)
             partial["time_stage1_s"] = time.perf_counter() - t0
+            if "params_unpruned" not in report:  # not pruned during stage 1
+                report.update(unpruned_counts(model, hw))
             partial.update(report)
-            partial["params_unpruned"] = model.num_params()
-            partial["extractor_params_unpruned"] = model.extractor_params()
-            partial["extractor_macs_unpruned"] = model.extractor_macs(hw)
             if cfg.masks and cfg.prune:
-                t0 = time.perf_counter()
-                model.prune()
-                partial["time_prune_s"] = time.perf_counter() - t0
+                if model.convnets[-1].mask_e is not None:
+                    t0 = time.perf_counter()
+                    model.prune()
+                    partial["time_prune_s"] = time.perf_counter() - t0
                 partial["keep"] = (model.extractor_params()[-1]
                                    / partial["extractor_params_unpruned"][-1])
             stage = 1

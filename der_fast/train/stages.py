@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Optional
 
 import torch
@@ -20,9 +21,12 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
     """Representation learning of step t: CE + aux CE + lambda_s * sparsity (masks learnt).
 
     With a budget (``cfg.keep``) lambda_s starts at ``lambda_s0`` (the previous step's final
-    value) and is adapted after every step (:class:`masks.BudgetController`). ``report``
-    receives ``lambda_s`` (final) and ``keep_trace`` (the binary keep ratio after each
-    epoch)."""
+    value) and is adapted after every step (:class:`masks.BudgetController`); when the ramp
+    ends the masks land on the budget and turn binary, and with ``cfg.prune`` the new
+    extractor is pruned at that moment (``DERNet.prune(optimizer)``): the rest of the stage
+    trains only the kept channels, which is exactly training the binary-masked network on.
+    ``report`` receives ``lambda_s`` (final), ``keep_trace`` (the binary keep ratio after each
+    epoch) and, when pruned here, the unpruned counts and ``time_prune_s``."""
     rt = rt or _Runtime()
     report = {} if report is None else report
     lambda_a = cfg.lambda_a if t > 0 else 0.0
@@ -45,13 +49,28 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
     def loss_fn(net, x, y):
         return stage1_loss(model, net(x), y, n_old, lambda_a if aux_used else 0.0, lam[0])
 
-    def after_step():
+    def keep_now() -> float:
+        if "params_unpruned" in report:  # pruned early: the ratio pruning kept
+            return model.extractor_params()[-1] / report["extractor_params_unpruned"][-1]
+        return model.keep_ratio()
+
+    def after_step(opt) -> bool:
         model.clamp_masks(cfg.s_max)
-        if control is not None and not new.binary_masks:
-            lam[0] = control.update(model.keep_ratio())
-            if control.finished:  # end of the ramp: land on the budget, fine-tune the rest
-                shift_to_budget(new, cfg.keep)
-                new.binary_masks = True
+        if control is None or new.binary_masks:
+            return False
+        lam[0] = control.update(model.keep_ratio())
+        if not control.finished:
+            return False
+        # end of the ramp: land on the budget, fine-tune the rest with the masks fixed
+        shift_to_budget(new, cfg.keep)
+        new.binary_masks = True
+        if not cfg.prune:
+            return False
+        t0 = time.perf_counter()
+        report.update(unpruned_counts(model, (data.info.image_size,) * 2))
+        model.prune(optimizer=opt)
+        report["time_prune_s"] = time.perf_counter() - t0
+        return True
 
     anneal = use_masks and cfg.s_anneal == "epoch"
     if use_masks and not anneal:
@@ -62,7 +81,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
 
     def on_epoch(tag, epoch, loss):
         if use_masks:
-            trace.append(round(model.keep_ratio(), 4))
+            trace.append(round(keep_now(), 4))
         if rt.on_epoch is not None:
             rt.on_epoch(tag, epoch, loss)
 
@@ -75,8 +94,9 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
                          desc=f"step {t} stage 1", s_anneal=anneal,
                          rt=dataclasses.replace(rt, on_epoch=on_epoch), tag="train/loss_stage1")
     if use_masks:
-        model.set_s(cfg.s_max)
-        new.binary_masks = True
+        if model.convnets[-1] is new:  # not pruned early
+            model.set_s(cfg.s_max)
+            new.binary_masks = True
         recalibrate_bn(model, data, indices, cfg, device)
         report["lambda_s"] = lam[0]
         report["keep_trace"] = trace
@@ -84,6 +104,14 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
 
 
 @torch.no_grad()
+def unpruned_counts(model, hw) -> dict:
+    """The model's parameter and MAC counts before the newest extractor is pruned (the
+    ``*_unpruned`` entries of a step's metrics)."""
+    return {"params_unpruned": model.num_params(),
+            "extractor_params_unpruned": model.extractor_params(),
+            "extractor_macs_unpruned": model.extractor_macs(hw)}
+
+
 def recalibrate_bn(model, data, indices, cfg, device) -> None:
     """Re-estimate the newest extractor's BatchNorm statistics with its binary masks: the
     plain average of the batch statistics over ``indices`` (no augmentation). The running
