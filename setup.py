@@ -167,6 +167,7 @@ def configure():
                 sources=[
                     "csrc/der_fast.cpp",
                     "csrc/masked_gate.cpp",
+                    "csrc/bn_gate.cpp",
                     "csrc/concat_linear_head.cpp",
                     "csrc/conv3x3.cpp",
                 ],

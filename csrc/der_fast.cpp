@@ -1,10 +1,11 @@
 // der_fast._C: operator schemas (defined once, here) for the der_fast custom ops.
 //
 // Implementations are registered per dispatch key in other files:
-//   CPU  : csrc/masked_gate.cpp, csrc/concat_linear_head.cpp,
+//   CPU  : csrc/masked_gate.cpp, csrc/bn_gate.cpp, csrc/concat_linear_head.cpp,
 //          csrc/conv3x3.cpp (CPU only: the frozen path's narrow convs)  (der_fast._C)
 //   CUDA : csrc/cuda/concat_linear_head.cu                      (der_fast._C_cuda)
-//          masked_gate on CUDA is a Triton kernel registered from Python (der_fast/ops/masked_gate.py).
+//          masked_gate and bn_gate on CUDA are Triton kernels registered from Python
+//          (der_fast/ops/masked_gate.py, der_fast/ops/bn_gate.py).
 // Fake (meta) kernels and autograd formulas are registered in Python (der_fast/ops/<op>.py).
 // der_fast/ops/_library.py keeps a copy of these schema strings (used only when this extension is
 // missing); tests/test_build.py checks that the two agree.
@@ -29,6 +30,14 @@ TORCH_LIBRARY(der_fast, m) {
   m.def(
       "masked_gate_backward(Tensor grad_y, Tensor y, Tensor? x, Tensor scale, Tensor? e, "
       "float s, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_gate(Tensor z, Tensor weight, Tensor bias, Tensor? mean_in, Tensor? var_in, "
+      "Tensor? e, float s, Tensor? residual, bool training, float eps, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "bn_gate_backward(Tensor grad_y, Tensor z, Tensor weight, Tensor bias, Tensor mean, "
+      "Tensor var, Tensor? e, float s, Tensor? residual, bool training, float eps, bool relu, "
+      "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "concat_linear_head(Tensor[] feats, Tensor weight, Tensor? bias, "
       "Tensor? aux_weight=None, Tensor? aux_bias=None) -> (Tensor, Tensor, Tensor)");

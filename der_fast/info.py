@@ -63,7 +63,7 @@ def collect() -> dict:
         "cpu_expected": _backend.build_cpu_setting(),
         "ops": {
             op: {dev: ops.implementation(op, dev) for dev in ("cpu", "cuda")}
-            for op in ("masked_gate", "concat_linear_head", "conv3x3_bordered")
+            for op in ("masked_gate", "bn_gate", "concat_linear_head", "conv3x3_bordered")
         },
     }
 

@@ -1,7 +1,16 @@
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+# The repository root goes last on sys.path: benchmarks/harness (shared by the exactness tests
+# and the benchmarks) is imported from it, while `der_fast` stays the installed package, with
+# its compiled kernels. (`python -m pytest` from a checkout puts the root first, which would
+# import the source tree's der_fast and run every op on its PyTorch fallback.)
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT] + [str(_ROOT)]
 
 # Subprocesses started by the tests (`python -m der_fast.train`, torchrun) must import the same
 # der_fast as this process: the installed package, with its compiled kernels. Without this,

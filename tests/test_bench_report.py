@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from der_fast import bench_report as R  # noqa: E402
+from der_fast import bench_report as R
 
 
 # ============================================================================ synthetic JSON

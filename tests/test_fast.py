@@ -655,7 +655,7 @@ def test_plan_description_and_errors():
     fast.train()
     p = fast.plan()
     assert p["frozen_extractors"] == [0] and p["trainable_extractors"] == [1]
-    assert "masked_gate" in p["trainable"]
+    assert "bn_gate" in p["trainable"]
     direct = fast.resolved_frozen_plan() == "direct" and ops.HAS_CPU_EXT
     assert p["frozen"].startswith("direct" if direct else "loop")
     if direct:

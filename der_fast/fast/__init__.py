@@ -7,7 +7,7 @@
   fold          extractors folded for inference (BN into convs, off channels removed), fusing
   run_loop      the loop executor (channels_last, fused oneDNN convs): plans loop, grouped
   run_bordered  the bordered executor (zero-bordered NCHW, conv3x3_bordered kernel): plan direct
-  trainable     the trainable extractor's forward through the masked_gate op
+  trainable     the trainable extractor's forward through the bn_gate op (BatchNorm + gate)
 
 Kernels are reached only through :mod:`der_fast.ops`.
 """

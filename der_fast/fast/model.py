@@ -15,8 +15,8 @@ Same modules, parameters, buffers, ``state_dict`` and optimiser-facing API as DE
   ``freeze_conv`` / ``invalidate_plan()``, the device and dtype, and, as a safety net, the
   ``data_ptr`` and ``_version`` of every parameter and buffer.
 * **The trainable extractor** (the newest one in stage 1) runs with autograd, in the input's
-  layout (NCHW) unless ``trainable_channels_last``, BatchNorm native and every masked point
-  one ``masked_gate`` op (:mod:`.trainable`).
+  layout (NCHW) unless ``trainable_channels_last``, every BatchNorm with its masked point
+  (gate, ReLU, residual) one ``bn_gate`` op (:mod:`.trainable`).
 * **The head** (concat + classifier + auxiliary classifier) is one ``concat_linear_head`` op.
 """
 
@@ -355,7 +355,7 @@ class FastDERNet(DERNet):
             {"frozen": "direct: zero-bordered NCHW, der_fast conv3x3_bordered kernel for ...",
              "frozen_extractors": [0, 1], "frozen_last_run": ["direct", "loop"],
              "trainable_extractors": [2],
-             "trainable": "native BatchNorm + masked_gate op (cpp (der_fast._C)), ...",
+             "trainable": "fused BatchNorm + gate: bn_gate op (cpp (der_fast._C)), ...",
              "head": "concat_linear_head op (cpp (der_fast._C))", ...}
         """
         device, dtype = self._device_dtype()
@@ -370,8 +370,8 @@ class FastDERNet(DERNet):
         trainable = "none"
         if train_idx:
             layout = "channels_last" if self.trainable_channels_last else "as given"
-            impl = ops.implementation("masked_gate", device)
-            trainable = f"native BatchNorm + masked_gate op ({impl}), {layout}, autograd"
+            impl = ops.implementation("bn_gate", device)
+            trainable = f"fused BatchNorm + gate: bn_gate op ({impl}), {layout}, autograd"
         head_impl = ops.implementation("concat_linear_head", device)
         return {
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),

@@ -1,6 +1,8 @@
 """der_fast custom operators (torch.library, namespace ``der_fast``), one module per op.
 
   masked_gate(x, scale, shift, e=None, s=1.0, residual=None) -> y
+  bn_gate(z, bn, e=None, s=1.0, residual=None, relu=True) -> y   (the op: der_fast::bn_gate
+      (z, weight, bias, mean_in, var_in, e, s, residual, training, eps, relu) -> (y, mean, var))
   concat_linear_head(feats, weight, bias, aux_weight=None, aux_bias=None)
       -> (logits, aux_logits | None, features)
   conv3x3_bordered(x, weight, bias, residual=None, gate=None, relu=True, stride=1) -> y
@@ -15,6 +17,7 @@ typed wrapper; ``_library`` loads the compiled parts and picks backends. Where e
   op                   CPU                          CUDA
   ===================  ===========================  ==========================================
   masked_gate          C++ (der_fast._C)            Triton (der_fast.kernels.masked_gate)
+  bn_gate              C++ (der_fast._C)            Triton (der_fast.kernels.bn_gate)
   concat_linear_head   C++ (der_fast._C)            CUDA C++ (der_fast._C_cuda) + cuBLAS
   conv3x3_bordered     C++ (der_fast._C)            -
   bordered_resnet      C++ (der_fast._C)            -
@@ -44,6 +47,9 @@ from ._library import (
     conv3x3_isa,
     implementation,
 )
+from .bn_gate import FAKE_KERNELS as _BN_GATE_FAKES
+from .bn_gate import _check_bn_gate  # noqa: F401 (tests check its messages)
+from .bn_gate import bn_gate, bn_gate_ref
 from .bordered_resnet import HAS_BORDERED_RESNET, bordered_resnet
 from .concat_linear_head import FAKE_KERNELS as _HEAD_FAKES
 from .concat_linear_head import _check_head  # noqa: F401 (tests check its messages)
@@ -57,7 +63,8 @@ from .masked_gate import masked_gate, masked_gate_ref
 # The fake kernels of the ops whose schemas csrc/der_fast.cpp defines are registered here, not
 # in their op modules: that file names "der_fast.ops" as their Python module
 # (m.set_python_module), and torch checks that the fake kernels come from that module.
-for _name, _fake in {**_MASKED_GATE_FAKES, **_HEAD_FAKES, **_CONV3X3_FAKES}.items():
+for _name, _fake in {**_MASKED_GATE_FAKES, **_BN_GATE_FAKES, **_HEAD_FAKES,
+                     **_CONV3X3_FAKES}.items():
     torch.library.register_fake(f"der_fast::{_name}", _fake)
 del _name, _fake
 
@@ -71,6 +78,8 @@ __all__ = [
     "HAS_TRITON",
     "SCHEMAS",
     "available_backends",
+    "bn_gate",
+    "bn_gate_ref",
     "border",
     "bordered_resnet",
     "concat_linear_head",

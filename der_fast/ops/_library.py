@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,16 @@ SCHEMAS = {
     "masked_gate_backward": (
         "masked_gate_backward(Tensor grad_y, Tensor y, Tensor? x, Tensor scale, Tensor? e, "
         "float s, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "bn_gate": (
+        "bn_gate(Tensor z, Tensor weight, Tensor bias, Tensor? mean_in, Tensor? var_in, "
+        "Tensor? e, float s, Tensor? residual, bool training, float eps, bool relu) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+    "bn_gate_backward": (
+        "bn_gate_backward(Tensor grad_y, Tensor z, Tensor weight, Tensor bias, Tensor mean, "
+        "Tensor var, Tensor? e, float s, Tensor? residual, bool training, float eps, bool relu, "
+        "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "concat_linear_head": (
         "concat_linear_head(Tensor[] feats, Tensor weight, Tensor? bias, "
@@ -100,6 +111,7 @@ BACKENDS = ("auto", "ref", "cpp", "cuda", "triton")
 _OP_BACKENDS = {
     # op: {device type: backend name of the compiled implementation}
     "masked_gate": {"cpu": "cpp", "cuda": "triton"},
+    "bn_gate": {"cpu": "cpp", "cuda": "triton"},
     "concat_linear_head": {"cpu": "cpp", "cuda": "cuda"},
 }
 
@@ -108,11 +120,21 @@ def available_backends() -> dict[str, bool]:
     return {"cpp": HAS_CPU_EXT, "cuda": HAS_CUDA_EXT, "triton": HAS_TRITON, "ref": True}
 
 
+def triton_kernel_file(name: str) -> bool:
+    """Whether der_fast.kernels.<name> (a Triton kernel file) exists; does not import it."""
+    try:
+        if importlib.util.find_spec(f"der_fast.kernels.{name}") is not None:
+            return True
+    except ModuleNotFoundError:
+        pass
+    return (Path(__file__).resolve().parents[2] / "kernels" / f"{name}.py").is_file()
+
+
 def implementation(op: str, device: str | torch.device) -> str:
-    """Which implementation ``op`` ("masked_gate", "concat_linear_head" or
+    """Which implementation ``op`` ("masked_gate", "bn_gate", "concat_linear_head" or
     "conv3x3_bordered") uses on ``device``."""
     dev = torch.device(device).type
-    if op not in ("masked_gate", "concat_linear_head", "conv3x3_bordered"):
+    if op not in ("masked_gate", "bn_gate", "concat_linear_head", "conv3x3_bordered"):
         raise ValueError(f"unknown op {op!r}")
     if op == "conv3x3_bordered":
         if dev != "cpu":
@@ -130,6 +152,12 @@ def implementation(op: str, device: str | torch.device) -> str:
         if op == "masked_gate":
             if HAS_TRITON:
                 return "triton (der_fast.kernels.masked_gate)"
+            return "ref (PyTorch fallback; triton not installed)"
+        if op == "bn_gate":
+            if HAS_TRITON and triton_kernel_file("bn_gate"):
+                return "triton (der_fast.kernels.bn_gate)"
+            if HAS_TRITON:
+                return "ref (PyTorch fallback; der_fast.kernels.bn_gate missing)"
             return "ref (PyTorch fallback; triton not installed)"
         if HAS_CUDA_EXT and torch.cuda.is_available():
             covered, why = _backend.cuda_ext_status()

@@ -1,0 +1,159 @@
+"""bn_gate: the fused op vs the path it replaces vs the plain module stack, side by side.
+
+    pytest benchmarks/bench_bn_gate.py --benchmark-only [--benchmark-min-rounds=5]
+
+Providers (one benchmark group per shape x variant x mode, so they line up):
+  op       der_fast.ops.bn_gate (C++ on CPU, Triton on CUDA): BatchNorm + gate + ReLU
+           [+ residual] in one op, forward and backward
+  native   what the fast path ran before bn_gate: ATen's BatchNorm, then the masked_gate op
+  unfused  the reference's module stack: nn.BatchNorm2d, [+ residual], ReLU, * sigmoid(s e)
+Modes: train (batch statistics, running statistics updated; forward + backward for z, weight,
+bias, e [, residual]) and eval_fwd (running statistics, no grad: the frozen path's arithmetic).
+Variants: inner (no residual), stream (residual).
+Shapes: the trainable ResNet-32's mask points (N=128, C=16/32/64 at 32/16/8 px) and
+ResNet-18-CIFAR's (N=32, C=64/128/256/512 at 32/16/8/4 px). Every provider's outputs and
+gradients are checked against the unfused stack before timing. benchmarks/conftest.py prints
+the ratio table (op/native, op/unfused per group) after the run.
+
+DER_FAST_BENCH_DEVICE=auto|cpu|cuda picks the device; DER_FAST_BENCH_THREADS=N sets torch's
+CPU threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import der_fast
+from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
+from der_fast import ops
+
+DEVICE = bench_device()
+S = 5.0  # mask temperature mid-anneal
+
+SHAPES = [  # (net, N, C, HW)
+    ("resnet32", 128, 16, 32),
+    ("resnet32", 128, 32, 16),
+    ("resnet32", 128, 64, 8),
+    ("resnet18", 32, 64, 32),
+    ("resnet18", 32, 128, 16),
+    ("resnet18", 32, 256, 8),
+    ("resnet18", 32, 512, 4),
+]
+VARIANTS = ["inner", "stream"]
+MODES = ["train", "eval_fwd"]
+PROVIDERS = ["op", "native", "unfused"]
+
+
+def unfused(z, bn, e, residual):
+    a = bn(z)
+    if residual is not None:
+        a = a + residual
+    return F.relu(a) * torch.sigmoid(S * e).view(1, -1, 1, 1)
+
+
+def native(z, bn, e, residual):
+    ones = torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
+    return ops.masked_gate(bn(z), ones, torch.zeros_like(ones), e=e, s=S, residual=residual)
+
+
+def fused(z, bn, e, residual):
+    return ops.bn_gate(z, bn, e=e, s=S, residual=residual)
+
+
+FNS = {"op": fused, "native": native, "unfused": unfused}
+
+
+def _inputs(N, C, HW, variant, train):
+    g = torch.Generator().manual_seed(N * 1000 + C * 10 + HW)
+    z = (torch.randn(N, C, HW, HW, generator=g) * 2 + 0.5).to(DEVICE)
+    r = torch.randn(N, C, HW, HW, generator=g).to(DEVICE) if variant == "stream" else None
+    e = torch.randn(C, generator=g).to(DEVICE)
+    gy = torch.randn(N, C, HW, HW, generator=g).to(DEVICE)
+    bn = nn.BatchNorm2d(C).to(DEVICE)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=None)
+        bn.bias.normal_(0, 0.1)
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    bn.train(train)
+    leaves = []
+    if train:
+        for t in (z, e) + ((r,) if r is not None else ()):
+            t.requires_grad_(True)
+        leaves = [z, bn.weight, bn.bias, e] + ([r] if r is not None else [])
+    return z, bn, e, r, gy, leaves
+
+
+def _check(fn, z, bn, e, r, gy, leaves):
+    """Outputs (and gradients) of fn must equal the module stack's before it is timed."""
+    bn_ref = copy.deepcopy(bn)
+    y = fn(z, copy.deepcopy(bn), e, r)
+    y_ref = unfused(z, bn_ref, e, r)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"forward: {m}")
+    if leaves:
+        leaves_ref = [z, bn_ref.weight, bn_ref.bias, e] + ([r] if r is not None else [])
+        bn2 = copy.deepcopy(bn)
+        leaves2 = [z, bn2.weight, bn2.bias, e] + ([r] if r is not None else [])
+        g = torch.autograd.grad(fn(z, bn2, e, r), leaves2, gy)
+        g_ref = torch.autograd.grad(unfused(z, bn_ref, e, r), leaves_ref, gy)
+        for i, (a, b) in enumerate(zip(g, g_ref)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3,
+                                       msg=lambda m, i=i: f"grad {i}: {m}")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-N{s[1]}-C{s[2]}-HW{s[3]}")
+def test_bn_gate(benchmark, shape, variant, mode, provider):
+    net, N, C, HW = shape
+    fn = FNS[provider]
+    train = mode == "train"
+    z, bn, e, r, gy, leaves = _inputs(N, C, HW, variant, train)
+    benchmark.group = f"bn_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}"
+    benchmark.extra_info.update(
+        op="bn_gate",
+        provider=provider,
+        mode=mode,
+        variant=variant,
+        net=net,
+        shape=[N, C, HW, HW],
+        device=str(DEVICE),
+        dtype="float32",
+        implementation=ops.implementation("bn_gate", DEVICE) if provider == "op" else provider,
+        threads=torch.get_num_threads(),
+        der_fast=der_fast.__version__,
+        torch=torch.__version__,
+    )
+    _check(fn, z, bn, e, r, gy, leaves)
+
+    if train:
+
+        def run():
+            torch.autograd.grad(fn(z, bn, e, r), leaves, gy)
+            _sync()
+    else:
+
+        def run():
+            with torch.no_grad():
+                fn(z, bn, e, r)
+            _sync()
+
+    run()  # warm-up (allocator, Triton compile)
+    benchmark(run)
