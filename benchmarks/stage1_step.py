@@ -14,6 +14,9 @@ Phases (ResNet-32, batch 128, 32x32x3, frozen extractors pruned to 30 % of their
   pruned at binarisation, and does with ``--no-prune``); ``reference_pruned`` and ``fast``
   train the pruned one, as the trainer does now.
 
+``--channels-last`` adds ``fast_cl`` (FastDERNet with ``trainable_channels_last=True``) and
+``floor_cl`` (the same convolutions in channels_last).
+
 ``floor``: the trainable extractor's convolutions alone, forward and backward (input and
 weight gradients), at the width the phase trains (full width for ``soft``, the kept channels
 for ``finetune``): what no implementation of the rest can go below.
@@ -93,7 +96,7 @@ class _Floor:
     """The trainable extractor's convolutions alone: forward + backward of each, on random
     inputs of its shapes."""
 
-    def __init__(self, net, x):
+    def __init__(self, net, x, fmt=torch.contiguous_format):
         self.convs = []
         shapes = {}
 
@@ -107,8 +110,8 @@ class _Floor:
         for h in handles:
             h.remove()
         for mod, shape in shapes.items():
-            w = mod.weight.detach().clone().requires_grad_(True)
-            xi = torch.randn(shape).requires_grad_(True)
+            w = mod.weight.detach().clone().contiguous(memory_format=fmt).requires_grad_(True)
+            xi = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
             self.convs.append((xi, w, mod.stride, mod.padding))
 
     def __call__(self):
@@ -119,7 +122,7 @@ class _Floor:
         return 0.0
 
 
-def providers(t: int, phase: str, keep: float, compile_too: bool) -> dict:
+def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool = False) -> dict:
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(BATCH, 3, HW, HW, generator=gen)
     base = _model(t, phase, keep)
@@ -137,11 +140,17 @@ def providers(t: int, phase: str, keep: float, compile_too: bool) -> dict:
         ref_c = copy.deepcopy(base)
         out["compile"] = _Step(ref_c, torch.compile(ref_c), x, y)
     out["floor"] = _Floor(pruned.convnets[-1], x)
+    if cl_too:
+        fast_cl = FastDERNet.from_reference(pruned)
+        fast_cl.trainable_channels_last = True
+        out["fast_cl"] = _Step(fast_cl, fast_cl, x, y)
+        out["floor_cl"] = _Floor(pruned.convnets[-1], x, torch.channels_last)
     return out
 
 
-def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool) -> dict:
-    steps = providers(t, phase, keep, compile_too)
+def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool,
+            cl_too: bool = False) -> dict:
+    steps = providers(t, phase, keep, compile_too, cl_too)
     first = {}
     for name, step in steps.items():  # warm-up (and torch.compile's compile)
         t0 = time.perf_counter()
@@ -162,8 +171,11 @@ def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool) -> 
 
 def markdown(recs: list) -> str:
     names = ["reference", "reference_pruned", "compile", "fast", "floor"]
+    if any("fast_cl" in r["providers"] for r in recs):
+        names += ["fast_cl", "floor_cl"]
     lines = ["| t | phase | " + " | ".join(names) + " | reference / fast | compile / fast | "
-             "fast / floor |", "|---|---|" + "---:|" * (len(names) + 3)]
+             "fast / floor |" + (" reference / fast_cl |" if "fast_cl" in names else ""),
+             "|---|---|" + "---:|" * (len(names) + 3 + ("fast_cl" in names))]
     for r in recs:
         p = r["providers"]
 
@@ -178,7 +190,8 @@ def markdown(recs: list) -> str:
 
         lines.append(f"| {r['t']} | {r['phase']} | " + " | ".join(cell(n) for n in names)
                      + f" | {ratio('reference', 'fast')} | {ratio('compile', 'fast')} | "
-                       f"{ratio('fast', 'floor')} |")
+                       f"{ratio('fast', 'floor')} |"
+                     + (f" {ratio('reference', 'fast_cl')} |" if "fast_cl" in names else ""))
     return "\n".join(lines)
 
 
@@ -190,6 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="also torch.compile(reference)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="also FastDERNet(trainable_channels_last=True) and its floor "
+                         "(channels_last convolutions)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -197,7 +213,7 @@ def main(argv=None) -> int:
     for t in a.t:
         for phase in a.phases:
             torch.manual_seed(0)
-            res = measure(t, phase, a.keep, a.rounds, a.compile)
+            res = measure(t, phase, a.keep, a.rounds, a.compile, a.channels_last)
             widths = res.pop("_widths")
             recs.append({"t": t, "phase": phase, "providers": res, **widths})
             print(markdown(recs[-1:]).splitlines()[-1], file=sys.stderr, flush=True)

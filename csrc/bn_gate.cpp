@@ -42,6 +42,7 @@
 #include <array>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -144,6 +145,11 @@ DER_ALWAYS_INLINE void widen(der_v16f v, der_v8d& lo, der_v8d& hi) {
 }
 
 DER_ALWAYS_INLINE double hsum_d(der_v8d a) { return Vec<double>::hsum(a); }
+
+// channels_last float kernels take 16 channels at a time in registers (the rest, and float64,
+// one channel per lane of an `omp simd` loop over C).
+template <typename T>
+constexpr bool kChunked = std::is_same_v<T, float>;
 
 // --- statistics: one slot per plane (NCHW) / per (row block, channel) (channels_last) -----
 // NCHW, as ATen's CPU BatchNorm computes them: the double sum of z, then the double sum of
@@ -264,21 +270,45 @@ DER_CLONES void stats_rows(const T* __restrict__ z, double* __restrict__ gsum,
     const int64_t r0 = b * B, r1 = std::min(R, r0 + B);
     double* __restrict__ s = gsum + b * C;
     double* __restrict__ q = gm2 + b * C;
-    for (int64_t c = 0; c < C; ++c) s[c] = 0.0;
+    const double inv_n = 1.0 / static_cast<double>(r1 - r0);
+    const int64_t cv = kChunked<T> ? C - C % 16 : 0;
+    for (int64_t c0 = 0; c0 < cv; c0 += 16) {  // 16 channels in registers, rows in order
+      der_v8d s0 = {}, s1 = {};
+      for (int64_t row = r0; row < r1; ++row) {
+        der_v8d l, h;
+        widen(Vec<float>::load(reinterpret_cast<const float*>(z) + row * C + c0), l, h);
+        s0 += l;
+        s1 += h;
+      }
+      const der_v8d m0 = s0 * inv_n, m1 = s1 * inv_n;
+      der_v8d q0 = {}, q1 = {};
+      for (int64_t row = r0; row < r1; ++row) {
+        der_v8d l, h;
+        widen(Vec<float>::load(reinterpret_cast<const float*>(z) + row * C + c0), l, h);
+        l -= m0;
+        h -= m1;
+        q0 += l * l;
+        q1 += h * h;
+      }
+      Vec<double>::store(s + c0, s0);
+      Vec<double>::store(s + c0 + 8, s1);
+      Vec<double>::store(q + c0, q0);
+      Vec<double>::store(q + c0 + 8, q1);
+    }
+    for (int64_t c = cv; c < C; ++c) s[c] = 0.0;
     for (int64_t row = r0; row < r1; ++row) {
       const T* __restrict__ zr = z + row * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) s[c] += static_cast<double>(zr[c]);
+      for (int64_t c = cv; c < C; ++c) s[c] += static_cast<double>(zr[c]);
     }
-    const double inv_n = 1.0 / static_cast<double>(r1 - r0);
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = cv; c < C; ++c) {
       wk[c] = s[c] * inv_n;
       q[c] = 0.0;
     }
     for (int64_t row = r0; row < r1; ++row) {
       const T* __restrict__ zr = z + row * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = cv; c < C; ++c) {
         const double d = static_cast<double>(zr[c]) - wk[c];
         q[c] += d * d;
       }
@@ -322,13 +352,28 @@ template <typename T, bool HAS_R, bool RELU>
 DER_CLONES void out_rows(const T* __restrict__ z, const T* __restrict__ r, T* __restrict__ y,
                          const T* __restrict__ al, const T* __restrict__ be,
                          const T* __restrict__ g, int64_t r0, int64_t r1, int64_t C) {
-  for (int64_t row = r0; row < r1; ++row) {
+  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
+  if constexpr (kChunked<T>) {
+    using VT = Vec<float>;
+    const der_v16f zero = {};
+    for (int64_t c0 = 0; c0 < cv; c0 += 16) {
+      const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv = VT::load(g + c0);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * C + c0;
+        der_v16f a = VT::load(z + o) * alv + bev;
+        if constexpr (HAS_R) a += VT::load(r + o);
+        if constexpr (RELU) a = (a < zero) ? zero : a;
+        VT::store(y + o, a * gv);
+      }
+    }
+  }
+  for (int64_t row = r0; row < r1 && cv < C; ++row) {
     const int64_t base = row * C;
     const T* __restrict__ zr = z + base;
     const T* __restrict__ rr = HAS_R ? r + base : nullptr;
     T* __restrict__ yr = y + base;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = cv; c < C; ++c) {
       T a = zr[c] * al[c] + be[c];
       if constexpr (HAS_R) a += rr[c];
       if constexpr (RELU) a = a < T(0) ? T(0) : a;
@@ -465,10 +510,48 @@ DER_CLONES void reduce_rows(const BwdPtrs& P, const T* __restrict__ al, const T*
   double* __restrict__ b_da = blk;
   double* __restrict__ b_dax = blk + C;
   double* __restrict__ b_gyh = blk + 2 * C;
+  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t r0 = b * B, r1 = std::min(R, r0 + B);
     for (int64_t j = 0; j < 3 * C; ++j) blk[j] = 0.0;
-    for (int64_t row = r0; row < r1; ++row) {
+    if constexpr (kChunked<T>) {
+      using VT = Vec<float>;
+      using VD = Vec<double>;
+      const der_v16f zero = {};
+      for (int64_t c0 = 0; c0 < cv; c0 += 16) {
+        const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv16 = VT::load(g + c0);
+        const der_v8d gd0 = VD::load(gd + c0), gd1 = VD::load(gd + c0 + 8);
+        const der_v8d md0 = VD::load(md + c0), md1 = VD::load(md + c0 + 8);
+        der_v8d acc[6] = {};
+        for (int64_t row = r0; row < r1; ++row) {
+          const int64_t o = row * C + c0;
+          const der_v16f zv = VT::load(z + o);
+          der_v16f a = zv * alv + bev;
+          if constexpr (HAS_R) a += VT::load(r + o);
+          const der_v16f gv = VT::load(gy + o);
+          if (wgr || wgz) {
+            der_v16f da;
+            if constexpr (RELU) da = (a > zero) ? gv * gv16 : zero;
+            else da = gv * gv16;
+            if (wgr) VT::store(gr + o, da);
+            if (wgz) VT::store(gz + o, da * alv);
+          }
+          der_v8d g0, g1, z0, z1, a0, a1;
+          widen(gv, g0, g1);
+          widen(zv, z0, z1);
+          widen(a, a0, a1);
+          acc_lanes<RELU>(acc[0], acc[2], acc[4], g0, z0, a0, gd0, md0);
+          acc_lanes<RELU>(acc[1], acc[3], acc[5], g1, z1, a1, gd1, md1);
+        }
+        VD::store(b_da + c0, acc[0]);
+        VD::store(b_da + c0 + 8, acc[1]);
+        VD::store(b_dax + c0, acc[2]);
+        VD::store(b_dax + c0 + 8, acc[3]);
+        VD::store(b_gyh + c0, acc[4]);
+        VD::store(b_gyh + c0 + 8, acc[5]);
+      }
+    }
+    for (int64_t row = r0; row < r1 && cv < C; ++row) {
       const int64_t base = row * C;
       const T* __restrict__ gyr = gy + base;
       const T* __restrict__ zr = z + base;
@@ -477,7 +560,7 @@ DER_CLONES void reduce_rows(const BwdPtrs& P, const T* __restrict__ al, const T*
       T* __restrict__ gzr = wgz ? gz + base : nullptr;
       if (wgr || wgz) {
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
+        for (int64_t c = cv; c < C; ++c) {
           T a = zr[c] * al[c] + be[c];
           if constexpr (HAS_R) a += rr[c];
           const T gv = gyr[c];
@@ -489,7 +572,7 @@ DER_CLONES void reduce_rows(const BwdPtrs& P, const T* __restrict__ al, const T*
         }
       }
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = cv; c < C; ++c) {
         const T zv = zr[c];
         T a = zv * al[c] + be[c];
         if constexpr (HAS_R) a += rr[c];
@@ -578,7 +661,32 @@ DER_CLONES void dz_rows(const T* __restrict__ gy, const T* __restrict__ z,
                         const T* __restrict__ g, const T* __restrict__ mean,
                         const T* __restrict__ c1, const T* __restrict__ gm,
                         const T* __restrict__ kx, int64_t r0, int64_t r1, int64_t C) {
-  for (int64_t row = r0; row < r1; ++row) {
+  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
+  if constexpr (kChunked<T>) {
+    using VT = Vec<float>;
+    const der_v16f zero = {};
+    for (int64_t c0 = 0; c0 < cv; c0 += 16) {
+      const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv16 = VT::load(g + c0);
+      const der_v16f mv = VT::load(mean + c0), c1v = VT::load(c1 + c0), gmv = VT::load(gm + c0);
+      const der_v16f kv = VT::load(kx + c0);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * C + c0;
+        const der_v16f zv = VT::load(z + o);
+        der_v16f da;
+        if constexpr (FROM_GR) {
+          da = VT::load(gr + o);
+        } else {
+          der_v16f a = zv * alv + bev;
+          if constexpr (HAS_R) a += VT::load(r + o);
+          const der_v16f gv = VT::load(gy + o);
+          if constexpr (RELU) da = (a > zero) ? gv * gv16 : zero;
+          else da = gv * gv16;
+        }
+        VT::store(gz + o, (da - gmv - (zv - mv) * kv) * c1v);
+      }
+    }
+  }
+  for (int64_t row = r0; row < r1 && cv < C; ++row) {
     const int64_t base = row * C;
     const T* __restrict__ gyr = gy + base;
     const T* __restrict__ zr = z + base;
@@ -586,7 +694,7 @@ DER_CLONES void dz_rows(const T* __restrict__ gy, const T* __restrict__ z,
     const T* __restrict__ grr = FROM_GR ? gr + base : nullptr;
     T* __restrict__ gzr = gz + base;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = cv; c < C; ++c) {
       const T zv = zr[c];
       T da;
       if constexpr (FROM_GR) {

@@ -118,7 +118,8 @@ def recalibrate_bn(model, data, indices, cfg, device) -> None:
     averages also hold batches from before the masks became binary (soft gates; with
     ``s_anneal="epoch"`` every gate starts each epoch at ~1/2), i.e. inputs of other scales,
     and in eval mode such errors compound over the layers. Every process computes the same
-    statistics from the same data."""
+    statistics from the same data. Only the newest extractor runs (the others are frozen, in
+    eval mode, and the head does not touch BatchNorm), without autograd."""
     net = model.convnets[-1]
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     saved = [m.momentum for m in bns]
@@ -128,8 +129,9 @@ def recalibrate_bn(model, data, indices, cfg, device) -> None:
         m.momentum = None  # cumulative average
     model.train()
     try:
-        for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
-            model(x)
+        with torch.no_grad():
+            for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
+                net(x)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
