@@ -14,15 +14,29 @@ ARGS = {"convnet_type": "resnet32", "dataset": "cifar100", "memory_per_class": 2
 STANDIN = Path(__file__).with_name("pycil_standin.py")
 
 
-def _load_standin(swap: bool):
+def _load_standin(swap: bool, net_cls=None):
+    """The stand-in learner's module; ``swap``: its DERNet import replaced by the one-line
+    FastDERNet swap a PyCIL user makes; ``net_cls``: its DERNet replaced by that class."""
     src = STANDIN.read_text()
+    line = "from der_fast import DERNet\n"
+    assert src.count(line) == 1
     if swap:
-        line = "from der_fast import DERNet\n"
-        assert src.count(line) == 1
         src = src.replace(line, "from der_fast import FastDERNet as DERNet\n")
+    elif net_cls is not None:
+        src = src.replace(line, "")
     mod = types.ModuleType("pycil_standin_swap" if swap else "pycil_standin")
+    if net_cls is not None:
+        mod.DERNet = net_cls
     exec(compile(src, str(STANDIN), "exec"), mod.__dict__)
     return mod
+
+
+class _ChannelsLastDERNet(DERNet):
+    """The reference computed in channels_last: the same function, other float32 roundings."""
+
+    def update_fc(self, nb_classes):
+        super().update_fc(nb_classes)
+        self.to(memory_format=torch.channels_last)
 
 
 def _tasks():
@@ -37,8 +51,8 @@ def _tasks():
     return tasks
 
 
-def _run(swap: bool):
-    mod = _load_standin(swap)
+def _run(swap: bool, net_cls=None):
+    mod = _load_standin(swap, net_cls)
     torch.manual_seed(0)
     learner = mod.DER(dict(ARGS))
     tasks = _tasks()
@@ -52,19 +66,31 @@ def _run(swap: bool):
 
 
 def test_pycil_learner_runs_with_dernet_and_fastdernet():
+    """The swapped learner gives the reference learner's results within the reference's own
+    float32 noise: the gap between the reference and its channels_last twin (the same
+    function, other roundings). Two tasks of SGD on 24 images grow rounding to ~1e-2 in the
+    logits, and herding then picks other exemplars, so the nearest-mean predictions differ in
+    either pair (measured: 67-81 % agreement, for the twin and for FastDERNet alike, at 1 and
+    2 threads); their accuracies are compared instead."""
     ref, res_ref = _run(False)
     fast, res_fast = _run(True)
+    _, res_twin = _run(False, _ChannelsLastDERNet)
     assert type(fast._network).__name__ == "FastDERNet"
     for net in (ref._network, fast._network):
         assert all(c.mask_e is None for c in net.convnets)  # masks off from PyCIL args
         assert net.task_sizes == [3, 3] and net.feature_dim == 128 and net.out_dim == 64
-    for (la, na), (lb, nb) in zip(res_ref, res_fast):
-        assert torch.isfinite(la).all()
-        # same run up to float32 rounding, grown over the SGD steps (the fast path's error
-        # bounds are tests/test_fast.py's business)
-        torch.testing.assert_close(lb, la, rtol=1e-2, atol=1e-2 * float(la.abs().max()))
-        assert (lb.argmax(1) == la.argmax(1)).float().mean() >= 0.9
-        assert (na == nb).mean() >= 0.9
+    for (la, na), (lb, nb), (lc, nc) in zip(res_ref, res_fast, res_twin):
+        assert torch.isfinite(la).all() and torch.isfinite(lb).all()
+        scale = float(la.abs().max())
+        noise = float((lc - la).abs().max()) / scale
+        gap = float((lb - la).abs().max()) / scale
+        assert gap <= 2 * noise + 1e-6, (gap, noise)
+        twin_top1 = float((lc.argmax(1) == la.argmax(1)).float().mean())
+        assert float((lb.argmax(1) == la.argmax(1)).float().mean()) >= twin_top1 - 2 / len(la)
+        # nearest-mean accuracy: within twice the twin's difference and 4 images
+        y = torch.cat([tk[1] for tk in _tasks()[: la.shape[1] // 3]]).numpy()
+        acc = [(p == y).mean() for p in (na, nb, nc)]
+        assert abs(acc[1] - acc[0]) <= 2 * abs(acc[2] - acc[0]) + 4 / len(y), acc
 
 
 def test_masks_from_args_refuse_untrained_binarisation():

@@ -427,9 +427,12 @@ def test_whole_run_fast_matches_reference_within_noise(tmp_path, monkeypatch):
             tol = 2 * noise + 2 * 100.0 / b["n_test"] + 1e-6
             assert abs(a["top1"] - b["top1"]) <= tol, (a["step"], a["top1"], b["top1"], noise)
             assert b["n_classes"] == a["n_classes"] and b["memory_size"] == a["memory_size"]
-    # step 0 has no frozen extractor and no chaos yet: the first losses agree closely
-    assert ref["steps"][0]["loss_stage1"] == pytest.approx(fast["steps"][0]["loss_stage1"],
-                                                           rel=1e-2)
+    # step 0 has no frozen extractor: the first losses agree within 1 % or twice the twin's
+    # distance (two epochs of masked training already amplify rounding: at 1 thread
+    # FastDERNet measured 1.5 % away and the twin farther)
+    loss0 = [r["steps"][0]["loss_stage1"] for r in (ref, ref_cl, fast, direct)]
+    for i in (2, 3):
+        assert abs(loss0[i] - loss0[0]) <= max(1e-2 * loss0[0], 2 * abs(loss0[1] - loss0[0])), loss0
     avg = [r["summary"]["avg_incremental_top1"] for r in (ref, ref_cl, fast, direct)]
     for i in (2, 3):
         assert abs(avg[i] - avg[0]) <= 2 * abs(avg[1] - avg[0]) + 2 * 100.0 / 20 / 2 + 1e-6, avg
