@@ -80,13 +80,13 @@ void pool_cpu(const at::Tensor& f, at::Tensor& features, int64_t off) {
     const T* x = f.const_data_ptr<T>();
     T* out = features.mutable_data_ptr<T>();
     if (cl) {
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / (C * HW));
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C * HW));
       at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
         std::vector<acc_t<T>> s(C);
         pool_rows<T>(x, out, s.data(), n0, n1, C, HW, D, off);
       });
     } else {
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / HW);
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, HW));
       at::parallel_for(0, N * C, grain, [&](int64_t p0, int64_t p1) {
         pool_planes<T>(x, out, p0, p1, C, HW, D, off);
       });
@@ -102,11 +102,11 @@ void expand_cpu(const at::Tensor& dp, at::Tensor& out) {
     const T* d = dp.const_data_ptr<T>();
     T* o = out.mutable_data_ptr<T>();
     if (cl) {
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / C);
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, C));
       at::parallel_for(0, N * HW, grain,
                        [&](int64_t r0, int64_t r1) { expand_rows<T>(d, o, r0, r1, C, HW); });
     } else {
-      const int64_t grain = std::max<int64_t>(1, kGrainElems / HW);
+      const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, HW));
       at::parallel_for(0, N * C, grain,
                        [&](int64_t p0, int64_t p1) { expand_planes<T>(d, o, p0, p1, C, HW); });
     }

@@ -75,11 +75,26 @@ head_backward(const std::optional<at::Tensor>& grad_logits,
   const int64_t t = static_cast<int64_t>(widths.size());
   TORCH_CHECK_VALUE(t > 0 && static_cast<int64_t>(feats.size()) == t, op,
                     ": feats and widths must have the same non-zero length");
+  TORCH_CHECK_VALUE(features.dim() == 2, op, ": features must be 2-D [N, D], got shape ",
+                    features.sizes());
   const int64_t N = features.size(0), D = features.size(1);
   const auto opts = features.options();
+  // every tensor argument against features, before any kernel runs
+  auto like = [&](const at::Tensor& x, const char* name) {
+    TORCH_CHECK_TYPE(x.scalar_type() == features.scalar_type(), op, ": ", name, " has dtype ",
+                     x.scalar_type(), " but features has dtype ", features.scalar_type());
+    TORCH_CHECK_VALUE(x.device() == features.device(), op, ": ", name, " is on device ",
+                      x.device(), " but features is on device ", features.device());
+  };
+  auto matrix = [&](const at::Tensor& x, const char* name, int64_t rows, int64_t cols) {
+    TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) == rows && x.size(1) == cols, op, ": ", name,
+                      " must have shape [", rows, ", ", cols, "], got ", x.sizes());
+    like(x, name);
+  };
   std::vector<int64_t> offs(t);
   int64_t off = 0;
   for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK_VALUE(widths[i] >= 0, op, ": widths[", i, "] is negative (", widths[i], ")");
     offs[i] = off;
     off += widths[i];
   }
@@ -90,6 +105,17 @@ head_backward(const std::optional<at::Tensor>& grad_logits,
   TORCH_CHECK_VALUE(!ga || has_aux, op, ": grad_aux given but aux_weight is None");
   TORCH_CHECK_VALUE(!(mask[2] || mask[3]) || has_aux, op, ": aux grads requested without aux_weight");
   const int64_t Ct = widths[t - 1];
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == D, op, ": weight must have shape [K, ",
+                    D, "], got ", weight.sizes());
+  like(weight, "weight");
+  if (gl) matrix(*grad_logits, "grad_logits", N, weight.size(0));
+  if (has_aux) {
+    TORCH_CHECK_VALUE(aux_weight->dim() == 2 && aux_weight->size(1) == Ct, op,
+                      ": aux_weight must have shape [K_aux, ", Ct, "], got ", aux_weight->sizes());
+    like(*aux_weight, "aux_weight");
+  }
+  if (ga) matrix(*grad_aux, "grad_aux", N, aux_weight->size(0));
+  if (gf) matrix(*grad_features, "grad_features", N, D);
   const at::Tensor last = features.narrow(1, D - Ct, Ct);
 
   at::Tensor g_w, g_b, g_aw, g_ab;
@@ -115,6 +141,7 @@ head_backward(const std::optional<at::Tensor>& grad_logits,
     TORCH_CHECK_VALUE((f.dim() == 2 || f.dim() == 4) && f.size(0) == N && f.size(1) == Ci, op,
                       ": feats[", i, "] has shape ", f.sizes(), ", expected [", N, ", ", Ci,
                       ", ...]");
+    like(f, "feats[i]");
     at::Tensor dp;  // [N, Ci], fresh memory
     if (gl) dp = at::mm(*grad_logits, weight.narrow(1, offs[i], Ci));
     if (i == t - 1 && ga) {

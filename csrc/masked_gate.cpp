@@ -239,7 +239,7 @@ at::Tensor masked_gate_cpu(const at::Tensor& x_in, const at::Tensor& scale,
     const T* xp = x.const_data_ptr<T>();
     const T* rp = has_r ? r.const_data_ptr<T>() : nullptr;
     T* yp = y.mutable_data_ptr<T>();
-    const int64_t grain = std::max<int64_t>(1, kGrainElems / G.inner());
+    const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, G.inner()));
     at::parallel_for(0, G.outer(), grain, [&](int64_t o0, int64_t o1) {
       if (G.rows) {
         if (has_r) fwd_rows<T, true>(xp, rp, yp, a.data(), b.data(), g.data(), o0, o1, G.C);
@@ -303,6 +303,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_ga
   const char* op = "der_fast.masked_gate_backward";
   TORCH_CHECK_VALUE(grad_y_in.sizes() == y_in.sizes(), op, ": grad_y shape ", grad_y_in.sizes(),
                     " does not match y shape ", y_in.sizes());
+  check_like(grad_y_in, y_in, op, "grad_y", "y");
+  if (has(x_in)) {
+    TORCH_CHECK_VALUE(x_in->sizes() == y_in.sizes(), op, ": x shape ", x_in->sizes(),
+                      " does not match y shape ", y_in.sizes());
+    check_like(*x_in, y_in, op, "x", "y");
+  }
   TORCH_CHECK_VALUE(!mask[1] || has(x_in), op, ": x is required for grad_scale");
   TORCH_CHECK_VALUE(!mask[3] || has(e), op, ": e is required for grad_e");
   check_masked_gate(y_in, scale, scale, e, std::nullopt);
