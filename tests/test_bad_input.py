@@ -80,6 +80,8 @@ FLAG_CASES = [
     (["--out", ""], "out must be a non-empty string"),
     (["--lr", "nan"], "lr must be > 0 (a finite number)"),
     (["--lr", "inf"], "lr must be > 0"),
+    (["--lr", "1e300"], "1e+300 overflows float32"),
+    (["--lambda-a", "4e38"], "lambda_a must be >= 0 (a finite number); 4e+38 overflows float32"),
     (["--s-max", "inf"], "s_max must be > 0"),
     (["--mask-init", "nan"], "mask_init must be >= 0"),
     (["--mask-lr", "0"], "mask_lr must be > 0"),

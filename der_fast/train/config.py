@@ -186,6 +186,9 @@ class Config:
         return cls(**d)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 class _Spec:
     """What one Config field accepts: ``kind`` (int, float, bool, str or list of int), an
     inclusive range ``lo``..``hi`` (``open_lo``/``open_hi`` make it exclusive), ``choices``,
@@ -241,6 +244,10 @@ class _Spec:
                 except OverflowError:
                     out = math.inf
                 ok = math.isfinite(out) and self._in_range(out)
+                if ok and abs(out) > _FLOAT32_MAX:  # training arithmetic is float32
+                    raise ConfigError(f"{name} must be {self.allowed()}; {v!r} overflows "
+                                      f"float32, the precision it is used in (largest "
+                                      f"{_FLOAT32_MAX:.4g})")
         elif self.kind is list:
             ok = isinstance(v, (list, tuple)) and all(
                 isinstance(m, int) and not isinstance(m, bool) and self._in_range(m) for m in v)
