@@ -3,11 +3,15 @@ with a float64 run of the reference as the judge.
 
 * One step: over random draws (weights, calibrated BN statistics, frozen extractors pruned to
   random widths, soft gates at s from 1/s_max to s_max or binary masks), every backbone, train
-  and eval mode: FastDERNet's float32 error on the outputs, the loss and every gradient is at
-  most 2x the float32 reference's own + ATOL (relative to the tensor's max |value|).
+  and eval mode: FastDERNet's float32 error on the outputs, the loss and every gradient
+  (the mask embeddings' included) is at most 2x the float32 reference's own + 48 float32 ulps,
+  both relative to the tensor's max |value|. The ulps are needed where the reference's own
+  error is a few ulps: a 1-ulp change of the logits (the frozen extractors' folded arithmetic)
+  moves the trainable extractor's gradients by tens of ulps, in either model (the measured
+  worst cases: benchmarks/RESULTS.md, "7. Exactness against float64").
 * Many steps: 20 stage-1 SGD steps with masks (s annealed, HAT compensation, clamping), the
   reference and FastDERNet side by side: in float64 the losses agree to ~1e-12 (bound 1e-11); in float32 the fast
-  model stays as close to the float64 trajectory as 2x the float32 reference (+ a small atol).
+  model stays as close to the float64 trajectory as 2x the float32 reference (+ 48 ulps).
 
 The measurement behind the bound, per layout: ``python benchmarks/exactness.py``.
 """
@@ -26,7 +30,8 @@ from der_fast.objective import make_optimizer, stage1_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FACTOR, ATOL = 2.0, 1e-5
+FACTOR, ULPS = 2.0, 48
+ATOL = ULPS * 2.0 ** -23  # 48 float32 ulps of the tensor's max |value|
 DRAWS = {"resnet32": 6, "resnet18_cifar": 3, "resnet18": 3}
 
 
@@ -42,7 +47,7 @@ def test_fp32_error_at_most_2x_reference(backbone, train):
         for k, e in errs["fast"].items():
             r = errs["reference"][k]
             if e > FACTOR * r + ATOL:
-                bad.append(f"{k}: fast {e:.3e} > {FACTOR} x reference {r:.3e} + {ATOL} "
+                bad.append(f"{k}: fast {e:.3e} > {FACTOR} x reference {r:.3e} + {ULPS} ulps "
                            f"(draw {d})")
     assert not bad, f"{len(bad)} tensors less exact than the reference:\n" + "\n".join(bad[:5])
 
@@ -113,7 +118,7 @@ def test_stage1_drift_float32_within_reference_gap():
     gap_fast = (lf - l64).abs() / l64.abs()
     over = (gap_fast > FACTOR * gap_ref + ATOL).nonzero().flatten().tolist()
     assert not over, (f"float32 loss drift: fast {gap_fast.tolist()} vs reference "
-                      f"{gap_ref.tolist()} (steps {over} over {FACTOR} x reference + {ATOL})")
+                      f"{gap_ref.tolist()} (steps {over} over {FACTOR} x reference + {ULPS} ulps)")
     g_ref, g_fast = _state_gap(s32, s64), _state_gap(sf, s64)
     assert g_fast <= FACTOR * g_ref + ATOL, (
         f"float32 weights after {STEPS} steps: fast {g_fast:.2e} from float64, "
