@@ -36,3 +36,15 @@ def assert_close(actual, expected, atol, rtol, what):
             f"actual={a[where].item():.9g} expected={b[where].item():.9g} "
             f"(|diff|={err[where].item():.3g}, atol={atol * scale:.3g}, rtol={rtol})"
         )
+
+
+def needs_cpu_ext(why: str = "der_fast._C not built"):
+    """Skip marker for tests of the compiled CPU ops that skips only where the build was told
+    not to make them (DER_FAST_BUILD_CPU=0): where the extension was expected but is missing,
+    the tests run, and fail."""
+    import pytest
+
+    from der_fast import _backend, ops
+
+    return pytest.mark.skipif(not ops.HAS_CPU_EXT and not _backend.build_cpu_setting(),
+                              reason=f"{why} (DER_FAST_BUILD_CPU=0)")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from der_fast import ops
+from helpers import needs_cpu_ext
 
-pytestmark = pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C not built")
+pytestmark = needs_cpu_ext()
 
 
 def _case(n, ci, co, h, w, seed, residual=True, gate=True):

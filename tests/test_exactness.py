@@ -52,6 +52,43 @@ def test_fp32_error_at_most_2x_reference(backbone, train):
     assert not bad, f"{len(bad)} tensors less exact than the reference:\n" + "\n".join(bad[:5])
 
 
+_FALLBACK_SCRIPT = """
+import sys
+sys.modules["der_fast._C"] = None  # the compiled CPU ops unimportable: every op on its fallback
+sys.path.append({root!r})
+import torch
+from der_fast import ops
+assert not ops.HAS_CPU_EXT
+from benchmarks.harness.exactness import measure, random_draw
+torch.set_num_threads(1)
+bad = []
+for seed in range({draws}):
+    for train in (True, False):
+        d = random_draw("resnet32", seed)
+        errs = measure(d, train, layouts={{"fast": None}})
+        for k, e in errs["fast"].items():
+            if e > {factor} * errs["reference"][k] + {atol}:
+                bad.append(f"{{k}} train={{train}} draw {{seed}}: {{e:.3e}} vs {{errs['reference'][k]:.3e}}")
+print("\\n".join(bad) or "ok")
+"""
+
+
+def test_fp32_error_at_most_2x_reference_without_the_extension():
+    """The same bound where der_fast._C is missing (a build without the CPU extension): every
+    op on its PyTorch fallback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    code = _FALLBACK_SCRIPT.format(root=root, draws=DRAWS["resnet32"], factor=FACTOR,
+                                   atol=ATOL)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok", proc.stdout[-3000:]
+
+
 # ============================================================================ many steps
 STEPS, S_MAX, LR = 20, 10.0, 0.002
 

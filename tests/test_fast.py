@@ -21,6 +21,7 @@ from der_fast import train as T
 from der_fast.fast import FastDERNet, direct_share, fold_extractor, fuse_grouped, run_bordered, run_folded
 from der_fast.objective import make_optimizer, stage1_loss, stage2_loss
 from der_fast.reference import DERNet
+from helpers import needs_cpu_ext
 
 ULP = 2.0 ** -23
 ULPS = 48  # the rule of tests/test_exactness.py: 2x the reference + 48 ulps
@@ -280,7 +281,7 @@ def test_fold_and_fuse_exact_on_pruned_and_soft_extractors():
         assert_as_good("direct/oneDNN mixed features", mixed, got32, want)
 
 
-@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C (the direct kernel) not built")
+@needs_cpu_ext("der_fast._C (the direct kernel) not built")
 @pytest.mark.parametrize("backbone", ["resnet32", "resnet18"])
 def test_direct_plan_every_backbone_soft_and_pruned(backbone):
     """The bordered executor on each backbone: 7x7 stride-2 stem + max pool and 1x1 (type B)
@@ -307,7 +308,7 @@ def test_direct_plan_every_backbone_soft_and_pruned(backbone):
         assert_as_good(f"{backbone} {k}", out[k], out32[k], out64[k])
 
 
-@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C (the direct kernel) not built")
+@needs_cpu_ext("der_fast._C (the direct kernel) not built")
 @pytest.mark.parametrize("backbone", ["resnet32", "resnet18_cifar", "resnet18"])
 def test_compiled_executor_matches_python_executor(backbone):
     """der_fast::bordered_resnet runs the same kernels as the layer-by-layer Python executor:
@@ -336,7 +337,7 @@ def test_compiled_executor_matches_python_executor(backbone):
             torch.testing.assert_close(two, one, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="der_fast._C (the direct kernel) not built")
+@needs_cpu_ext("der_fast._C (the direct kernel) not built")
 def test_compiled_executor_rejects_bad_programs():
     from der_fast.fast import _bordered_program
     ref = make_ref("resnet32", 1, seed=33).eval()

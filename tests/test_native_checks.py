@@ -12,9 +12,9 @@ import textwrap
 import pytest
 
 from der_fast import ops
+from helpers import needs_cpu_ext
 
-pytestmark = pytest.mark.skipif(not ops.HAS_CPU_EXT, reason="the compiled CPU ops are what "
-                                "these cases exercise (pip install . builds them)")
+pytestmark = needs_cpu_ext("the compiled CPU ops are what these cases exercise")
 
 PRELUDE = """
 import torch

@@ -392,47 +392,52 @@ class _ChannelsLastDERNet(__import__("der_fast").DERNet):
         self.to(memory_format=torch.channels_last)
 
 
-class _DirectFastDERNet(__import__("der_fast").FastDERNet):
-    """FastDERNet with the direct frozen plan forced."""
+class _NudgedDERNet(__import__("der_fast").DERNet):
+    """The reference with every new extractor's initial weights moved by about one float32
+    ulp: the same run up to a rounding of its start."""
 
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("frozen_plan", "direct")
-        super().__init__(*args, **kwargs)
+    def update_fc(self, nb_classes):
+        super().update_fc(nb_classes)
+        with torch.no_grad():
+            for p in self.convnets[-1].parameters():
+                p.mul_(1 + 2.0 ** -23)
 
 
 def test_whole_run_fast_matches_reference_within_noise(tmp_path, monkeypatch):
-    """The contract of --impl fast: a whole (tiny) run gives the reference's metrics.
+    """The contract of --impl fast: a whole (short) run in the default setup (budget 0.2,
+    early pruning) learns as the reference does.
 
-    Masked training is chaotic at the level of rounding (HAT's gradient compensation scales
-    e's gradient by up to ~1e5 at small s), so "the same within noise" is measured, not
-    assumed: the noise is how far the reference itself moves when only its fp32 rounding
-    changes (the same run in channels_last). Fast must stay within twice that, plus two test
-    images."""
-    # keep 1.0: masks anneal, get compensated gradients, are binarised and BN re-estimated,
-    # but no budget forces channels off: a channel that rounding tips over the threshold
-    # would change the architecture (trajectories with pruning: test_fast.py)
-    kw = dict(train_per_class=40, test_per_class=20, epochs=2, batch_size=20, keep=1.0)
+    Masked training is chaotic at the level of rounding, and these runs are short: the
+    reference itself moves by several points when only its float32 rounding changes. That band
+    is measured from two rounding variants of the reference (channels_last; initial weights
+    moved by one ulp). FastDERNet must be within twice the band, or 10 points, of the
+    reference's average incremental accuracy, and learn (10+ points above chance). A stage 1
+    that does not train is caught per step by tests/test_trajectory.py."""
+    kw = dict(train_per_class=40, test_per_class=20, epochs=10, epochs_stage2=4,
+              batch_size=20, keep=0.2)
     quiet = dict(log=lambda *a: None)
-    ref = T.run(_tiny_cfg(tmp_path / "ref", impl="reference", **kw), **quiet)
-    fast = T.run(_tiny_cfg(tmp_path / "fast", impl="fast", **kw), **quiet)
-    # every frozen extractor on the direct conv kernel, whatever its width (the default
-    # picks it only for narrow ones, which these short runs do not prune enough to make)
-    monkeypatch.setattr(pipeline, "_model_class", lambda impl: _DirectFastDERNet)
-    direct = T.run(_tiny_cfg(tmp_path / "direct", impl="fast", **kw), **quiet)
-    monkeypatch.setattr(pipeline, "_model_class", lambda impl: _ChannelsLastDERNet)
-    ref_cl = T.run(_tiny_cfg(tmp_path / "ref_cl", impl="reference", **kw), **quiet)
-    noise = max(abs(a["top1"] - b["top1"]) for a, b in zip(ref["steps"], ref_cl["steps"]))
-    for run in (fast, direct):
-        for a, b in zip(ref["steps"], run["steps"], strict=True):
-            tol = 2 * noise + 2 * 100.0 / b["n_test"] + 1e-6
-            assert abs(a["top1"] - b["top1"]) <= tol, (a["step"], a["top1"], b["top1"], noise)
-            assert b["n_classes"] == a["n_classes"] and b["memory_size"] == a["memory_size"]
-    # step 0 has no frozen extractor: the first losses agree within 1 % or twice the twin's
-    # distance (two epochs of masked training already amplify rounding: at 1 thread
-    # FastDERNet measured 1.5 % away and the twin farther)
-    loss0 = [r["steps"][0]["loss_stage1"] for r in (ref, ref_cl, fast, direct)]
-    for i in (2, 3):
-        assert abs(loss0[i] - loss0[0]) <= max(1e-2 * loss0[0], 2 * abs(loss0[1] - loss0[0])), loss0
-    avg = [r["summary"]["avg_incremental_top1"] for r in (ref, ref_cl, fast, direct)]
-    for i in (2, 3):
-        assert abs(avg[i] - avg[0]) <= 2 * abs(avg[1] - avg[0]) + 2 * 100.0 / 20 / 2 + 1e-6, avg
+
+    def run(name, impl, cls=None):
+        if cls is not None:
+            monkeypatch.setattr(pipeline, "_model_class", lambda impl: cls)
+        else:
+            monkeypatch.undo()
+        return T.run(_tiny_cfg(tmp_path / name, impl=impl, **kw), **quiet)
+
+    ref = run("ref", "reference")
+    fast = run("fast", "fast")
+    variants = [run("ref_cl", "reference", _ChannelsLastDERNet),
+                run("ref_nudged", "reference", _NudgedDERNet)]
+    avg = lambda r: r["summary"]["avg_incremental_top1"]
+    chance = sum(100.0 / s["n_classes"] for s in ref["steps"]) / len(ref["steps"])
+    assert all(avg(r) >= chance + 10 for r in (ref, *variants)), (
+        f"the reference does not learn here ({[avg(r) for r in (ref, *variants)]}, chance "
+        f"{chance:.1f}): the test could not tell")
+    band = max(abs(avg(v) - avg(ref)) for v in variants)
+    assert avg(fast) >= chance + 10, f"fast: {avg(fast):.2f}, chance {chance:.1f}"
+    assert abs(avg(fast) - avg(ref)) <= max(2 * band, 10.0), (
+        f"average incremental top-1 {avg(fast):.2f} vs the reference's {avg(ref):.2f} (its "
+        f"rounding variants {[round(avg(v), 2) for v in variants]})")
+    for a, b in zip(ref["steps"], fast["steps"], strict=True):
+        assert b["n_classes"] == a["n_classes"] and b["memory_size"] == a["memory_size"]
+

@@ -130,9 +130,27 @@ def _bn_gate_fallback(z, weight, bias, mean_in, var_in, e, s, residual, training
                                          _float(residual), training, eps, relu)
         return y.to(z.dtype), mean, var
     with torch.no_grad():
-        y, mean, var = bn_gate_ref(z, weight, bias, mean_in, var_in, e, s, residual, training,
+        _, mean, var = bn_gate_ref(z, weight, bias, mean_in, var_in, e, s, residual, training,
                                    eps, relu)
+        a = _pre_activation(z, weight, bias, mean_in, var_in, residual, training, eps)
+        y = torch.relu(a) if relu else a
+        if e is not None:
+            y = y * torch.sigmoid(s * e).view(1, -1, 1, 1)
     return y.contiguous(memory_format=_kernel_format(z)), mean, var
+
+
+def _pre_activation(z, weight, bias, mean_in, var_in, residual, training, eps) -> Tensor:
+    """``bn(z) [+ residual]`` computed by ATen's own BatchNorm, so that the fallback's ReLU
+    masks are the module stack's (rounded otherwise, a pre-activation within an ulp of 0 lands
+    on the other side and takes a whole element's gradient along; the compiled kernels round
+    like ATen for the same reason)."""
+    if z.numel() == 0:
+        a = torch.zeros_like(z)
+    else:
+        a = torch.nn.functional.batch_norm(z, None if training else mean_in,
+                                           None if training else var_in, weight, bias,
+                                           training, 0.0, eps)
+    return a + residual if residual is not None else a
 
 
 def _invstd(var: Tensor, eps: float, training: bool) -> Tensor:
@@ -163,10 +181,7 @@ def _bn_gate_backward_fallback(grad_y, z, weight, bias, mean, var, e, s, residua
     empty = lambda: z.new_empty((0,))
     inv = _invstd(var, eps, training)
     alpha = inv * weight
-    beta = bias - mean * alpha
-    a = z * alpha.view(shape) + beta.view(shape)
-    if residual is not None:
-        a = a + residual
+    a = _pre_activation(z, weight, bias, mean, var, residual, training, eps)
     g = torch.sigmoid(s * e) if e is not None else torch.ones_like(weight)
     da = grad_y * g.view(shape)
     if relu:
