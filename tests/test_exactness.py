@@ -52,6 +52,47 @@ def test_fp32_error_at_most_2x_reference(backbone, train):
     assert not bad, f"{len(bad)} tensors less exact than the reference:\n" + "\n".join(bad[:5])
 
 
+AUTOCAST_DRAWS = {"resnet32": 4, "resnet18_cifar": 2, "resnet18": 2}
+BF16_ULP = 2.0 ** -7  # relative spacing of bfloat16 numbers (8 significant bits)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backbone", list(AUTOCAST_DRAWS))
+def test_autocast_bf16_error_at_most_2x_reference(backbone, train):
+    """Both models under torch.autocast("cpu", bfloat16), judged against the float64 reference
+    (no autocast). The forward outputs: per tensor at most 2x the reference's own error (+ 48
+    float32 ulps). The loss: 2x + one bfloat16 ulp (a mean of a few cross-entropies of
+    bf16-rounded logits: its error is small in either model only where terms cancel; measured:
+    the reference 5.6e-5 where its logits were 2.4x farther from float64 than the fast model's
+    and the fast loss 3.7e-3). The gradients: bf16 convolutions make many
+    gradient tensors (the mask embeddings' most) chaotic in either model, so per draw the RMS
+    over tensors of their errors is at most 2x the reference's."""
+    from benchmarks.harness.exactness import build_draw, outputs_and_grads, rel_errors
+
+    bad = []
+    for seed in range(AUTOCAST_DRAWS[backbone]):
+        d = random_draw(backbone, seed)
+        model, x, y, n_old = build_draw(d, train)
+        truth = outputs_and_grads(copy.deepcopy(model).double(), x.double(), y, n_old)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = rel_errors(outputs_and_grads(copy.deepcopy(model), x, y, n_old), truth)
+            fast = rel_errors(outputs_and_grads(FastDERNet.from_reference(model), x, y, n_old),
+                              truth)
+        for k in ("logits", "aux_logits", "features", "loss"):
+            if k in ref:
+                slack = BF16_ULP if k == "loss" else ATOL
+                if fast[k] > FACTOR * ref[k] + slack:
+                    bad.append(f"{k}: fast {fast[k]:.3e} vs reference {ref[k]:.3e} ({d})")
+        grads = [k for k in ref if k.startswith("grad:")]
+        assert grads
+        rms = {n: (sum(e[k] ** 2 for k in grads) / len(grads)) ** 0.5
+               for n, e in (("fast", fast), ("ref", ref))}
+        if rms["fast"] > FACTOR * rms["ref"]:
+            bad.append(f"gradients: RMS error fast {rms['fast']:.3e} vs reference "
+                       f"{rms['ref']:.3e} ({d})")
+    assert not bad, "\n".join(bad)
+
+
 _FALLBACK_SCRIPT = """
 import sys
 sys.modules["der_fast._C"] = None  # the compiled CPU ops unimportable: every op on its fallback

@@ -135,10 +135,24 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert tuple(ck["next"]) == (1, 1) and len(ck["steps"]) == 1
     resumed = T.run(_tiny_cfg(tmp_path / "b"), resume=True, log=lambda *a: None)
-    for a, b in zip(full["steps"], resumed["steps"]):
-        assert a["top1"] == pytest.approx(b["top1"])
-        assert a["params"] == b["params"]
-        assert a["loss_stage1"] == pytest.approx(b["loss_stage1"], rel=1e-4)
+
+    def timeless(d):
+        return {k: v for k, v in d.items() if "time" not in k}
+
+    # bit for bit: every number of every step (wall times apart), the summary, and the final
+    # checkpoint (model state_dict by torch.equal, memory, rows, position)
+    assert len(full["steps"]) == len(resumed["steps"]) == 3
+    for a, b in zip(full["steps"], resumed["steps"], strict=True):
+        assert timeless(a) == timeless(b), a["step"]
+    assert timeless(full["summary"]) == timeless(resumed["summary"])
+    ca, cb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in "ab")
+    assert ca["model"].keys() == cb["model"].keys()
+    for k, v in ca["model"].items():
+        w = cb["model"][k]
+        assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), k
+    assert ca["memory"] == cb["memory"] and tuple(ca["next"]) == tuple(cb["next"]) == (3, 0)
+    for a, b in zip(ca["steps"], cb["steps"], strict=True):
+        assert timeless(a) == timeless(b)
 
 
 def test_last_step_stops_early_and_resume_extends_the_run(tmp_path):

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from ._library import lib as _lib
 from ._library import (
     BACKENDS,
     CPU_EXT_ERROR,
@@ -67,6 +68,16 @@ for _name, _fake in {**_MASKED_GATE_FAKES, **_BN_GATE_FAKES, **_HEAD_FAKES,
                      **_CONV3X3_FAKES}.items():
     torch.library.register_fake(f"der_fast::{_name}", _fake)
 del _name, _fake
+
+# Under torch.autocast every op computes in float32 (its floating inputs are cast up, as
+# autocast does for batch_norm): the mask logits sigmoid(s e) saturate and BatchNorm's
+# statistics need float32 (bfloat16 has 8 bits of mantissa), and the ops are memory-bound,
+# so low precision buys them little; the convolutions between them run in the autocast dtype.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+for _name in [*SCHEMAS, *(["bordered_resnet"] if HAS_BORDERED_RESNET else [])]:
+    for _device in AUTOCAST_DEVICES:
+        torch.library.register_autocast(f"der_fast::{_name}", _device, torch.float32, lib=_lib)
+del _name, _device
 
 __all__ = [
     "BACKENDS",

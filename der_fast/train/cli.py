@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import data as D
 from .. import presets as P
 from ..backbones import ARCHS
-from .config import IMPLS, S_ANNEAL, STAGE2_MODES, Config, ConfigError, _merge
+from .config import IMPLS, PRECISIONS, S_ANNEAL, STAGE2_MODES, Config, ConfigError, _merge
 from .faults import Interrupted, NonFiniteLoss, WriteFailed
 from .outputs import _read_ckpt, format_table
 from .pipeline import run
@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
                                "the class order has --class-seed")
     a("--device", help="cpu, cuda, cuda:N or auto (under torchrun: cuda:LOCAL_RANK)")
     a("--impl", choices=IMPLS)
+    a("--precision", choices=PRECISIONS,
+      help="32 (float32), bf16 (torch.autocast to bfloat16; slower on a CPU without native "
+           "bf16) or 16 (float16 autocast with a GradScaler; CUDA only) (32)")
     a("--compile", action="store_true", default=None,
       help="with --impl reference: torch.compile the model each training stage trains "
            "(recompiled whenever the model changes; compile time counts in the wall times; "

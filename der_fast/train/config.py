@@ -18,6 +18,7 @@ from ..masks import MASK_INIT, MASK_LR
 
 STAGE2_MODES = ("retrain", "weight_align", "none")
 IMPLS = ("reference", "fast")
+PRECISIONS = ("32", "bf16", "16")  # float32; torch.autocast to bfloat16 / float16
 S_ANNEAL = ("epoch", "fixed")
 
 
@@ -88,6 +89,9 @@ class Config:
     seed: int = 1993
     device: str = "auto"
     impl: str = "fast"
+    # training precision: float32, or torch.autocast to bfloat16 (CPU, CUDA) / float16 (CUDA,
+    # with a GradScaler); the ops, losses, masks and BatchNorm statistics stay float32
+    precision: str = "32"
     # torch.compile the model trained in stage 1 / stage 2 (recompiled per stage; evaluation
     # stays eager); wall times include the compiles
     compile: bool = False
@@ -301,6 +305,7 @@ _SPECS = {
     "seed": _Spec(int, **_SEED),
     "device": _Spec(str),  # parsed and checked against the machine in _check_device
     "impl": _Spec(str, choices=IMPLS),
+    "precision": _Spec(str, choices=PRECISIONS),
     "compile": _Spec(bool),
     "out": _Spec(str),
     "progress": _Spec(bool),

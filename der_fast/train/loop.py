@@ -17,6 +17,17 @@ from .distributed import _BNAverage, _Dist, _wrap
 from .faults import _STOP, Interrupted, NonFiniteLoss
 
 
+_AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
+
+
+def autocast(precision: str, device) -> contextlib.AbstractContextManager:
+    """The forward's precision context: torch.autocast for ``bf16`` / ``16``, else nothing."""
+    dtype = _AUTOCAST.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def _lr_at(epoch: int, base: float, warmup: int, milestones) -> float:
     """Linear warm-up over ``warmup`` epochs, then ``base`` divided by 10 at each milestone."""
     if warmup and epoch < warmup:
@@ -96,6 +107,10 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
     opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=weight_decay,
                          mask_lr=cfg.mask_lr)
     d = rt.dist
+    # float16: the loss is scaled for backward; the gradients are unscaled before the mask
+    # compensation and the step (which the scaler skips when they overflowed)
+    scaler = torch.amp.GradScaler(torch.device(device).type) if cfg.precision == "16" else None
+    scaled = (lambda loss: scaler.scale(loss)) if scaler is not None else (lambda loss: loss)
 
     def wrap(stack, params):  # the model as this stage trains it: only params trained
         stack.enter_context(_trained_only(model, params))
@@ -136,7 +151,8 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                     no_sync = net.no_sync() if (d.active and not final) else \
                         contextlib.nullcontext()
                     with no_sync:
-                        loss = loss_fn(net, x, y)
+                        with autocast(cfg.precision, device):
+                            loss = loss_fn(net, x, y)
                         value = float(loss.detach())
                         if math.isfinite(value):
                             total += value * len(y)
@@ -147,7 +163,7 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                         if w != 1.0:
                             loss = loss * w
                         if not final and not bad:
-                            loss.backward()
+                            scaled(loss).backward()
                     if bn is not None:
                         bn.after()
                 bad, stop = d.any(bad, _STOP["signum"])  # every rank decides the same
@@ -155,12 +171,18 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                     raise NonFiniteLoss(f"{desc}: non-finite loss at epoch {epoch}, batch {b}")
                 if stop:
                     raise Interrupted(stop, f"{desc} (epoch {epoch}, batch {b})")
-                loss.backward()  # the synchronising backward under DDP
+                scaled(loss).backward()  # the synchronising backward under DDP
                 if bn is not None:  # after backward: BN saved its buffers for it
                     bn.finish()
+                if scaler is not None:
+                    scaler.unscale_(opt)
                 if after_backward is not None:
                     after_backward(s)
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    opt.step()
                 if after_step is not None and after_step(opt):
                     stack.close()
                     stack = outer.enter_context(contextlib.ExitStack())

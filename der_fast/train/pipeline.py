@@ -45,6 +45,7 @@ def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False,
     cfg.validate()
     d = _Dist.setup(cfg)
     ok = False
+    deterministic = torch.are_deterministic_algorithms_enabled()  # restored after the run
     try:
         with _stop_signals():
             say = log if d.main else (lambda *a, **k: None)
@@ -56,6 +57,7 @@ def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False,
         ok = True
         return metrics
     finally:
+        torch.use_deterministic_algorithms(deterministic)
         d.close(ok)
 
 
@@ -70,6 +72,18 @@ def _probe_out(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {exc}") from exc
 
 
+def _check_precision(precision: str, device: torch.device, say) -> None:
+    """float16 autocast only on CUDA; bfloat16 on a CPU without native bf16 instructions runs
+    (emulated), slower than float32: said once."""
+    if precision == "16" and device.type != "cuda":
+        raise ConfigError(f"precision 16 (float16 autocast with a GradScaler) needs a CUDA "
+                          f"device, got {device}; on a CPU use --precision bf16")
+    if precision == "bf16" and device.type == "cpu" and not (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        say("warning: this CPU has no native bfloat16 (AVX512_BF16 / AMX): --precision bf16 "
+            "runs emulated, slower than float32")
+
+
 def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=None):
     """Checks that need the process count, the output directory (never an existing run by
     accident), the data (every class present, every image readable; on the device when it
@@ -77,6 +91,7 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=
     device = d.device
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    _check_precision(cfg.precision, device, say)
     if cfg.batch_size < d.world * cfg.accum_steps:
         raise ConfigError(f"batch_size {cfg.batch_size} is smaller than processes x "
                           f"accum_steps = {d.world * cfg.accum_steps}")
