@@ -23,8 +23,10 @@ Same modules, parameters, buffers, ``state_dict`` and optimiser-facing API as DE
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
+from torch.nn.modules import module as _module
 
 from .. import masks as M
 from .. import ops
@@ -331,11 +333,31 @@ class FastDERNet(DERNet):
 
     def extract_vector(self, x: torch.Tensor) -> torch.Tensor:
         """The super-feature u = concat(F_1(x), ..., F_t(x))."""
+        if self._hooked():
+            return super().extract_vector(x)
         feats = self._feature_list(x)
         pooled = [f if f.dim() == 2 else f.mean((2, 3)) for f in feats]
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled, 1)
 
+    def _hooked(self) -> bool:
+        """Whether a hook is registered on a submodule (or globally, on every module): the
+        fused paths never call the submodules, so the model then runs DERNet's module path,
+        where the hooks fire as they do on DERNet (said once per model)."""
+        hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                      or _module._global_backward_hooks
+                      or _module._global_backward_pre_hooks) or any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+            or m._backward_pre_hooks for m in self.modules() if m is not self)
+        if hooked and not getattr(self, "_warned_hooks", False):
+            self._warned_hooks = True
+            warnings.warn("FastDERNet: hooks are registered on its submodules: it runs DERNet's "
+                          "module path (the fused paths are off) while they are registered",
+                          stacklevel=3)
+        return hooked
+
     def forward(self, x: torch.Tensor) -> dict:
+        if self._hooked():
+            return super().forward(x)
         feats = self._feature_list(x)
         aux_w = aux_b = None
         if len(self.convnets) > 1:
