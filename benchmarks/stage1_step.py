@@ -2,7 +2,8 @@
 in both phases of a budgeted stage 1, with the floor of each step.
 
     python benchmarks/stage1_step.py --t 1 2 5 10 --rounds 7 --out DIR
-    python benchmarks/stage1_step.py --t 1 5 --compile --out DIR     # + torch.compile(reference)
+    python benchmarks/stage1_step.py --t 1 5 --compile --out DIR     # + torch.compile
+    python benchmarks/stage1_step.py --t 1 5 --bf16 --out DIR        # + bfloat16 autocast
 
 Phases (ResNet-32, batch 128, 32x32x3, frozen extractors pruned to 30 % of their channels):
 
@@ -14,6 +15,9 @@ Phases (ResNet-32, batch 128, 32x32x3, frozen extractors pruned to 30 % of their
   pruned at binarisation, and does with ``--no-prune``); ``reference_pruned`` and ``fast``
   train the pruned one, as the trainer does now.
 
+``--compile`` adds ``compile`` (torch.compile(reference)) and ``fast_compile``
+(torch.compile(FastDERNet)); ``--bf16`` adds ``reference_bf16`` and ``fast_bf16`` (the step's
+forward and loss under ``torch.autocast(cpu, bfloat16)``, as ``--precision bf16`` trains).
 ``--channels-last`` adds ``fast_cl`` (FastDERNet with ``trainable_channels_last=True``) and
 ``floor_cl`` (the same convolutions in channels_last).
 
@@ -50,6 +54,7 @@ from der_fast import FastDERNet  # noqa: E402
 from der_fast import masks as M  # noqa: E402
 from der_fast.backbones import conv_layers  # noqa: E402
 from der_fast.objective import make_optimizer, stage1_loss  # noqa: E402
+from der_fast.train.loop import autocast  # noqa: E402
 
 BATCH, HW, S_MAX, LAMBDA_A, LAMBDA_S = 128, 32, 400.0, 1.0, 1e-3
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
@@ -69,8 +74,9 @@ def _model(t: int, phase: str, keep: float):
 class _Step:
     """A trainer's stage-1 step on one provider's model."""
 
-    def __init__(self, model, forward, x, y):
+    def __init__(self, model, forward, x, y, precision="32"):
         self.model, self.forward, self.x, self.y = model, forward, x, y
+        self.precision = precision
         self.t = len(model.convnets)
         self.n_old = model.n_classes - model.task_sizes[-1]
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad
@@ -80,8 +86,9 @@ class _Step:
 
     def __call__(self):
         m = self.model
-        loss = stage1_loss(m, self.forward(self.x), self.y, self.n_old,
-                           LAMBDA_A if self.t > 1 else 0.0, LAMBDA_S)
+        with autocast(self.precision, "cpu"):
+            loss = stage1_loss(m, self.forward(self.x), self.y, self.n_old,
+                               LAMBDA_A if self.t > 1 else 0.0, LAMBDA_S)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         m.compensate_mask_grads(S_MAX, S_MAX)
@@ -122,7 +129,8 @@ class _Floor:
         return 0.0
 
 
-def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool = False) -> dict:
+def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool = False,
+              bf16_too: bool = False) -> dict:
     gen = torch.Generator().manual_seed(t)
     x = torch.randn(BATCH, 3, HW, HW, generator=gen)
     base = _model(t, phase, keep)
@@ -139,6 +147,13 @@ def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool =
     if compile_too:
         ref_c = copy.deepcopy(base)
         out["compile"] = _Step(ref_c, torch.compile(ref_c), x, y)
+        fast_c = FastDERNet.from_reference(pruned)
+        out["fast_compile"] = _Step(fast_c, torch.compile(fast_c), x, y)
+    if bf16_too:
+        ref_b = copy.deepcopy(base)
+        out["reference_bf16"] = _Step(ref_b, ref_b, x, y, "bf16")
+        fast_b = FastDERNet.from_reference(pruned)
+        out["fast_bf16"] = _Step(fast_b, fast_b, x, y, "bf16")
     out["floor"] = _Floor(pruned.convnets[-1], x)
     if cl_too:
         fast_cl = FastDERNet.from_reference(pruned)
@@ -149,8 +164,8 @@ def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool =
 
 
 def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool,
-            cl_too: bool = False) -> dict:
-    steps = providers(t, phase, keep, compile_too, cl_too)
+            cl_too: bool = False, bf16_too: bool = False) -> dict:
+    steps = providers(t, phase, keep, compile_too, cl_too, bf16_too)
     first = {}
     for name, step in steps.items():  # warm-up (and torch.compile's compile)
         t0 = time.perf_counter()
@@ -169,13 +184,20 @@ def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool,
     return res
 
 
+ORDER = ["reference", "reference_pruned", "compile", "fast", "fast_compile", "floor", "fast_cl",
+         "floor_cl", "reference_bf16", "fast_bf16"]
+RATIOS = [("reference", "fast"), ("compile", "fast"), ("fast", "floor"),
+          ("fast", "fast_compile"), ("reference", "fast_cl"), ("fast", "fast_bf16"),
+          ("reference_bf16", "fast_bf16"), ("reference", "fast_bf16")]
+
+
 def markdown(recs: list) -> str:
-    names = ["reference", "reference_pruned", "compile", "fast", "floor"]
-    if any("fast_cl" in r["providers"] for r in recs):
-        names += ["fast_cl", "floor_cl"]
-    lines = ["| t | phase | " + " | ".join(names) + " | reference / fast | compile / fast | "
-             "fast / floor |" + (" reference / fast_cl |" if "fast_cl" in names else ""),
-             "|---|---|" + "---:|" * (len(names) + 3 + ("fast_cl" in names))]
+    present = {n for r in recs for n in r["providers"]}
+    names = [n for n in ORDER if n in present]
+    ratios = [(a, b) for a, b in RATIOS if a in present and b in present]
+    lines = ["| t | phase | " + " | ".join(names) + " | "
+             + " | ".join(f"{a} / {b}" for a, b in ratios) + " |",
+             "|---|---|" + "---:|" * (len(names) + len(ratios))]
     for r in recs:
         p = r["providers"]
 
@@ -189,9 +211,7 @@ def markdown(recs: list) -> str:
             return f"{p[a]['median'] / p[b]['median']:.2f}x" if a in p and b in p else "-"
 
         lines.append(f"| {r['t']} | {r['phase']} | " + " | ".join(cell(n) for n in names)
-                     + f" | {ratio('reference', 'fast')} | {ratio('compile', 'fast')} | "
-                       f"{ratio('fast', 'floor')} |"
-                     + (f" {ratio('reference', 'fast_cl')} |" if "fast_cl" in names else ""))
+                     + " | " + " | ".join(ratio(a, b) for a, b in ratios) + " |")
     return "\n".join(lines)
 
 
@@ -202,7 +222,10 @@ def main(argv=None) -> int:
                     choices=["soft", "finetune"])
     ap.add_argument("--keep", type=float, default=0.2)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--compile", action="store_true", help="also torch.compile(reference)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also torch.compile(reference) and torch.compile(FastDERNet)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also reference and FastDERNet under bfloat16 autocast")
     ap.add_argument("--channels-last", action="store_true",
                     help="also FastDERNet(trainable_channels_last=True) and its floor "
                          "(channels_last convolutions)")
@@ -213,7 +236,7 @@ def main(argv=None) -> int:
     for t in a.t:
         for phase in a.phases:
             torch.manual_seed(0)
-            res = measure(t, phase, a.keep, a.rounds, a.compile, a.channels_last)
+            res = measure(t, phase, a.keep, a.rounds, a.compile, a.channels_last, a.bf16)
             widths = res.pop("_widths")
             recs.append({"t": t, "phase": phase, "providers": res, **widths})
             print(markdown(recs[-1:]).splitlines()[-1], file=sys.stderr, flush=True)

@@ -162,3 +162,42 @@ def test_binarised_masks_compile_without_graph_breaks():
             assert a is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("t,train", [(1, True), (2, True), (2, False)],
+                         ids=["t1-train", "t2-train", "t2-eval"])
+def test_compiled_fastdernet_matches_eager(t, train):
+    """torch.compile(FastDERNet) (aot_eager here; the bn_gate and head ops have fake kernels):
+    the trainable extractor and the head in one graph, the frozen extractors' plans run
+    eagerly (one graph break: they fold, cache and time in Python); outputs and gradients
+    equal eager's."""
+    from der_fast import DERNet, FastDERNet
+
+    torch.manual_seed(5)
+    ref = DERNet("resnet32")
+    for step in range(t):
+        if step:
+            with torch.no_grad():
+                for e in ref.convnets[-1].mask_e.values():
+                    e.copy_(torch.randn(e.shape) * 0.01)
+            ref.set_s(400.0)
+            ref.prune()
+        ref.update_fc(3 * (step + 1))
+    ref.set_s(20.0)
+    fast = FastDERNet.from_reference(ref).train(train)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    explained = torch._dynamo.explain(fast)(x)
+    assert explained.graph_break_count <= (1 if t > 1 else 0), explained.break_reasons
+    params = [p for p in fast.parameters() if p.requires_grad]
+    outs = []
+    for model in (torch.compile(fast, backend="aot_eager"), fast):
+        out = model(x)
+        loss = out["logits"].square().mean() + out["features"].square().mean()
+        outs.append((out, torch.autograd.grad(loss, params, allow_unused=True)))
+    (oc, gc), (oe, ge) = outs
+    for k in ("logits", "features"):
+        torch.testing.assert_close(oc[k], oe[k], rtol=1e-6, atol=1e-6)
+    for a, b in zip(gc, ge):
+        assert (a is None) == (b is None)
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -277,9 +277,11 @@ class FastDERNet(DERNet):
             run, self._last_frozen_run = candidates[choice.chosen], [choice.chosen]
         return run(x) if out is None else out
 
+    @torch.compiler.disable
     def _run_frozen(self, nets: list, x: torch.Tensor) -> torch.Tensor:
         """Super-feature slice [N, sum out_dim] of frozen extractors (no autograd unless x
-        needs a gradient)."""
+        needs a gradient). Under torch.compile it runs eagerly (one graph break): the plans
+        fold, cache, time and replay CUDA graphs, and run the compiled kernels themselves."""
         plan = self.resolved_frozen_plan(x.device)
         need_grad = torch.is_grad_enabled() and x.requires_grad
         with torch.set_grad_enabled(need_grad):

@@ -52,7 +52,8 @@ def _trainable_shortcut(net: MaskedResNet, blk, y, si: int, bi: int):
     if blk.sc_conv is not None:
         z = F.conv2d(y, blk.sc_conv.weight, None, blk.sc_conv.stride, blk.sc_conv.padding)
         return _bn_gate(blk.sc_bn, z, relu=False)
-    if bi == 0 and si > 0:
+    # compiled: always the gather (the pad's test branches on tensor values: a graph break)
+    if bi == 0 and si > 0 and not torch.compiler.is_compiling():
         idx = shortcut_a_index(net.kept(f"stream{si - 1}"), net.kept(f"stream{si}"))
         pad = _a_shortcut_pad(idx, net.kept(f"stream{si - 1}").numel())
         if pad is not None:
