@@ -155,7 +155,8 @@ def _one_epoch(accum: int, n: int, monkeypatch) -> dict:
     data = SimpleNamespace(x=torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64),
                            y=torch.randint(0, 5, (n,), generator=g))
     cfg = SimpleNamespace(batch_size=n, accum_steps=accum, momentum=0.9, mask_lr=1e-4,
-                          compile=False, seed=0, progress=False, s_max=400.0)
+                          compile=False, seed=0, progress=False, s_max=400.0,
+                          precision="32")
     monkeypatch.setattr(loop, "_train_batches", _pieces)
     loop._train_epochs(model, list(model.named_parameters()), data, np.arange(n), cfg,
                        epochs=2, lr=0.5, milestones=[], weight_decay=0.0, warmup=0,
