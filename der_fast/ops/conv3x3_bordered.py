@@ -65,7 +65,11 @@ def border(x: Tensor) -> Tensor:
 
 def conv3x3_bordered_ref(x, weight, bias, residual=None, gate=None, relu=True, stride=1):
     """Reference for :func:`conv3x3_bordered` (PyTorch ops, any dtype)."""
-    y = F.conv2d(x[:, :, 1:-1, 1:-1], weight, bias, stride=stride, padding=1)
+    if x.shape[1] == 0:  # a sum over no input channels is 0 (F.conv2d gives no channels)
+        hw = [v - 2 for v in _conv3x3_out_hw(x, stride)]  # without the border
+        y = bias.view(1, -1, 1, 1).expand(x.shape[0], -1, *hw).to(x.dtype).clone()
+    else:
+        y = F.conv2d(x[:, :, 1:-1, 1:-1], weight, bias, stride=stride, padding=1)
     if residual is not None:
         y = y + residual[:, :, 1:-1, 1:-1]
     if relu:
