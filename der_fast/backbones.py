@@ -62,6 +62,19 @@ class Arch:
     def out_dim(self) -> int:
         return self.stages[-1][0]
 
+    def feature_size(self, size: int) -> int:
+        """Side of the last feature map for a ``size`` x ``size`` input (stem, max-pool and
+        each stage's stride; padded 3x3 convolutions)."""
+        def down(n, k, stride):
+            return (n + 2 * (k // 2) - k) // stride + 1
+
+        n = down(size, self.stem_kernel, self.stem_stride)
+        if self.stem_maxpool:
+            n = down(n, 3, 2)
+        for _, _, stride in self.stages:
+            n = down(n, 3, stride)
+        return n
+
 
 ARCHS = {
     # PyCIL's CIFAR ResNet-32 (0.46M parameters, 64-d features, option-A shortcuts).

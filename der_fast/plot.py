@@ -245,6 +245,29 @@ def write_run_outputs(out_dir, metrics: dict, plots: bool = True) -> Optional[st
     return None
 
 
+#: what a run directory holds (the trainer's result files, its TensorBoard folder and lock):
+#: a plot never writes over them (train.outputs._RESULT_FILES is a subset, checked there)
+RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
+             "params.png", "tensorboard", ".lock")
+_RUN_MARKS = ("checkpoint.pt", "metrics.json", "config.json", ".lock")  # "this holds a run"
+
+
+def _owned_by_a_run(path, runs) -> Optional[Path]:
+    """The run directory whose own file (or folder, or their ``.tmp`` versions) writing
+    ``path`` would replace: in one of ``runs`` (directories or metrics.json paths) or in any
+    directory that holds a der_fast run; None if it is none's."""
+    p = Path(os.path.abspath(path))
+    target = p.parent.resolve() / p.name  # a file is replaced by name (os.replace)
+    homes = {Path(os.path.abspath(r)).resolve() for r in runs}
+    homes |= {h.parent for h in homes if h.name == "metrics.json"}
+    for home in target.parents:
+        if home in homes or any((home / m).exists() for m in _RUN_MARKS):
+            first = target.relative_to(home).parts[0]
+            if first.removesuffix(".tmp") in RUN_FILES:
+                return home
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m der_fast.plot",
@@ -254,6 +277,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="der_runs.png", help="output PNG (der_runs.png)")
     p.add_argument("--csv", metavar="FILE", help="also write all runs' steps to one CSV")
     args = p.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--csv", args.csv)):
+        home = _owned_by_a_run(path, args.runs) if path else None
+        if home is not None:
+            print(f"error: {flag} {path} would replace a file of the run in {home}; write the "
+                  "plot elsewhere or under another name (e.g. DIR/compare.png)", file=sys.stderr)
+            return 2
+    if args.csv and Path(args.csv).resolve() == Path(args.out).resolve():
+        print(f"error: --out and --csv name the same file {args.out}", file=sys.stderr)
+        return 2
     try:
         runs = [load_run(d) for d in args.runs]
     except (FileNotFoundError, ValueError) as exc:

@@ -12,6 +12,7 @@ obviously right: every fast path is tested against it. The public names follow P
 from __future__ import annotations
 
 import copy
+import operator
 import re
 import warnings
 
@@ -107,8 +108,17 @@ class DERNet(nn.Module):
         (initialised from the previous one), freeze the old ones and rebuild the classifiers
         (old classifier rows and columns are carried over)."""
         known = self.n_classes
+        # the argument is checked, and every new part built, before the model changes: a
+        # failed call leaves the model as it was (no half-built extractor)
+        if isinstance(nb_classes, bool):
+            raise TypeError(f"nb_classes must be an integer, got {nb_classes!r}")
+        try:
+            nb_classes = operator.index(nb_classes)  # int, numpy / 0-d tensor integers
+        except TypeError:
+            raise TypeError(f"nb_classes must be an integer, got {nb_classes!r}") from None
         if nb_classes <= known:
-            raise ValueError(f"nb_classes must exceed the {known} classes already seen")
+            raise ValueError(f"nb_classes must exceed the {known} classes already seen, got "
+                             f"{nb_classes}")
         self._check_masks_trained()
         device, dtype = self._device_dtype()
         if len(self.convnets) == 0:
@@ -117,19 +127,20 @@ class DERNet(nn.Module):
         else:
             new = M.expand_from(self.convnets[-1], masked=self.use_masks,
                                 mask_init=self.mask_init)
-        for old in self.convnets:
-            self._freeze_extractor(old)
-        self.convnets.append(new.to(device=device, dtype=dtype))
-
-        fc = new_classifier(self.feature_dim, nb_classes, device, dtype)
+        new = new.to(device=device, dtype=dtype)
+        fc = new_classifier(self.feature_dim + new.out_dim, nb_classes, device, dtype)
         if self.fc is not None:
             with torch.no_grad():
                 n_out, n_in = self.fc.weight.shape
                 fc.weight[:n_out, :n_in] = self.fc.weight
                 fc.bias[:n_out] = self.fc.bias
+        aux_fc = new_classifier(new.out_dim, nb_classes - known + 1, device, dtype)
+        for old in self.convnets:
+            self._freeze_extractor(old)
+        self.convnets.append(new)
         self.fc = fc
         self.task_sizes.append(nb_classes - known)
-        self.aux_fc = new_classifier(new.out_dim, self.task_sizes[-1] + 1, device, dtype)
+        self.aux_fc = aux_fc
         self.train(self.training)
 
     def _check_masks_trained(self) -> None:

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from .datasets import ClassDataset, canonical_split, int64_array
+from .datasets import ClassDataset, DataError, canonical_split, int64_array
 
 # --------------------------------------------------------------------------------------------
 # Batched augmentation (in-memory datasets)
@@ -107,8 +107,14 @@ class TransformDataset(torch.utils.data.Dataset):
         if self.data.in_memory:
             a = self.data.images(self.split)[idx].cpu().numpy()  # [C, H, W] uint8
             return Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
-        with open(self.data.paths(self.split)[idx], "rb") as f:
-            return Image.open(f).convert("RGB")
+        path = self.data.paths(self.split)[idx]
+        try:  # checked up front (check_image_files); a file changed since then is named too
+            with open(path, "rb") as f:
+                return Image.open(f).convert("RGB")
+        except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+            why = (str(exc).splitlines() or [""])[0][:120]
+            raise DataError(f"{self.data.info.name}: cannot read image {path} "
+                            f"({type(exc).__name__}: {why}); remove or replace it") from exc
 
     def __getitem__(self, k: int):
         idx = int(self.indices[k])

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .. import data as D
+from ..backbones import ARCHS
 
 
 def _gen(seed: int, *salt: int) -> torch.Generator:
@@ -28,6 +29,16 @@ def _brightness(x: torch.Tensor, factors: torch.Tensor, info) -> torch.Tensor:
     std = torch.as_tensor(info.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     f = factors.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
     return ((x * std + mean) * f).clamp_(0.0, 1.0).sub_(mean).div_(std)
+
+
+def _min_images(model, data) -> int:
+    """Images a training micro-batch needs: 2 where the model's backbone reduces the data's
+    images to a 1x1 feature map (resnet18 on 28 / 32 pixels), since BatchNorm in training
+    needs more than one value per channel; else 1 (also for a model or data without a
+    der_fast backbone / DatasetInfo)."""
+    arch = ARCHS.get(getattr(model, "backbone", None))
+    size = getattr(getattr(data, "info", None), "image_size", None)
+    return 2 if arch is not None and size is not None and arch.feature_size(size) == 1 else 1
 
 
 def _train_batches(data, indices, cfg, gen, device, chunks: int = 1, mine=(0,),

@@ -15,7 +15,7 @@ from .. import data as D
 from .. import presets as P
 from ..backbones import ARCHS
 from .config import IMPLS, PRECISIONS, S_ANNEAL, STAGE2_MODES, Config, ConfigError, _merge
-from .faults import Interrupted, NonFiniteLoss, WriteFailed
+from .faults import Interrupted, NonFiniteLoss, WriteFailed, _print_or_drop
 from .outputs import _read_ckpt, format_table
 from .pipeline import run
 
@@ -131,10 +131,11 @@ def _parser() -> argparse.ArgumentParser:
            "(recompiled whenever the model changes; compile time counts in the wall times; "
            "evaluation stays eager)")
     a("--out", help=f"output directory ({d.out})")
-    a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    a("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (it "
+                                      "writes to DIR: --out, if given, must be DIR)")
     a("--overwrite", action="store_true",
-      help="start afresh in an --out that already holds a run, replacing its results (a "
-           "fresh run never overwrites one otherwise)")
+      help="start afresh in an --out that already holds a run, replacing its results once "
+           "the new run has passed every check (a fresh run never overwrites one otherwise)")
     a("--no-progress", dest="progress", action="store_false", default=None)
     a("--no-plots", dest="plots", action="store_false", default=None,
       help="do not write accuracy.png / params.png (metrics.csv is always written)")
@@ -159,6 +160,11 @@ def config_from_args(argv=None):
         saved = Path(args.resume) / "checkpoint.pt"
         if not saved.exists():
             raise ConfigError(f"--resume: no checkpoint in {args.resume}")
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            # the run in DIR goes on in DIR: another --out would resume (and rewrite) that one
+            raise ConfigError(f"--resume {args.resume} continues the run in {args.resume} and "
+                              f"writes there: drop --out {args.out} (to branch a run, copy its "
+                              "directory and resume the copy)")
         base = dict(_read_ckpt(saved)["config"])
         base["out"] = args.resume
         if args.epochs_scale is not None and \
@@ -212,20 +218,30 @@ def _resume_hint(cfg) -> str:
 
 def main(argv=None) -> int:
     """The CLI; exit status 0, 2 (bad config or data), 3 (non-finite loss), 4 (a result file
-    could not be written, e.g. disk full) or 128 + signal (SIGTERM 143, SIGINT 130)."""
+    could not be written, e.g. disk full) or 128 + signal (SIGTERM 143, SIGINT 130). A
+    broken stdout (``| head -1``, a dead ``tee``, ``>/dev/full``) stops nothing: the
+    messages are dropped, the run finishes and writes its files, the status is as above."""
     rank0 = os.environ.get("RANK", "0") == "0"
+    say = _print_or_drop
 
     def error(msg):
         if rank0:
-            print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
+            try:
+                print(f"error: {' '.join(str(msg).split())}", file=sys.stderr)  # one line
+            except OSError:  # stderr broken too: the exit status still tells
+                pass
 
     cfg = None
     try:
         cfg, resume = config_from_args(argv)
         t0 = time.perf_counter()
-        metrics = run(cfg, resume=resume, overwrite=_parser().parse_args(argv).overwrite)
-    except (ConfigError, D.DataError) as exc:
+        metrics = run(cfg, resume=resume, overwrite=_parser().parse_args(argv).overwrite,
+                      log=say)
+    except ConfigError as exc:
         error(exc)
+        return 2
+    except D.DataError as exc:  # during the run (the checks up front raise ConfigError)
+        error(f"{exc}{_resume_hint(cfg)}")
         return 2
     except NonFiniteLoss as exc:
         error(f"{exc}; stopped: the last good checkpoint (the last complete stage) is kept in "
@@ -244,19 +260,19 @@ def main(argv=None) -> int:
     if not rank0:
         return 0
     s = metrics["summary"]
-    print()
-    print(format_table(metrics["steps"]))
-    print(f"\naverage incremental top-1 {s['avg_incremental_top1']:.2f}  last top-1 "
-          f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
-          f"{time.perf_counter() - t0:.1f} s")
+    say()
+    say(format_table(metrics["steps"]))
+    say(f"\naverage incremental top-1 {s['avg_incremental_top1']:.2f}  last top-1 "
+        f"{s['last_top1']:.2f}  forgetting {s['forgetting']:.2f}  wall "
+        f"{time.perf_counter() - t0:.1f} s")
     if "avg_incremental_nme" in s:
-        print(f"average incremental NME {s['avg_incremental_nme']:.2f}  last NME "
-              f"{s['last_nme']:.2f}  (nearest mean of exemplars)")
+        say(f"average incremental NME {s['avg_incremental_nme']:.2f}  last NME "
+            f"{s['last_nme']:.2f}  (nearest mean of exemplars)")
     unp = (f" (unpruned {s['avg_extractor_params_unpruned']:,.0f} / "
            f"{s['final_extractor_params_unpruned']:,})"
            if "avg_extractor_params_unpruned" in s else "")
-    print(f"extractor parameters, average over steps / final: "
-          f"{s['avg_extractor_params']:,.0f} / {s['final_extractor_params']:,}{unp}")
-    print(f"metrics: {Path(cfg.out) / 'metrics.json'} (also metrics.csv, config.json"
-          f"{', accuracy.png, params.png' if cfg.plots else ''})")
+    say(f"extractor parameters, average over steps / final: "
+        f"{s['avg_extractor_params']:,.0f} / {s['final_extractor_params']:,}{unp}")
+    say(f"metrics: {Path(cfg.out) / 'metrics.json'} (also metrics.csv, config.json"
+        f"{', accuracy.png, params.png' if cfg.plots else ''})")
     return 0

@@ -1,4 +1,5 @@
-"""Stopping a run: the non-finite-loss, signal and failed-write errors, and the stop flag.
+"""Stopping a run: the non-finite-loss, signal and failed-write errors, and the stop flag;
+and what never stops one: a broken stdout (:func:`_print_or_drop`).
 
 ``_STOP`` is the one flag object of the process: the SIGTERM / SIGINT handler sets it, the
 epoch loop and the pipeline (via ``_Dist.stop_requested``) poll it at batch and stage
@@ -7,7 +8,9 @@ boundaries. A second SIGINT (Ctrl-C pressed again) stops at once with KeyboardIn
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 
 
@@ -59,3 +62,25 @@ def _stop_signals():
         for s, h in old.items():
             signal.signal(s, h)
         _STOP["signum"] = 0
+
+
+_STDOUT = {"broken": False}
+
+
+def _print_or_drop(*args, **kw) -> None:
+    """``print`` to stdout, flushed, that survives a broken stdout (a pipe closed early as in
+    ``| head -1``, a dead ``tee``, ``>/dev/full``): the first failed write points the
+    stdout file descriptor at os.devnull (so the interpreter's final flush succeeds too) and
+    this message and every later one are dropped; the run goes on and writes its files."""
+    if _STDOUT["broken"]:
+        return
+    try:
+        print(*args, **kw, flush=True)
+    except OSError:  # BrokenPipeError (EPIPE), ENOSPC, EIO
+        _STDOUT["broken"] = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # no file descriptor (captured)
+            pass

@@ -12,7 +12,7 @@ import torch
 
 from ..masks import anneal_s
 from ..objective import make_optimizer
-from .batches import _gen, _train_batches
+from .batches import _gen, _min_images, _train_batches
 from .distributed import _BNAverage, _Dist, _wrap
 from .faults import _STOP, Interrupted, NonFiniteLoss
 
@@ -120,6 +120,10 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
         stack = outer.enter_context(contextlib.ExitStack())
         net = wrap(stack, params)
         chunks = d.world * cfg.accum_steps
+        # every micro-batch needs 2 images where the final feature map is 1x1 (the trainer
+        # refuses a batch size that is always too small): a smaller last batch is dropped, as
+        # _train_batches drops one with fewer images than micro-batches
+        least = chunks * _min_images(model, data)
         mine = list(range(d.rank * cfg.accum_steps, (d.rank + 1) * cfg.accum_steps))
         pick = indices if callable(indices) else (lambda epoch: indices)
         bar = None
@@ -137,6 +141,8 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
             net.train()
             for b, (parts, n) in enumerate(_train_batches(data, idx, cfg, gen, device, chunks,
                                                           mine)):
+                if n < least:  # the last batch: a micro-batch of 1 image BatchNorm cannot take
+                    continue
                 s = anneal_s(b, n_batches, cfg.s_max) if s_anneal else None
                 if s is not None:
                     model.set_s(s)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,9 +15,15 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..plot import RUN_FILES
 from .config import Config, ConfigError
 from .distributed import _Dist
 from .faults import WriteFailed
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs go unlocked (see _lock_out)
+    fcntl = None
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -103,25 +110,86 @@ def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
 _CKPT_ENTRIES = ("memory", "steps", "next")
 
 
-def _clear_run(out: Path, resume: bool, overwrite: bool) -> None:
+def _clear_run(out: Path, resume: bool, overwrite: bool) -> list:
     """Never overwrite a run by accident: a fresh run into a directory holding a checkpoint or
-    metrics is refused unless ``overwrite`` (then the old result files are removed first)."""
+    metrics is refused unless ``overwrite``. Returns the old result files that ``overwrite``
+    replaces; they are removed (:func:`_remove_run`) only once the new run has passed every
+    check, so a new run refused for a bad flag or missing data leaves the old one intact."""
     if resume:
         if overwrite:
             raise ConfigError("--overwrite starts a run afresh: do not combine it with --resume")
-        return
+        return []
     found = [f for f in _RESULT_FILES if (out / f).exists()]
-    if not found:
-        return
-    if not overwrite:
+    if found and not overwrite:
         raise ConfigError(f"{out} already holds a run ({', '.join(found)}): continue it with "
                           f"--resume {out}, or replace it with --overwrite")
+    return found
+
+
+def _remove_run(out: Path, found: list) -> None:
     for f in found:
-        (out / f).unlink()
+        (out / f).unlink(missing_ok=True)
 
 
 _RESULT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
                  "params.png")
+LOCK = ".lock"  # OUT/.lock: held (flock) by the trainer writing OUT, holds its PID
+# plot refuses to write over a run's files: its list must know every one of them
+assert set(_RESULT_FILES) | {LOCK, "tensorboard"} <= set(RUN_FILES), "see plot.RUN_FILES"
+
+
+@contextlib.contextmanager
+def _lock_out(out: Path, say):
+    """Hold an exclusive flock on OUT/.lock while the block runs: a second trainer started
+    into the same OUT is refused, naming the PID that holds it, instead of interleaving its
+    files with the first one's. The kernel drops the lock when the process ends, however it
+    ends (a lock file left by a killed trainer blocks nothing); the file is removed on
+    release. Where flock is missing (no fcntl, a file system without locks) the run goes on
+    unlocked, said once."""
+    path = out / LOCK
+    fd, why = None, "no fcntl on this platform"
+    while fcntl is not None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the lock file {path}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise ConfigError(f"{out} is in use by another trainer (PID {pid} holds {path}): "
+                              "wait for it to finish, or use another --out") from None
+        except OSError as exc:  # e.g. ENOLCK on a network file system
+            os.close(fd)
+            fd, why = None, str(exc)
+            break
+        # the previous holder may have removed the file between our open and our flock: then
+        # we hold a lock on a file nobody else will see; take the one now at the path
+        try:
+            st, mine = os.stat(path), os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    if fd is None:
+        say(f"warning: cannot lock {path} ({why}): nothing stops a second trainer from "
+            "writing into the same directory")
+        yield
+        return
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # the PID is only for the message: the lock holds without it
+            pass
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a waiting opener retries (above)
+        os.close(fd)
 
 
 class _Outputs:
@@ -130,7 +198,7 @@ class _Outputs:
 
     def __init__(self, out: Path, cfg: Config, main: bool, log):
         self.out, self.cfg, self.main, self.log = out, cfg, main, log
-        self.tb = None
+        self._tb, self._writer = None, None
         self.warned = False
         if main and cfg.tensorboard:
             try:
@@ -140,7 +208,13 @@ class _Outputs:
                     f"--tensorboard needs the 'tensorboard' package ({exc}); install it with "
                     "'pip install tensorboard' or drop --tensorboard (metrics.json, metrics.csv "
                     "and the PNG plots are written anyway)") from None
-            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"))
+            self._writer = SummaryWriter  # made on first use: a refused run writes nothing
+
+    @property
+    def tb(self):
+        if self._tb is None and self._writer is not None:
+            self._tb = self._writer(log_dir=str(self.out / "tensorboard"))
+        return self._tb
 
     def epoch(self, first_epoch: dict):
         """The per-epoch loss callback of a step whose epochs of each loss ``tag`` start at
@@ -174,9 +248,9 @@ class _Outputs:
             self.tb.flush()
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        if self._tb is not None:
+            self._tb.close()
+        self._tb, self._writer = None, None
 
 
 def format_table(steps: list) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,13 +13,14 @@ import torch
 
 from .. import __version__
 from .. import data as D
+from ..backbones import ARCHS
 from .config import Config, ConfigError
 from .distributed import _Dist
 from .evaluate import _step_row, _summary, extract
-from .faults import Interrupted, _stop_signals
+from .faults import Interrupted, _print_or_drop, _stop_signals
 from .loop import _Runtime
-from .outputs import (_clear_run, _env_info, _load_ckpt, _Outputs, _save_ckpt, _write_json,
-                      format_table)
+from .outputs import (_clear_run, _env_info, _load_ckpt, _lock_out, _Outputs, _remove_run,
+                      _save_ckpt, _write_json, format_table)
 from .stages import stage1, stage2, unpruned_counts
 
 
@@ -31,13 +33,15 @@ def _model_class(impl: str):
     return FastDERNet
 
 
-def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False,
+def run(cfg: Config, resume: bool = False, log=_print_or_drop, overwrite: bool = False,
         dataset: Optional[D.ClassDataset] = None) -> dict:
     """Run the whole pipeline; returns the metrics dict (also written to OUT/metrics.json).
     A fresh run (not ``resume``) into a directory that holds a run is refused unless
-    ``overwrite``. ``dataset``: an already loaded dataset to run on instead of loading
-    ``cfg.dataset`` (which then only names it in the results; ``cfg.train_per_class`` still
-    applies).
+    ``overwrite`` (the old run is removed only once the new one passed every check). OUT is
+    locked (OUT/.lock) while the run writes it. ``log``: the messages (default: stdout,
+    dropped once stdout breaks). ``dataset``: an already loaded dataset to run on instead of
+    loading ``cfg.dataset`` (which then only names it in the results; ``cfg.train_per_class``
+    still applies).
 
     Under torchrun (``WORLD_SIZE`` > 1) or inside an initialised torch.distributed process
     group, the training stages run data-parallel (see :mod:`der_fast.train.distributed`);
@@ -47,9 +51,9 @@ def run(cfg: Config, resume: bool = False, log=print, overwrite: bool = False,
     ok = False
     deterministic = torch.are_deterministic_algorithms_enabled()  # restored after the run
     try:
-        with _stop_signals():
+        with _stop_signals(), contextlib.ExitStack() as held:  # held: OUT/.lock
             say = log if d.main else (lambda *a, **k: None)
-            data, memory, outputs = _prepare(cfg, say, d, resume, overwrite, dataset)
+            data, memory, outputs = _prepare(cfg, say, d, resume, overwrite, dataset, held)
             try:
                 metrics = _incremental_steps(cfg, resume, say, d, data, memory, outputs)
             finally:
@@ -84,10 +88,11 @@ def _check_precision(precision: str, device: torch.device, say) -> None:
             "runs emulated, slower than float32")
 
 
-def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=None):
-    """Checks that need the process count, the output directory (never an existing run by
-    accident), the data (every class present, every image readable; on the device when it
-    fits in memory), the empty exemplar memory and the result writer."""
+def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset, held):
+    """Checks that need the process count, the output directory (locked for this run in
+    ``held``; never an existing run by accident), the data (every class present, every image
+    readable; on the device when it fits in memory), the empty exemplar memory and the result
+    writer; with ``overwrite``, the old run's files are removed after all of them."""
     device = d.device
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -97,7 +102,8 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=
                           f"accum_steps = {d.world * cfg.accum_steps}")
     out = Path(cfg.out)
     d.agree(lambda: _probe_out(out))
-    d.agree(lambda: _clear_run(out, resume, overwrite))
+    d.agree(lambda: held.enter_context(_lock_out(out, say)) and None)  # rank 0 writes OUT
+    old_run = d.agree(lambda: _clear_run(out, resume, overwrite))
 
     def load_data():
         try:
@@ -126,6 +132,15 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=
     if cfg.memory_total is not None and cfg.memory_total < data.num_classes:
         raise ConfigError(f"memory_total {cfg.memory_total} is smaller than the number of "
                           f"classes ({data.num_classes})")
+    side = data.info.image_size
+    if ARCHS[cfg.backbone].feature_size(side) == 1 and \
+            cfg.batch_size < 2 * d.world * cfg.accum_steps:
+        # BatchNorm in training needs 2 values per channel: a 1-image micro-batch on a 1x1
+        # map fails (a smaller last batch is dropped, see loop._train_epochs)
+        raise ConfigError(f"backbone {cfg.backbone} reduces {side}x{side} images to a 1x1 "
+                          "feature map, where BatchNorm needs at least 2 images per "
+                          f"micro-batch: batch_size {cfg.batch_size} must be at least 2 x "
+                          f"processes x accum_steps = {2 * d.world * cfg.accum_steps}")
     if data.dataset.in_memory and device.type == "cuda":
         data.dataset = data.dataset.to(device)
     holder = {}
@@ -135,20 +150,60 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset=
 
     d.agree(make_outputs)
     outputs = holder.get("outputs") or _Outputs(out, cfg, False, say)
+    d.agree(lambda: _remove_run(out, old_run))  # --overwrite: every check passed
     return data, memory, outputs
 
 
 def _check_position(out: Path, t: int, stage: int, memory: dict, data) -> None:
-    """A checkpoint's position must lie within the run, its memory must match it."""
+    """A checkpoint's position must lie within the run, its memory must match it: exactly the
+    classes learnt before step t, each holding training images of its own class."""
     n = data.num_steps
     if t > n or (t == n and stage != 0):
         raise ConfigError(f"checkpoint {out / 'checkpoint.pt'} is past the last step: position "
                           f"step {t} stage {stage}, but this run has steps 0..{n - 1}")
-    ahead = [] if t == n else sorted(int(c) for c in memory["exemplars"]
-                                     if int(c) >= data.num_old(t))
+    learnt = data.num_classes if t == n else data.num_old(t)
+    where = f"checkpoint {out / 'checkpoint.pt'} is inconsistent: its memory"
+    try:
+        exemplars = {int(c): np.asarray(v, dtype=np.int64).reshape(-1)
+                     for c, v in memory["exemplars"].items()}
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where} entry is malformed: {exc}") from exc
+    ahead = sorted(c for c in exemplars if not 0 <= c < learnt)
     if ahead:
-        raise ConfigError(f"checkpoint {out / 'checkpoint.pt'} is inconsistent: its memory "
-                          f"holds classes {ahead[:10]} that step {t} has not reached")
+        raise ConfigError(f"{where} holds classes {ahead[:10]} that step {t} has not reached")
+    lacking = sorted(set(range(learnt)) - set(exemplars))
+    if lacking:
+        raise ConfigError(f"{where} lacks classes {lacking[:10]} learnt before step {t}")
+    y = data.labels("train")
+    for c, idx in exemplars.items():
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(y) or (y[idx] != c).any()):
+            raise ConfigError(f"{where} files images under class {c} that are not training "
+                              f"images of class {c}")
+
+
+def _check_model(out: Path, model, t: int, stage: int, data) -> None:
+    """The loaded model must be the one the checkpoint's position has: an extractor per step
+    started (t, plus step t's own from stage 1 on), the protocol's task sizes, a classifier
+    over all their features and the known classes, an auxiliary one over the newest
+    extractor's features and its new classes + 1."""
+    n_ext = t + stage
+    sizes = [len(data.steps[i]) for i in range(n_ext)]
+    problem = None
+    if len(model.convnets) != n_ext:
+        problem = f"{len(model.convnets)} extractors, position step {t} stage {stage} has {n_ext}"
+    elif list(model.task_sizes) != sizes:
+        problem = f"task sizes {list(model.task_sizes)}, the protocol's are {sizes}"
+    else:
+        k, last = sum(sizes), model.convnets[-1].out_dim
+        for name, lin, want in (("fc", model.fc, (k, model.feature_dim)),
+                                ("aux_fc", model.aux_fc, (sizes[-1] + 1, last))):
+            if tuple(lin.weight.shape) != want or tuple(lin.bias.shape) != want[:1]:
+                problem = (f"{name}.weight {tuple(lin.weight.shape)} / {name}.bias "
+                           f"{tuple(lin.bias.shape)}, expected {want} / {want[:1]}")
+                break
+    if problem:
+        raise ConfigError(f"checkpoint {out / 'checkpoint.pt'} is inconsistent: its model has "
+                          f"{problem}")
 
 
 def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
@@ -171,14 +226,23 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
         state = d.agree(load)
         start_t, start_stage = state["next"]
         _check_position(out, start_t, start_stage, state["memory"], data)
-        if cfg.last_step is not None and start_t > cfg.last_step + 1:
-            raise ConfigError(f"last_step {cfg.last_step}: the run in {out} has already "
-                              f"finished step {start_t - 1}")
+        if cfg.last_step is not None and start_t > cfg.last_step:
+            # a run that stopped at the last_step it was given resumes as a no-op (as a
+            # finished run does); any other last_step before its position is refused before
+            # anything is written: a mistyped --last-step changes nothing
+            reached = (start_t, start_stage) == (cfg.last_step + 1, 0) and \
+                state["config"].get("last_step") == cfg.last_step
+            if not reached:
+                more = (f"; extend it with --last-step {start_t}..{data.num_steps - 1}"
+                        if start_t < data.num_steps else "")
+                raise ConfigError(f"last_step {cfg.last_step}: the run in {out} has already "
+                                  f"finished step {start_t - 1}{more}")
         try:
             model.load_state_dict(state["model"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"checkpoint {out / 'checkpoint.pt'}: its model does not load: "
                               f"{str(exc).splitlines()[0]}") from exc
+        _check_model(out, model, start_t, start_stage, data)
         model.to(device)
         memory.load_state_dict(state["memory"])
         metrics["steps"] = state["steps"]

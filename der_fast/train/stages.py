@@ -12,7 +12,7 @@ import torch
 from .. import data as D
 from ..masks import BudgetController, shift_to_budget
 from ..objective import stage1_loss, stage2_loss
-from .batches import _gen
+from .batches import _gen, _min_images
 from .loop import _Runtime, _train_epochs
 
 
@@ -128,10 +128,12 @@ def recalibrate_bn(model, data, indices, cfg, device) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
+    least = _min_images(model, data)  # a last batch of 1 image on a 1x1 map: left out
     try:
         with torch.no_grad():
             for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
-                net(x)
+                if len(x) >= least:
+                    net(x)
     finally:
         for m, mom in zip(bns, saved):
             m.momentum = mom
