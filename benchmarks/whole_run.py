@@ -3,12 +3,14 @@ round by round, with their wall times, stage times, accuracy and final size.
 
     python benchmarks/whole_run.py --rounds 3 --out DIR
     python benchmarks/whole_run.py --rounds 3 --out DIR --also start=/path/to/old/checkout
+    python benchmarks/whole_run.py --rounds 1 --out DIR --bf16   # + fast_bf16, reference_bf16
 
 Each round runs every variant once, in turn (fast, reference, then any ``--also`` ones):
 ``fast`` and ``reference`` are ``--impl fast`` / ``--impl reference`` of the installed
 der_fast; ``--also NAME=PATH`` runs ``--impl reference`` of the der_fast source tree at PATH
 (``PYTHONPATH=PATH``; the reference needs no compiled kernels), e.g. a checkout of the commit
-an optimisation started from. Extra trainer flags follow ``--``. Every run writes its own
+an optimisation started from. ``--bf16`` adds ``fast_bf16`` and ``reference_bf16``
+(``--precision bf16``). Extra trainer flags follow ``--``. Every run writes its own
 output folder under DIR; DIR/whole_run.json and DIR/whole_run.md are rewritten after each run
 (medians, min-max, ratios of the medians against ``fast``).
 """
@@ -25,12 +27,12 @@ import time
 from pathlib import Path
 
 
-def run_once(name: str, impl: str, tree, out: Path, extra: list) -> dict:
+def run_once(name: str, impl: str, tree, out: Path, extra: list, flags=()) -> dict:
     env = dict(os.environ)
     if tree:
         env["PYTHONPATH"] = str(tree)
     cmd = [sys.executable, "-m", "der_fast.train", "--impl", impl, "--out", str(out),
-           "--overwrite", "--no-plots", "--no-progress", *extra]
+           "--overwrite", "--no-plots", "--no-progress", *flags, *extra]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
     wall = time.perf_counter() - t0
@@ -76,9 +78,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--also", action="append", default=[], metavar="NAME=PATH",
                     help="--impl reference of the source tree at PATH")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also both implementations with --precision bf16")
     ap.add_argument("extra", nargs="*", help="trainer flags (after --)")
     a = ap.parse_args(argv)
     variants = [("fast", "fast", None), ("reference", "reference", None)]
+    if a.bf16:
+        variants += [("fast_bf16", "fast", None), ("reference_bf16", "reference", None)]
+    flags = {name: ["--precision", "bf16"] if name.endswith("_bf16") else [] for name, _, _
+             in variants}
     for item in a.also:
         name, _, path = item.partition("=")
         if not path or not (Path(path) / "der_fast").is_dir():
@@ -88,7 +96,7 @@ def main(argv=None) -> int:
     runs = {name: [] for name, _, _ in variants}
     for r in range(a.rounds):
         for name, impl, tree in variants:
-            res = run_once(name, impl, tree, a.out / f"{name}_{r}", a.extra)
+            res = run_once(name, impl, tree, a.out / f"{name}_{r}", a.extra, flags[name])
             runs[name].append(res)
             print(f"round {r} {name}: {res['wall_s']:.1f} s, stage 1 {res['stage1_s']:.1f} s, "
                   f"top-1 {res['avg_incremental_top1']:.2f}", file=sys.stderr, flush=True)
