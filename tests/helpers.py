@@ -48,3 +48,38 @@ def needs_cpu_ext(why: str = "der_fast._C not built"):
 
     return pytest.mark.skipif(not ops.HAS_CPU_EXT and not _backend.build_cpu_setting(),
                               reason=f"{why} (DER_FAST_BUILD_CPU=0)")
+
+
+def call_cli(fn, argv, capsys):
+    """``(exit status, stderr)`` of a CLI ``main(argv)`` (argparse's SystemExit included)."""
+    try:
+        code = fn(argv)
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def snapshot(d: Path) -> dict:
+    """Every file under ``d`` (relative path -> bytes); {} when ``d`` does not exist."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} \
+        if d.exists() else {}
+
+
+def grown_dernet(t: int, seed: int, s: float | None = None, per_step: int = 3):
+    """A float32 resnet32 DERNet at step ``t``: extractors 0..t-1 pruned (random masks, small
+    e), extractor t fresh with masks; ``per_step`` classes per step; ``set_s(s)`` if given."""
+    from der_fast import DERNet
+
+    torch.manual_seed(seed)
+    model = DERNet("resnet32", use_masks=True)
+    for step in range(t + 1):
+        if step:
+            with torch.no_grad():
+                for e in model.convnets[-1].mask_e.values():
+                    e.copy_(torch.randn(e.shape) * 0.01)
+            model.set_s(400.0)
+            model.prune()
+        model.update_fc(per_step * (step + 1))
+    if s is not None:
+        model.set_s(s)
+    return model

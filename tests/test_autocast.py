@@ -10,10 +10,11 @@ import copy
 import pytest
 import torch
 
-from der_fast import DERNet, FastDERNet, ops
+from der_fast import FastDERNet, ops
 from der_fast import train as T
 from der_fast.train import config as C
 from der_fast.train import loop
+from helpers import grown_dernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,18 +59,7 @@ def test_ops_under_autocast_compute_in_float32(name):
 
 
 def _model(t=1):
-    torch.manual_seed(3)
-    m = DERNet("resnet32")
-    for step in range(t + 1):
-        if step:
-            with torch.no_grad():
-                for e in m.convnets[-1].mask_e.values():
-                    e.copy_(torch.randn(e.shape) * 0.01)
-            m.set_s(400.0)
-            m.prune()
-        m.update_fc(3 * (step + 1))
-    m.set_s(20.0)
-    return m
+    return grown_dernet(t, 3, s=20.0)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -149,14 +139,14 @@ def test_float16_stage1_with_the_scaler_follows_float32(monkeypatch):
     l32, _, s32, lams = _stage1(copy.deepcopy(base), 1, monkeypatch)
     seen = []
     real = loop.autocast
-    monkeypatch.setattr(loop, "autocast", lambda p, d: seen.append(p) or real("16", d))
+    monkeypatch.setattr(loop, "autocast", lambda p, d: seen.append(p) or real(p, d))
     import test_trajectory
 
     cfg16 = test_trajectory._cfg()
     cfg16.precision = "16"
     monkeypatch.setattr(test_trajectory, "_cfg", lambda: cfg16)
     l16, _, s16, _ = _stage1(FastDERNet.from_reference(base), 1, monkeypatch, lams)
-    assert seen
+    assert seen and set(seen) == {"16"}
     gap = float(((l16 - l32).abs() / l32).median())
     assert gap < 0.1, f"float16 stage-1 losses {l16.tolist()} vs float32 {l32.tolist()}"
     assert all(torch.isfinite(v).all() for v in s16.values())

@@ -18,23 +18,11 @@ import torch
 from der_fast import plot, presets
 from der_fast import train as T
 from der_fast.train import outputs, pipeline
+from helpers import call_cli, snapshot
 
 TINY = ["--data-root", "embedded", "--train-per-class", "20", "--test-per-class", "5",
         "--init-cls", "10", "--increment", "10", "--epochs", "1", "--epochs-stage2", "1",
         "--batch-size", "32", "--memory", "20", "--no-progress", "--no-plots"]
-
-
-def _call(fn, argv, capsys):
-    try:
-        code = fn(argv)
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} \
-        if d.exists() else {}
 
 
 def _assert_one_error(err: str, message: str) -> None:
@@ -46,12 +34,12 @@ def _assert_one_error(err: str, message: str) -> None:
 
 def _train(argv, capsys, message, code=2, out=None):
     out = Path(out) if out is not None else None
-    before = _snapshot(out) if out is not None else None
-    got, err = _call(T.main, argv, capsys)
+    before = snapshot(out) if out is not None else None
+    got, err = call_cli(T.main, argv, capsys)
     assert got == code, err
     _assert_one_error(err, message)
     if out is not None and code == 2:
-        assert _snapshot(out) == before  # unchanged
+        assert snapshot(out) == before  # unchanged
     return err
 
 
@@ -343,7 +331,7 @@ def _metrics(d: Path, steps) -> Path:
 ], ids=["no-n_classes", "steps-abc", "top1-str", "params-int"])
 def test_plot_rejects_bad_metrics(steps, message, capsys, tmp_path):
     run = _metrics(tmp_path / "r", steps)
-    code, err = _call(plot.main, [str(run), "--out", str(tmp_path / "x.png")], capsys)
+    code, err = call_cli(plot.main, [str(run), "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2
     _assert_one_error(err, message)
     assert not (tmp_path / "x.png").exists()
@@ -352,7 +340,7 @@ def test_plot_rejects_bad_metrics(steps, message, capsys, tmp_path):
 def test_plot_csv_on_an_unwritable_path(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     run = _metrics(tmp_path / "r", [{"n_classes": 2, "top1": 50.0}])
-    code, err = _call(plot.main, [str(run), "--out", str(tmp_path / "x.png"),
+    code, err = call_cli(plot.main, [str(run), "--out", str(tmp_path / "x.png"),
                                   "--csv", str(tmp_path / "no" / "dir" / "all.csv")], capsys)
     assert code == 2
     _assert_one_error(err, "cannot write")
@@ -363,7 +351,7 @@ def test_plot_csv_on_an_unwritable_path(capsys, tmp_path):
     (["nonsense"], "unknown preset 'nonsense'"),
 ])
 def test_presets_cli_validates(argv, message, capsys):
-    code, err = _call(presets.main, argv, capsys)
+    code, err = call_cli(presets.main, argv, capsys)
     assert code == 2
     _assert_one_error(err, message)
     assert presets.main(["cifar100-b0-5"]) == 0

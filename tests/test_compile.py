@@ -171,19 +171,10 @@ def test_compiled_fastdernet_matches_eager(t, train):
     the trainable extractor and the head in one graph, the frozen extractors' plans run
     eagerly (one graph break: they fold, cache and time in Python); outputs and gradients
     equal eager's."""
-    from der_fast import DERNet, FastDERNet
+    from der_fast import FastDERNet
+    from helpers import grown_dernet
 
-    torch.manual_seed(5)
-    ref = DERNet("resnet32")
-    for step in range(t):
-        if step:
-            with torch.no_grad():
-                for e in ref.convnets[-1].mask_e.values():
-                    e.copy_(torch.randn(e.shape) * 0.01)
-            ref.set_s(400.0)
-            ref.prune()
-        ref.update_fc(3 * (step + 1))
-    ref.set_s(20.0)
+    ref = grown_dernet(t - 1, 5, s=20.0)  # t extractors
     fast = FastDERNet.from_reference(ref).train(train)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     explained = torch._dynamo.explain(fast)(x)

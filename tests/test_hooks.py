@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from der_fast import DERNet, FastDERNet
+from der_fast import FastDERNet
 from der_fast.reference import DERNet as _Ref
+from helpers import grown_dernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -19,16 +20,7 @@ POINTS = ("convnets.0", "convnets.0.stages.1.0.conv1", "convnets.1.stem.bn",
 
 
 def _models():
-    torch.manual_seed(4)
-    ref = DERNet("resnet32")
-    ref.update_fc(3)
-    with torch.no_grad():
-        for e in ref.convnets[-1].mask_e.values():
-            e.copy_(torch.randn(e.shape) * 0.01)
-    ref.set_s(400.0)
-    ref.prune()
-    ref.update_fc(6)
-    ref.set_s(30.0)
+    ref = grown_dernet(1, 4, s=30.0)
     return ref, FastDERNet.from_reference(ref)
 
 

@@ -21,6 +21,7 @@ from der_fast import data as D
 from der_fast import plot
 from der_fast import train as T
 from der_fast.train import outputs
+from helpers import call_cli, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,28 +32,16 @@ TINY = ["--data-root", "embedded", "--train-per-class", "6", "--test-per-class",
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def _call(fn, argv, capsys):
-    try:
-        code = fn(argv)
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def _snapshot(d: Path) -> dict:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
 def _refused(fn, argv, capsys, message, *unchanged):
     """``fn(argv)`` exits 2 with one error line holding ``message``, no traceback, and every
     directory of ``unchanged`` exactly as it was (no lock file left either)."""
-    before = [_snapshot(d) for d in unchanged]
-    code, err = _call(fn, argv, capsys)
+    before = [snapshot(d) for d in unchanged]
+    code, err = call_cli(fn, argv, capsys)
     assert code == 2, err
     assert "Traceback" not in err, err
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and message in lines[0], err
-    assert [_snapshot(d) for d in unchanged] == before
+    assert [snapshot(d) for d in unchanged] == before
     return lines[0]
 
 
@@ -96,10 +85,10 @@ def test_plot_never_writes_over_a_run(flag, name, capsys, tmp_path):
 def test_plot_writes_next_to_a_run(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     run = _fake_run(tmp_path / "run")
-    before = _snapshot(run)
+    before = snapshot(run)
     assert plot.main([str(run / "metrics.json"), "--out", str(run / "compare.png"),
                       "--csv", str(run / "all.csv")]) == 0
-    after = _snapshot(run)
+    after = snapshot(run)
     assert set(after) - set(before) == {"compare.png", "all.csv"}
     assert {k: after[k] for k in before} == before
     _refused(plot.main, [str(run), "--out", str(tmp_path / "a"), "--csv", str(tmp_path / "a")],
@@ -143,7 +132,7 @@ def test_a_second_trainer_is_refused_naming_the_first(capsys, tmp_path):
             assert time.monotonic() < deadline, "the first trainer never locked its --out"
             time.sleep(0.2)
         for argv in ([*TINY, "--out", str(out)], [*TINY, "--out", str(out), "--overwrite"]):
-            code, err = _call(T.main, argv, capsys)
+            code, err = call_cli(T.main, argv, capsys)
             assert code == 2 and "Traceback" not in err, err
             assert f"is in use by another trainer (PID {first.pid} holds {out / '.lock'})" in err
     finally:
@@ -157,7 +146,7 @@ def test_a_lock_left_by_a_killed_trainer_blocks_nothing(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     holder = _holder(out / ".lock", 60)
-    code, err = _call(T.main, [*TINY, "--out", str(out)], capsys)
+    code, err = call_cli(T.main, [*TINY, "--out", str(out)], capsys)
     assert code == 2 and f"(PID {holder.pid} holds" in err, err
     holder.kill()  # SIGKILL: no clean-up, the file stays with a dead PID
     holder.wait()
@@ -195,9 +184,9 @@ def test_resume_with_a_last_step_behind_the_run_changes_nothing(capsys, tmp_path
     _refused(T.main, ["--resume", str(run), "--last-step", "0"], capsys,
              f"last_step 0: the run in {run} has already finished step 0; extend it with "
              "--last-step 1..1", run)
-    before = _snapshot(stopped_run)
+    before = snapshot(stopped_run)
     assert T.main(["--resume", str(stopped_run)]) == 0  # stopped at its last step 0
-    assert _snapshot(stopped_run)["checkpoint.pt"] == before["checkpoint.pt"]
+    assert snapshot(stopped_run)["checkpoint.pt"] == before["checkpoint.pt"]
 
 
 # ------------------------------------------------------------------ 9. checkpoints that load

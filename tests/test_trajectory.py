@@ -25,6 +25,7 @@ from der_fast import DERNet, FastDERNet
 from der_fast import train as T
 from der_fast.masks import BudgetController
 from der_fast.train import loop, stages
+from helpers import grown_dernet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,17 +64,7 @@ def _batches(data, indices, cfg, gen, device, chunks=1, mine=(0,)):
 
 def _model(t: int, seed: int = 11) -> DERNet:
     """A float32 reference at step ``t``: extractors 0..t-1 pruned, extractor t fresh."""
-    torch.manual_seed(seed)
-    model = DERNet("resnet32", use_masks=True)
-    for step in range(t + 1):
-        if step:
-            with torch.no_grad():
-                for e in model.convnets[-1].mask_e.values():
-                    e.copy_(torch.randn(e.shape) * 0.01)
-            model.set_s(400.0)
-            model.prune()
-        model.update_fc(3 * (step + 1))
-    return model
+    return grown_dernet(t, seed)
 
 
 def _cfg():

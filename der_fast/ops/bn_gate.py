@@ -74,6 +74,16 @@ def _check_bn_gate(z, weight, bias, mean_in=None, var_in=None, e=None, residual=
             )
 
 
+def _statistics(z, mean_in, var_in, training) -> tuple[Tensor, Tensor]:
+    """Training: the batch mean and biased variance of ``z`` over (N, H, W) (0 for an empty
+    batch; with autograd); eval: the given running statistics (detached)."""
+    if not training:
+        return mean_in.detach(), var_in.detach()
+    M = max(z.shape[0] * z.shape[2] * z.shape[3], 1)
+    mean = z.sum((0, 2, 3)) / M
+    return mean, (z - mean.view(1, -1, 1, 1)).square().sum((0, 2, 3)) / M
+
+
 def bn_gate_ref(
     z: Tensor,
     weight: Tensor,
@@ -94,15 +104,8 @@ def bn_gate_ref(
     ``mean`` / ``var`` are the batch mean and biased variance of ``z`` over (N, H, W) (0 for an
     empty batch; gradients flow through them, as in ``F.batch_norm``), in eval the given
     running statistics (no gradient). The returned ``mean`` / ``var`` carry no gradient."""
-    C = z.shape[1]
-    shape = (1, C, 1, 1)
-    if training:
-        M = z.shape[0] * z.shape[2] * z.shape[3]
-        dims = (0, 2, 3)
-        mean = z.sum(dims) / max(M, 1)
-        var = (z - mean.view(shape)).square().sum(dims) / max(M, 1)
-    else:
-        mean, var = mean_in.detach(), var_in.detach()
+    shape = (1, z.shape[1], 1, 1)
+    mean, var = _statistics(z, mean_in, var_in, training)
     invstd = 1.0 / torch.sqrt(var + eps)
     alpha = weight * invstd
     beta = bias - mean * alpha
@@ -130,8 +133,7 @@ def _bn_gate_fallback(z, weight, bias, mean_in, var_in, e, s, residual, training
                                          _float(residual), training, eps, relu)
         return y.to(z.dtype), mean, var
     with torch.no_grad():
-        _, mean, var = bn_gate_ref(z, weight, bias, mean_in, var_in, e, s, residual, training,
-                                   eps, relu)
+        mean, var = (t.clone() for t in _statistics(z, mean_in, var_in, training))
         a = _pre_activation(z, weight, bias, mean_in, var_in, residual, training, eps)
         y = torch.relu(a) if relu else a
         if e is not None:
