@@ -14,6 +14,8 @@
 #                      stage1 at t = 10 (reference, compile, fast; compile for ResNet-32
 #                      only unless COMPILE_R18=1), stage2 and infer at t = 1 5 10
 #                      (reference, fast_loop, fast)
+#   stage1_amp/        benchmarks/stage1_step.py --device cuda --bf16 --fp16, t = 1 5: one
+#                      stage-1 step in float32, bf16 and fp16 autocast (reference and fast)
 #   summary.txt        each step's exit status and seconds
 #
 # Environment: SKIP_INSTALL=1 reuses an installed der_fast; ROUNDS (default 5) timed rounds
@@ -93,6 +95,10 @@ if [ "${COMPILE_R18:-0}" = "1" ]; then
 else
     scaling stage1 resnet18_cifar reference,fast 45 10
 fi
+# mixed precision: one budgeted stage-1 step (soft masks, then pruned at the budget) in
+# float32, bfloat16 and float16 autocast (float16 with the trainer's GradScaler)
+step stage1_amp 90 stage1_amp.log "$PY" -P "$ROOT/benchmarks/stage1_step.py" --device cuda \
+    --t 1 5 --bf16 --fp16 --rounds "$ROUNDS" --out "$OUT/stage1_amp"
 for w in stage2 infer; do
     for b in resnet32 resnet18_cifar; do
         scaling "$w" "$b" reference,fast_loop,fast 40 1 5 10

@@ -4,6 +4,7 @@ in both phases of a budgeted stage 1, with the floor of each step.
     python benchmarks/stage1_step.py --t 1 2 5 10 --rounds 7 --out DIR
     python benchmarks/stage1_step.py --t 1 5 --compile --out DIR     # + torch.compile
     python benchmarks/stage1_step.py --t 1 5 --bf16 --out DIR        # + bfloat16 autocast
+    python benchmarks/stage1_step.py --device cuda --t 1 5 --bf16 --fp16 --out DIR
 
 Phases (ResNet-32, batch 128, 32x32x3, frozen extractors pruned to 30 % of their channels):
 
@@ -17,7 +18,10 @@ Phases (ResNet-32, batch 128, 32x32x3, frozen extractors pruned to 30 % of their
 
 ``--compile`` adds ``compile`` (torch.compile(reference)) and ``fast_compile``
 (torch.compile(FastDERNet)); ``--bf16`` adds ``reference_bf16`` and ``fast_bf16`` (the step's
-forward and loss under ``torch.autocast(cpu, bfloat16)``, as ``--precision bf16`` trains).
+forward and loss under ``torch.autocast(device, bfloat16)``, as ``--precision bf16`` trains);
+``--fp16`` (CUDA only) adds ``reference_fp16`` and ``fast_fp16`` (float16 autocast with the
+trainer's GradScaler, as ``--precision 16`` trains). ``--device cuda`` runs every provider on
+the GPU and synchronizes before reading the clock.
 ``--channels-last`` adds ``fast_cl`` (FastDERNet with ``trainable_channels_last=True``) and
 ``floor_cl`` (the same convolutions in channels_last).
 
@@ -77,6 +81,8 @@ class _Step:
     def __init__(self, model, forward, x, y, precision="32"):
         self.model, self.forward, self.x, self.y = model, forward, x, y
         self.precision = precision
+        self.device = x.device
+        self.scaler = torch.amp.GradScaler(x.device.type) if precision == "16" else None
         self.t = len(model.convnets)
         self.n_old = model.n_classes - model.task_sizes[-1]
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad
@@ -86,13 +92,20 @@ class _Step:
 
     def __call__(self):
         m = self.model
-        with autocast(self.precision, "cpu"):
+        with autocast(self.precision, self.device):
             loss = stage1_loss(m, self.forward(self.x), self.y, self.n_old,
                                LAMBDA_A if self.t > 1 else 0.0, LAMBDA_S)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.compensate_mask_grads(S_MAX, S_MAX)
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            m.compensate_mask_grads(S_MAX, S_MAX)
+            self.opt.step()
+        else:  # the trainer's float16 step: unscale before HAT's compensation
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+            m.compensate_mask_grads(S_MAX, S_MAX)
+            self.scaler.step(self.opt)
+            self.scaler.update()
         m.clamp_masks(S_MAX)
         if not m.convnets[-1].binary_masks:
             m.keep_ratio()  # the budget controller's read
@@ -118,7 +131,8 @@ class _Floor:
             h.remove()
         for mod, shape in shapes.items():
             w = mod.weight.detach().clone().contiguous(memory_format=fmt).requires_grad_(True)
-            xi = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_(True)
+            xi = torch.randn(shape, device=x.device).contiguous(memory_format=fmt)
+            xi.requires_grad_(True)
             self.convs.append((xi, w, mod.stride, mod.padding))
 
     def __call__(self):
@@ -130,11 +144,11 @@ class _Floor:
 
 
 def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool = False,
-              bf16_too: bool = False) -> dict:
+              bf16_too: bool = False, fp16_too: bool = False, device="cpu") -> dict:
     gen = torch.Generator().manual_seed(t)
-    x = torch.randn(BATCH, 3, HW, HW, generator=gen)
-    base = _model(t, phase, keep)
-    y = torch.randint(0, base.n_classes, (BATCH,), generator=gen)
+    x = torch.randn(BATCH, 3, HW, HW, generator=gen).to(device)
+    base = _model(t, phase, keep).to(device)
+    y = torch.randint(0, base.n_classes, (BATCH,), generator=gen).to(device)
     out = {"reference": _Step(copy.deepcopy(base), None, x, y)}
     out["reference"].forward = out["reference"].model
     pruned = copy.deepcopy(base)
@@ -154,6 +168,11 @@ def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool =
         out["reference_bf16"] = _Step(ref_b, ref_b, x, y, "bf16")
         fast_b = FastDERNet.from_reference(pruned)
         out["fast_bf16"] = _Step(fast_b, fast_b, x, y, "bf16")
+    if fp16_too:
+        ref_h = copy.deepcopy(base)
+        out["reference_fp16"] = _Step(ref_h, ref_h, x, y, "16")
+        fast_h = FastDERNet.from_reference(pruned)
+        out["fast_fp16"] = _Step(fast_h, fast_h, x, y, "16")
     out["floor"] = _Floor(pruned.convnets[-1], x)
     if cl_too:
         fast_cl = FastDERNet.from_reference(pruned)
@@ -164,20 +183,26 @@ def providers(t: int, phase: str, keep: float, compile_too: bool, cl_too: bool =
 
 
 def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool,
-            cl_too: bool = False, bf16_too: bool = False) -> dict:
-    steps = providers(t, phase, keep, compile_too, cl_too, bf16_too)
-    first = {}
-    for name, step in steps.items():  # warm-up (and torch.compile's compile)
+            cl_too: bool = False, bf16_too: bool = False, fp16_too: bool = False,
+            device="cpu") -> dict:
+    steps = providers(t, phase, keep, compile_too, cl_too, bf16_too, fp16_too, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def timed(step) -> float:
+        sync()
         t0 = time.perf_counter()
         step()
-        first[name] = time.perf_counter() - t0
+        sync()
+        return time.perf_counter() - t0
+
+    first = {}
+    for name, step in steps.items():  # warm-up (and torch.compile's compile)
+        first[name] = timed(step)
         step()
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(step))
     res = {name: dict(stats(ts), first_call_s=first[name]) for name, ts in times.items()}
     res["_widths"] = {"params_trainable": M.count_params(steps["fast"].model.convnets[-1]),
                       "macs_trainable": steps["fast"].model.extractor_macs((HW, HW))[-1]}
@@ -185,10 +210,11 @@ def measure(t: int, phase: str, keep: float, rounds: int, compile_too: bool,
 
 
 ORDER = ["reference", "reference_pruned", "compile", "fast", "fast_compile", "floor", "fast_cl",
-         "floor_cl", "reference_bf16", "fast_bf16"]
+         "floor_cl", "reference_bf16", "fast_bf16", "reference_fp16", "fast_fp16"]
 RATIOS = [("reference", "fast"), ("compile", "fast"), ("fast", "floor"),
           ("fast", "fast_compile"), ("reference", "fast_cl"), ("fast", "fast_bf16"),
-          ("reference_bf16", "fast_bf16"), ("reference", "fast_bf16")]
+          ("reference_bf16", "fast_bf16"), ("reference", "fast_bf16"), ("fast", "fast_fp16"),
+          ("reference_fp16", "fast_fp16"), ("reference", "fast_fp16")]
 
 
 def markdown(recs: list) -> str:
@@ -226,21 +252,30 @@ def main(argv=None) -> int:
                     help="also torch.compile(reference) and torch.compile(FastDERNet)")
     ap.add_argument("--bf16", action="store_true",
                     help="also reference and FastDERNet under bfloat16 autocast")
+    ap.add_argument("--fp16", action="store_true",
+                    help="also reference and FastDERNet under float16 autocast with a "
+                         "GradScaler (CUDA only)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--channels-last", action="store_true",
                     help="also FastDERNet(trainable_channels_last=True) and its floor "
                          "(channels_last convolutions)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device visible to torch")
+    if a.fp16 and a.device != "cuda":
+        ap.error("--fp16 needs --device cuda (the trainer refuses float16 on the CPU)")
     a.out.mkdir(parents=True, exist_ok=True)
     recs = []
     for t in a.t:
         for phase in a.phases:
             torch.manual_seed(0)
-            res = measure(t, phase, a.keep, a.rounds, a.compile, a.channels_last, a.bf16)
+            res = measure(t, phase, a.keep, a.rounds, a.compile, a.channels_last, a.bf16,
+                          a.fp16, a.device)
             widths = res.pop("_widths")
             recs.append({"t": t, "phase": phase, "providers": res, **widths})
             print(markdown(recs[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-            env = H.env_info(torch.device("cpu"))
+            env = H.env_info(torch.device(a.device))
             (a.out / "stage1_step.json").write_text(json.dumps(
                 {"env": env, "rounds": a.rounds, "keep": a.keep, "cases": recs}, indent=1))
             (a.out / "stage1_step.md").write_text(markdown(recs) + "\n")

@@ -150,3 +150,40 @@ def test_float16_stage1_with_the_scaler_follows_float32(monkeypatch):
     gap = float(((l16 - l32).abs() / l32).median())
     assert gap < 0.1, f"float16 stage-1 losses {l16.tolist()} vs float32 {l32.tolist()}"
     assert all(torch.isfinite(v).all() for v in s16.values())
+
+
+def test_frozen_extractors_under_autocast_run_in_the_autocast_dtype(monkeypatch):
+    """Stage 1 under bf16 autocast: the frozen extractors run folded in bfloat16 (as the
+    reference's convolutions do under autocast), their folded weights cast once per plan
+    (not per call), features returned in float32 and equal to the bf16 folded network's."""
+    from der_fast.fast import model as FM
+    from der_fast.fast.fold import fold_extractor
+    from der_fast.fast.run_loop import run_folded
+
+    ref = grown_dernet(3, 4, s=20.0)
+    fast = FastDERNet.from_reference(ref)
+    fast.frozen_plan = "loop"
+    fast.train()
+    folds = []
+    real = FM.fold_extractor
+    monkeypatch.setattr(FM, "fold_extractor",
+                        lambda net, dtype=None: folds.append(dtype) or real(net, dtype))
+    x = torch.randn(4, 3, 32, 32, generator=_g(7))
+    frozen = list(fast.convnets[:-1])
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            u = fast._run_frozen(frozen, x)
+    assert folds == [torch.bfloat16] * len(frozen)  # folded once, in bf16
+    assert u.dtype == torch.float32
+    with torch.no_grad():
+        want = torch.cat([run_folded(fold_extractor(n, torch.bfloat16), x.bfloat16())
+                          for n in frozen], 1).float()
+    assert torch.equal(u, want)
+    # close to the reference's frozen features under the same autocast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_u = ref.extract_vector(x)[:, :u.shape[1]].float()
+    assert float((u - ref_u).abs().max()) <= 0.05 * float(ref_u.abs().max())
+    # without autocast the float32 plan runs (a second folded copy, in float32)
+    with torch.no_grad():
+        u32 = fast._run_frozen(frozen, x)
+    assert u32.dtype == torch.float32 and folds[-1] is None

@@ -47,6 +47,16 @@ def _empty_plan_cache() -> dict:
     return {"nets": {}, "group": None, "graphs": {}}
 
 
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype autocast would run ``x``'s convolutions in (bfloat16 / float16), or None
+    where autocast is off or leaves ``x`` alone (only float32 inputs are cast)."""
+    kind = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return None
+    low = torch.get_autocast_dtype(kind)
+    return low if low in (torch.bfloat16, torch.float16) else None
+
+
 def _net_key(net: MaskedResNet) -> tuple:
     """Everything a folded extractor depends on (the cache's safety net)."""
     soft = net.mask_e is not None and not net.binary_masks
@@ -183,23 +193,25 @@ class FastDERNet(DERNet):
             return False
         return not grad_enabled or not any(p.requires_grad for p in net.parameters())
 
-    def _folded(self, net: MaskedResNet) -> FoldedNet:
+    def _folded(self, net: MaskedResNet, dtype=None) -> FoldedNet:
+        """``net`` folded, its weights stored in ``dtype`` (default: the model's), cached per
+        extractor and dtype: under autocast the low-precision copy is made once per plan."""
         key = (self._plan_version, _net_key(net))
-        hit = self._plan_cache["nets"].get(id(net))
+        hit = self._plan_cache["nets"].get((id(net), dtype))
         if hit is not None and hit[0] == key:
             return hit[1]
-        f = fold_extractor(net)
-        self._plan_cache["nets"][id(net)] = (key, f)
+        f = fold_extractor(net, dtype)
+        self._plan_cache["nets"][(id(net), dtype)] = (key, f)
         return f
 
-    def _frozen_folded(self, nets: list) -> list:
+    def _frozen_folded(self, nets: list, dtype=None) -> list:
         """The folded network of every frozen extractor, in order (cache entries of extractors
         that are gone are dropped)."""
         alive = {id(n) for n in self.convnets}
         cache = self._plan_cache["nets"]
-        for k in [k for k in cache if k not in alive]:
+        for k in [k for k in cache if k[0] not in alive]:
             del cache[k]
-        return [self._folded(n) for n in nets]
+        return [self._folded(n, dtype) for n in nets]
 
     def _grouped(self, folded: list) -> FoldedNet:
         """The folded networks fused into one (cached; kept while other plans run, since the
@@ -264,8 +276,8 @@ class FastDERNet(DERNet):
         return (str(x.device), x.dtype, tuple(x.shape), x.stride(), fused,
                 tuple(P.structure(f) for f in folded))
 
-    def _run_measured(self, nets: list, x: torch.Tensor) -> torch.Tensor:
-        folded = self._frozen_folded(nets)
+    def _run_measured(self, nets: list, x: torch.Tensor, dtype=None) -> torch.Tensor:
+        folded = self._frozen_folded(nets, dtype)
         candidates = self._frozen_candidates(folded, x)
         label = (f"{x.device} {str(x.dtype).replace('torch.', '')} {list(x.shape)}, "
                  f"{len(nets)} frozen extractors")
@@ -282,16 +294,27 @@ class FastDERNet(DERNet):
         """Super-feature slice [N, sum out_dim] of frozen extractors (no autograd unless x
         needs a gradient). Under torch.compile it runs eagerly (one graph break): the plans
         fold, cache, time and replay CUDA graphs, and run the compiled kernels themselves."""
-        plan = self.resolved_frozen_plan(x.device)
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        with torch.set_grad_enabled(need_grad):
-            if plan == "measure" and not need_grad:
-                return self._run_measured(nets, x)
-            if plan == "measure" or (
-                    plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad)):
-                plan = "loop"
-            run, self._last_frozen_run = self._plan_runner(self._frozen_folded(nets), x, plan)
-            return run(x)
+        low = None if need_grad else _autocast_dtype(x)
+        if low is None:
+            with torch.set_grad_enabled(need_grad):
+                return self._run_frozen_plan(nets, x, need_grad)
+        # under autocast: the folded weights in the autocast dtype (cast once per plan), the
+        # whole frozen block in that dtype with autocast off inside, features back in x's dtype
+        with torch.autocast(x.device.type, enabled=False), torch.no_grad():
+            return self._run_frozen_plan(nets, x.to(low), False, low).to(x.dtype)
+
+    def _run_frozen_plan(self, nets: list, x: torch.Tensor, need_grad: bool,
+                         dtype=None) -> torch.Tensor:
+        plan = self.resolved_frozen_plan(x.device)
+        if plan == "measure" and not need_grad:
+            return self._run_measured(nets, x, dtype)
+        if plan == "measure" or (
+                plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad)):
+            plan = "loop"
+        run, self._last_frozen_run = self._plan_runner(self._frozen_folded(nets, dtype), x,
+                                                       plan)
+        return run(x)
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> None:
