@@ -1,7 +1,7 @@
 """Build script for der_fast.
 
 Extensions (torch.utils.cpp_extension, ninja):
-  der_fast._C       C++ (CPU) kernels and the operator schemas; always built
+  der_fast._C       C++ (CPU) kernels (the schemas are defined in Python); always built
                     (set DER_FAST_BUILD_CPU=0 for a pure-Python install that uses the
                     PyTorch fallbacks).
   der_fast._C_cuda  CUDA C++ kernels (csrc/cuda/*.cu); built when torch has CUDA
@@ -169,7 +169,7 @@ def configure():
                     "csrc/masked_gate.cpp",
                     "csrc/bn_gate.cpp",
                     "csrc/concat_linear_head.cpp",
-                    "csrc/conv3x3.cpp",
+                    "csrc/conv3x3_bordered.cpp",
                 ],
                 include_dirs=include_dirs,
                 extra_compile_args={"cxx": cxx_flags},

@@ -22,34 +22,18 @@ CPU threads.
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-import der_fast
 from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
+from benchmarks.harness.op_bench import (MASK_S, MASK_SHAPES, assert_grads_close, bench_op,
+                                         mask_shape_id)
 from der_fast import ops
 
 DEVICE = bench_device()
-S = 5.0  # mask temperature mid-anneal
-
-SHAPES = [  # (net, N, C, HW)
-    ("resnet32", 128, 16, 32),
-    ("resnet32", 128, 32, 16),
-    ("resnet32", 128, 64, 8),
-    ("resnet18", 32, 64, 32),
-    ("resnet18", 32, 128, 16),
-    ("resnet18", 32, 256, 8),
-    ("resnet18", 32, 512, 4),
-]
 VARIANTS = ["inner", "stream"]
 MODES = ["train", "eval_fwd"]
 PROVIDERS = ["op", "native", "unfused"]
@@ -59,16 +43,16 @@ def unfused(z, bn, e, residual):
     a = bn(z)
     if residual is not None:
         a = a + residual
-    return F.relu(a) * torch.sigmoid(S * e).view(1, -1, 1, 1)
+    return F.relu(a) * torch.sigmoid(MASK_S * e).view(1, -1, 1, 1)
 
 
 def native(z, bn, e, residual):
     ones = torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
-    return ops.masked_gate(bn(z), ones, torch.zeros_like(ones), e=e, s=S, residual=residual)
+    return ops.masked_gate(bn(z), ones, torch.zeros_like(ones), e=e, s=MASK_S, residual=residual)
 
 
 def fused(z, bn, e, residual):
-    return ops.bn_gate(z, bn, e=e, s=S, residual=residual)
+    return ops.bn_gate(z, bn, e=e, s=MASK_S, residual=residual)
 
 
 FNS = {"op": fused, "native": native, "unfused": unfused}
@@ -105,55 +89,23 @@ def _check(fn, z, bn, e, r, gy, leaves):
         leaves_ref = [z, bn_ref.weight, bn_ref.bias, e] + ([r] if r is not None else [])
         bn2 = copy.deepcopy(bn)
         leaves2 = [z, bn2.weight, bn2.bias, e] + ([r] if r is not None else [])
-        g = torch.autograd.grad(fn(z, bn2, e, r), leaves2, gy)
-        g_ref = torch.autograd.grad(unfused(z, bn_ref, e, r), leaves_ref, gy)
-        for i, (a, b) in enumerate(zip(g, g_ref)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3,
-                                       msg=lambda m, i=i: f"grad {i}: {m}")
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        assert_grads_close(torch.autograd.grad(fn(z, bn2, e, r), leaves2, gy),
+                           torch.autograd.grad(unfused(z, bn_ref, e, r), leaves_ref, gy),
+                           rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-N{s[1]}-C{s[2]}-HW{s[3]}")
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=mask_shape_id)
 def test_bn_gate(benchmark, shape, variant, mode, provider):
     net, N, C, HW = shape
     fn = FNS[provider]
     train = mode == "train"
     z, bn, e, r, gy, leaves = _inputs(N, C, HW, variant, train)
-    benchmark.group = f"bn_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}"
-    benchmark.extra_info.update(
-        op="bn_gate",
-        provider=provider,
-        mode=mode,
-        variant=variant,
-        net=net,
-        shape=[N, C, HW, HW],
-        device=str(DEVICE),
-        dtype="float32",
-        implementation=ops.implementation("bn_gate", DEVICE) if provider == "op" else provider,
-        threads=torch.get_num_threads(),
-        der_fast=der_fast.__version__,
-        torch=torch.__version__,
-    )
     _check(fn, z, bn, e, r, gy, leaves)
-
-    if train:
-
-        def run():
-            torch.autograd.grad(fn(z, bn, e, r), leaves, gy)
-            _sync()
-    else:
-
-        def run():
-            with torch.no_grad():
-                fn(z, bn, e, r)
-            _sync()
-
-    run()  # warm-up (allocator, Triton compile)
-    benchmark(run)
+    bench_op(benchmark, "bn_gate", provider,
+             f"bn_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}", DEVICE,
+             lambda: fn(z, bn, e, r),
+             (lambda y: torch.autograd.grad(y, leaves, gy)) if train else None,
+             mode=mode, variant=variant, net=net, shape=[N, C, HW, HW])

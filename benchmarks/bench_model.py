@@ -1,7 +1,7 @@
 """Whole-model benchmarks of DER: providers side by side per workload, backbone, t, density.
 
     pytest benchmarks/bench_model.py --benchmark-only --benchmark-json out.json
-    python -m der_fast.bench_report out.json
+    python benchmarks/harness/report.py out.json
 
 Providers (benchmarks/harness/constants.py: DEFAULT_PROVIDERS): DERNet eager, DERNet
 channels_last, torch.compile(DERNet), a torch.func ensemble of the frozen extractors,

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
 
     first = timed(case(args.t), args.provider)
     # the cases in between run for what they leave behind: timed even where torch.compile's
-    # gradients miss the equivalence bound (they do in stage 1 on this CPU, RESULTS.md 9)
+    # gradients miss the equivalence bound (they do in stage 1 on this CPU: RESULTS.md,
+    # "FastDERNet vs torch.compile of the reference")
     between = {f"compile t={t}": timed(case(t), "compile", strict=False)
                for t in args.compile_t}
     last = timed(case(args.t), args.provider)

@@ -9,7 +9,7 @@ Tables: for every benchmark group that has an ``op`` provider, the op's time div
 other provider's (``op/ref``, ``op/unfused``: below 1 means the op is faster), from the medians
 and, in brackets, from the minima (less sensitive to other load on a shared machine); and for
 the model workloads (bench_model.py) the median of every provider per workload and t with its
-speedup over the reference and over torch.compile (der_fast.bench_report.format_summary).
+speedup over the reference and over torch.compile (harness/report.py's format_summary).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
 
 from benchmarks import harness as H  # noqa: E402
-from der_fast import bench_report  # noqa: E402
+from benchmarks.harness import report  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +69,8 @@ def _op_ratios(tr, benchmarks) -> None:
 
 def _model_summary(tr, benchmarks) -> None:
     records = [b.as_dict(include_data=False) for b in benchmarks]
-    results, _ = bench_report.load({"benchmarks": records})
-    text = bench_report.format_summary(results)
+    results, _ = report.load({"benchmarks": records})
+    text = report.format_summary(results)
     if text:
         tr.section("der_fast model workloads: median ms per provider, speedup over the "
                    "reference (b) and torch.compile (c)")

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 # (label, file suffix, function name): cumulative time of that function
 PARTS = [
     ("stage 1", "train/stages.py", "stage1"),
-    ("  data + augmentation", "train/batches.py", "_train_batches"),
+    ("  data + augmentation", "train/batches.py", "train_batches"),
     ("  forward + loss", "train/stages.py", "loss_fn"),
     ("  backward", "torch/_tensor.py", "backward"),
     ("  optimiser step", "torch/optim/sgd.py", "step"),
@@ -44,8 +44,8 @@ PARTS = [
     ("  BatchNorm re-estimation", "train/stages.py", "recalibrate_bn"),
     ("stage 2", "train/stages.py", "stage2"),
     ("herding", "data/memory.py", "update"),
-    ("evaluation", "train/evaluate.py", "_step_row"),
-    ("checkpoints", "train/outputs.py", "_save_ckpt"),
+    ("evaluation", "train/evaluate.py", "step_row"),
+    ("checkpoints", "train/outputs.py", "save_ckpt"),
 ]
 
 KINDS = [  # (label, substrings of an operator's name), first match wins

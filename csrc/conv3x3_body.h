@@ -1,4 +1,4 @@
-// Body of the direct 3x3 convolution kernel (csrc/conv3x3.cpp includes it once per
+// Body of the direct 3x3 convolution kernel (csrc/conv3x3_bordered.cpp includes it once per
 // instruction set, inside a namespace and a `#pragma GCC target` region). Not a standalone
 // header: it has no include guard on purpose.
 //

@@ -10,7 +10,7 @@ pooling. Channel masks (HAT-style, ``m = sigmoid(s * e)``) sit at two kinds of *
 All blocks of a stage share the stage's stream mask, so a channel that is off is zero in the
 whole stage's residual stream. With binary masks, removing the off channels (conv in/out
 channels, BN entries, shortcut entries, classifier columns) is therefore *exact*: the pruned
-network computes the same function as the masked one (tests/test_masks.py checks this).
+network computes the same function as the masked one (tests/test_prune.py checks this).
 
 A network may be pruned: then each mask point has a width smaller than the architecture's and a
 persistent buffer ``kept_<point>`` holding the original channel indices that survive (sorted).
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ARCHS", "Arch", "MaskedResNet", "make_backbone", "conv_layers", "binarize",
+           "floor_channels",
            "STREAM_FLOOR", "S_MAX", "LOGIT_BOUND", "MASK_INIT"]
 
 # Fewest channels a residual stream keeps when binarised, as a fraction of its full width.
@@ -313,9 +314,15 @@ def binarize(e: torch.Tensor, min_on: int = 1) -> torch.Tensor:
     without graph breaks."""
     m = e > 0
     k = min(max(1, int(min_on)), e.numel())
-    top = torch.argsort(-e.float(), stable=True)[:k]
-    floor = torch.zeros_like(m).scatter(0, top, True)
-    return m | (floor & (m.sum() < k))
+    return m | (floor_channels(e, k) & (m.sum() < k))
+
+
+def floor_channels(e: torch.Tensor, min_on: int) -> torch.Tensor:
+    """The channels :func:`binarize` keeps whatever their sign: the ``min_on`` largest ``e``
+    (ties by lower index), as a bool mask."""
+    k = min(max(1, int(min_on)), e.numel())
+    top = torch.argsort(-e.detach().float(), stable=True)[:k]
+    return torch.zeros(e.shape, dtype=torch.bool, device=e.device).scatter(0, top, True)
 
 
 def make_backbone(name: str, in_channels: int = 3, masked: bool = False, **kw) -> MaskedResNet:

@@ -66,7 +66,7 @@ def load_run(run: Path):
     from .data import class_order, dataset_info
     from .reference import DERNet
     from .train.config import ConfigError
-    from .train.outputs import _read_ckpt
+    from .train.outputs import read_ckpt
 
     ckpt = run / "checkpoint.pt"
     if not run.is_dir():
@@ -74,7 +74,7 @@ def load_run(run: Path):
     if not ckpt.is_file():
         raise ExportError(f"{run} is not a der_fast run directory: it has no checkpoint.pt")
     try:
-        state = _read_ckpt(ckpt)
+        state = read_ckpt(ckpt)
     except ConfigError as exc:
         raise ExportError(str(exc)) from None
     cfg, nxt, steps = state["config"], state.get("next"), state.get("steps")
@@ -130,9 +130,9 @@ def load_run(run: Path):
 
 def _check_out(run: Path, out: Path, overwrite: bool) -> None:
     """Never a run's own file, a directory, or (without ``overwrite``) an existing file."""
-    from .train.outputs import _RESULT_FILES
+    from .train.outputs import RESULT_FILES
 
-    own = set(_RESULT_FILES) | {"tensorboard", ".write_test"}
+    own = set(RESULT_FILES) | {"tensorboard", ".write_test"}
     own |= {f + ".tmp" for f in own}
     target, home = out.resolve(), run.resolve()
     if target == home or (home in target.parents

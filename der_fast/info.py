@@ -1,14 +1,16 @@
 """``python -m der_fast.info``: what this installation of der_fast contains and uses.
 
 Prints the package and torch versions, which compiled backends were built (from the generated
-der_fast/_build_info.py) and can be imported, for each visible GPU whether der_fast._C_cuda has
-code for it, whether Triton is available, and which implementation each op uses on CPU and on
-CUDA.
+der_fast/_build_info.py) and can be imported (and which ops they register kernels for: the JSON
+lists them, the text flags a der_fast._C without a kernel for an op), for each visible GPU
+whether der_fast._C_cuda has code for it, whether Triton is available, and which implementation
+each op uses on CPU and on CUDA.
 
 Options:
   --check  exit with status 1 if a part that should have been built is missing: the C++ CPU
-           extension (unless DER_FAST_BUILD_CPU=0), or the CUDA extension when torch has CUDA,
-           nvcc is found and DER_FAST_BUILD_CUDA is not 0 (used by CI: .ci/run).
+           extension (unless DER_FAST_BUILD_CPU=0) or one of its kernels, or the CUDA extension
+           when torch has CUDA, nvcc is found and DER_FAST_BUILD_CUDA is not 0 (used by CI:
+           .ci/run).
   --json   print the same information as JSON.
 """
 
@@ -55,8 +57,19 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_devices": devices,
         "build": build,
-        "cpu_ext": {"importable": ops.HAS_CPU_EXT, "error": ops.CPU_EXT_ERROR},
-        "cuda_ext": {"importable": ops.HAS_CUDA_EXT, "error": ops.CUDA_EXT_ERROR},
+        "cpu_ext": {
+            "importable": ops.HAS_CPU_EXT,
+            "error": ops.CPU_EXT_ERROR,
+            "kernels": sorted(ops.CPU_EXT_OPS),
+            # der_fast._C has a kernel for every op
+            "missing_kernels": sorted(set(ops.SCHEMAS) - ops.CPU_EXT_OPS) if ops.HAS_CPU_EXT
+            else [],
+        },
+        "cuda_ext": {
+            "importable": ops.HAS_CUDA_EXT,
+            "error": ops.CUDA_EXT_ERROR,
+            "kernels": sorted(ops.CUDA_EXT_OPS),
+        },
         "cuda_ext_on_devices": coverage,
         "triton": {"version": triton_version, "used": ops.HAS_TRITON},
         "cuda_expected": {"expected": cuda_expected, "why": cuda_why},
@@ -72,6 +85,11 @@ def problems(info: dict) -> list[str]:
     out = []
     if info["cpu_expected"] and not info["cpu_ext"]["importable"]:
         out.append(f"the C++ CPU extension der_fast._C is missing ({info['cpu_ext']['error']})")
+    if info["cpu_ext"]["missing_kernels"]:
+        out.append(
+            "the C++ CPU extension der_fast._C has no kernel for "
+            f"{', '.join(info['cpu_ext']['missing_kernels'])} (rebuild der_fast)"
+        )
     if info["cuda_expected"]["expected"] and not info["cuda_ext"]["importable"]:
         out.append(
             "the CUDA extension der_fast._C_cuda should have been built "
@@ -104,6 +122,8 @@ def render(info: dict) -> str:
         f"  cpu  C++ extension  der_fast._C       built: {_yes(b.get('built_cpu', False))}, "
         f"importable: {_yes(info['cpu_ext']['importable'])}{built_at}"
     )
+    if info["cpu_ext"]["missing_kernels"]:
+        lines.append(f"    NO KERNEL for: {', '.join(info['cpu_ext']['missing_kernels'])}")
     cuda_detail = ""
     if b.get("built_cuda"):
         cuda_detail = (

@@ -11,7 +11,8 @@ import math
 import torch
 from torch import nn
 
-from .backbones import LOGIT_BOUND, MASK_INIT, S_MAX, MaskedResNet, binarize, conv_layers
+from .backbones import (LOGIT_BOUND, MASK_INIT, S_MAX, MaskedResNet, binarize, conv_layers,
+                        floor_channels)
 
 __all__ = [
     "anneal_s", "set_s", "compensate_grads", "clamp_embeddings", "sparsity_loss",
@@ -70,9 +71,17 @@ def clamp_embeddings(net: MaskedResNet, s_max: float = S_MAX) -> None:
 
 
 def _mask_sums(net: MaskedResNet) -> dict:
-    # a point never counts fewer channels than binarisation keeps (net.min_on): no sparsity
-    # pressure below that floor
-    sums = {p: torch.clamp(net.gate(p).sum(), min=float(net.min_on(p))) for p in net.mask_e}
+    # |m_l|_1 as binarisation will count it: the floor channels (net.min_on, the largest e)
+    # are kept whatever their gate, so they count one each and feel no sparsity pressure;
+    # the pressure acts on the other channels only. (Counting the floor channels' soft gates
+    # instead pushed a stream's every gate down together until their sum reached the floor,
+    # leaving half-on channels that binarisation then switched fully on or off:
+    # benchmarks/RESULTS.md, "Masks that cost under a point".)
+    sums = {}
+    for p, e in net.mask_e.items():
+        k = min(int(net.min_on(p)), e.numel())
+        rest = ~floor_channels(e, k)
+        sums[p] = (net.gate(p) * rest).sum() + float(k)
     sums["input"] = torch.tensor(float(net.in_channels), device=next(iter(sums.values())).device)
     return sums
 
@@ -81,7 +90,9 @@ def sparsity_loss(net: MaskedResNet) -> torch.Tensor:
     """Ratio of weights in use (DER.md):
     ``sum_l K_l |m_{l-1}|_1 |m_l|_1 / sum_l K_l c_{l-1} c_l`` over every conv ``l``, with the
     image as layer 0 (``|m_0|_1`` = its channel count). Differentiable in the embeddings.
-    ``|m_l|_1`` is floored at the channels binarisation keeps (:meth:`MaskedResNet.min_on`)."""
+    ``|m_l|_1`` counts the point's floor channels (:meth:`MaskedResNet.min_on`, the largest
+    ``e``, which binarisation keeps whatever their sign) as one each, without gradient, plus
+    the soft masks of the other channels."""
     if net.mask_e is None:
         raise ValueError("sparsity_loss needs a masked extractor (masked=True)")
     sums = _mask_sums(net)

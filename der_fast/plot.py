@@ -246,7 +246,7 @@ def write_run_outputs(out_dir, metrics: dict, plots: bool = True) -> Optional[st
 
 
 #: what a run directory holds (the trainer's result files, its TensorBoard folder and lock):
-#: a plot never writes over them (train.outputs._RESULT_FILES is a subset, checked there)
+#: a plot never writes over them (train.outputs.RESULT_FILES is a subset, checked there)
 RUN_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
              "params.png", "tensorboard", ".lock")
 _RUN_MARKS = ("checkpoint.pt", "metrics.json", "config.json", ".lock")  # "this holds a run"

@@ -4,8 +4,8 @@
 
 ``masked_gate_fwd`` / ``masked_gate_bwd`` take and return torch tensors; der_fast.ops registers
 them as the op's CUDA kernels. They also run on CPU tensors under the Triton interpreter
-(``TRITON_INTERPRET=1`` set before triton is imported), which is how tests/test_gating.py checks
-them on machines without a GPU.
+(``TRITON_INTERPRET=1`` set before triton is imported), which is how
+tests/test_masked_gate_triton.py checks them on machines without a GPU.
 
 Layouts. Inputs are made dense: NCHW is seen as a matrix [N*C, HW] whose rows are (n, c)
 planes (channel = row % C); channels_last and 2-D [N, C] inputs as [N*HW, C] (channel =

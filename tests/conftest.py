@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-# The repository root goes last on sys.path: benchmarks/harness (shared by the exactness tests
-# and the benchmarks) is imported from it, while `der_fast` stays the installed package, with
-# its compiled kernels. (`python -m pytest` from a checkout puts the root first, which would
-# import the source tree's der_fast and run every op on its PyTorch fallback.)
+# The repository root goes last on sys.path: `benchmarks` (the harness shared by the exactness
+# tests and the benchmarks, the parity scripts) is imported from it, while `der_fast` stays the
+# installed package, with its compiled kernels. (`python -m pytest` from a checkout puts the
+# root first, which would import the source tree's der_fast and run every op on its PyTorch
+# fallback; pytest's `pythonpath` ini option would put it first too: it inserts at the head.)
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT] + [str(_ROOT)]
 

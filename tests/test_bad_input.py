@@ -91,7 +91,7 @@ def test_bad_flag(extra, message, capsys, tmp_path):
     argv = [*TINY, "--out", str(out), *extra]
     if "--resume" in extra:
         (tmp_path / "somewhere").mkdir()
-        outputs._save_ckpt(tmp_path / "somewhere", {"config": asdict(T.Config()), "model": {}})
+        outputs.save_ckpt(tmp_path / "somewhere", {"config": asdict(T.Config()), "model": {}})
         argv = ["--resume", str(tmp_path / "somewhere"), "--overwrite"]
     _train(argv, capsys, message)
     assert not out.exists()  # refused before the output directory was made
@@ -191,7 +191,7 @@ def _ckpt(out: Path, **entries):
     state.update(entries)
     state = {k: v for k, v in state.items() if v is not None}
     out.mkdir(exist_ok=True)
-    outputs._save_ckpt(out, state)
+    outputs.save_ckpt(out, state)
 
 
 @pytest.mark.parametrize("entries, message", [
@@ -285,8 +285,8 @@ def test_metrics_write_failure(capsys, tmp_path, monkeypatch):
     def fail(path, obj):
         raise T.faults.WriteFailed(f"cannot write {path}: [Errno 28] No space left on device")
 
-    monkeypatch.setattr(outputs, "_write_json", fail)
-    monkeypatch.setattr(pipeline, "_write_json", fail)
+    monkeypatch.setattr(outputs, "write_json", fail)
+    monkeypatch.setattr(pipeline, "write_json", fail)
     out = tmp_path / "o"
     err = _train([*TINY, "--out", str(out)], capsys, "config.json", code=4)
     assert "Traceback" not in err
@@ -294,13 +294,13 @@ def test_metrics_write_failure(capsys, tmp_path, monkeypatch):
 
 def test_sigint_stops_at_the_next_boundary_and_says_how_to_resume(capsys, tmp_path,
                                                                    monkeypatch):
-    real = pipeline._save_ckpt
+    real = pipeline.save_ckpt
 
     def save_then_ctrl_c(out, state):
         real(out, state)
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
 
-    monkeypatch.setattr(pipeline, "_save_ckpt", save_then_ctrl_c)
+    monkeypatch.setattr(pipeline, "save_ckpt", save_then_ctrl_c)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN where pytest runs in the background
     out = tmp_path / "o"
     err = _train([*TINY, "--out", str(out)], capsys, "interrupted by SIGINT", code=130)
@@ -310,7 +310,7 @@ def test_sigint_stops_at_the_next_boundary_and_says_how_to_resume(capsys, tmp_pa
 
 
 def test_json_is_strict(tmp_path):
-    outputs._write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.0]})
+    outputs.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.0]})
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"a": None, "b": [None, 1.0]}

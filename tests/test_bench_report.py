@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from der_fast import bench_report as R
+from benchmarks.harness import report as R
 
 
 # ============================================================================ synthetic JSON

@@ -2,9 +2,10 @@
 
 BatchNorm2d (train / eval) + optional residual + ReLU (or none) + per-channel gate, forward and
 backward. The kernels run on CPU tensors under the Triton interpreter, in one subprocess with
-TRITON_INTERPRET=1 set before triton is imported (as tests/test_gating.py does), so this module
-works under plain ``pytest`` too. Every output (y, mean, var) and every gradient is compared
-with plain PyTorch maths: torch autograd of F.batch_norm(training=...) + residual + relu + gate.
+TRITON_INTERPRET=1 set before triton is imported (as tests/test_masked_gate_triton.py does), so
+this module works under plain ``pytest`` too. Every output (y, mean, var) and every gradient is
+compared with plain PyTorch maths: torch autograd of F.batch_norm(training=...) + residual +
+relu + gate.
 
 - float64 inputs: within 1e-10 (scaled by max(1, max|expected|)) of the float64 reference.
 - float32 (and bfloat16 / float16) inputs: compared with the float64 reference evaluated on the
@@ -15,7 +16,8 @@ with plain PyTorch maths: torch autograd of F.batch_norm(training=...) + residua
 - NCHW and channels_last (outputs keep z's memory format), 2-D [N, C], with/without residual and
   e, relu False, training and eval, output_mask subsets (None where not asked), H*W = 1 with
   C = 1, M = 1 in eval, M = 0 (NaN statistics, zero gradient sums, empty outputs) and C = 0.
-- The kernels also compile for sm_90 ahead of time (no GPU needed), as in tests/test_gating.py.
+- The kernels also compile for sm_90 ahead of time (no GPU needed), as in
+  tests/test_masked_gate_triton.py.
 """
 
 from __future__ import annotations
@@ -23,13 +25,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import textwrap
-import zlib
 from pathlib import Path
 
 import pytest
+
+from helpers import run_python, triton_interpreter_results
 
 if importlib.util.find_spec("triton") is None:  # pragma: no cover - CPU-only installs
     pytest.skip("triton is not installed", allow_module_level=True)
@@ -110,7 +111,7 @@ _SCRIPT = textwrap.dedent(
     import triton  # noqa: F401  (imported after TRITON_INTERPRET is set)
 
     why = ""
-    try:  # the installed package's copy (der_fast.kernels), as test_gating does ...
+    try:  # the installed package's copy (der_fast.kernels), as test_masked_gate_triton does ...
         from der_fast import _backend
         bg = _backend.load_kernel_module("bn_gate")
     except Exception as err:  # ... or the checkout's kernels/bn_gate.py (needs only triton)
@@ -231,20 +232,8 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interp_results():
-    env = dict(
-        os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p)
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(KERNEL_FILE), json.dumps(CASES + EMPTY_CASES)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULTS"))
-    return json.loads(line[len("RESULTS") :])
+    return triton_interpreter_results(_SCRIPT, str(KERNEL_FILE), json.dumps(CASES + EMPTY_CASES),
+                                      timeout=600)
 
 
 _ULP = {"fp64": 2.0**-52, "fp32": 2.0**-23, "bf16": 2.0**-7, "fp16": 2.0**-10}
@@ -392,14 +381,7 @@ def test_bn_gate_triton_kernels_compile_for_sm90():
     interpreter has run is also valid for the real compiler (in a subprocess without
     TRITON_INTERPRET, so this runs under the interpreter's environment too)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _AOT_SCRIPT, str(KERNEL_FILE)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    proc = run_python(_AOT_SCRIPT, str(KERNEL_FILE), env=env, timeout=600)
     assert proc.returncode == 0, f"AOT compile failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     if proc.stdout.startswith("SKIP"):
         pytest.skip(proc.stdout.strip())

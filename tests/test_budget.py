@@ -12,7 +12,7 @@ from torch import nn
 
 from der_fast import masks as M
 from der_fast import train as T
-from der_fast.backbones import STREAM_FLOOR, MaskedResNet
+from der_fast.backbones import STREAM_FLOOR, MaskedResNet, binarize
 from der_fast.objective import make_optimizer
 from der_fast.reference import DERNet
 
@@ -105,14 +105,24 @@ def test_floors_hold_under_any_pressure(arch, seed):
     assert pruned.out_dim == math.ceil(STREAM_FLOOR * net.out_dim)
 
 
-def test_sparsity_loss_exerts_no_pressure_below_the_floor():
+def test_sparsity_loss_exerts_no_pressure_on_the_floor_channels(seed):
+    """The channels binarisation keeps whatever their sign (the min_on largest e of a point)
+    get no sparsity gradient, whatever the other gates sum to; every other channel is pushed
+    down, also when a point's soft gates sum to less than its floor."""
     net = MaskedResNet("resnet32", masked=True)
     with torch.no_grad():
         for e in net.mask_e.values():
-            e.fill_(-0.02)
-    net.s = 400.0  # every gate ~ 3e-4: below every floor
+            e.copy_(torch.rand(e.shape) * 0.02 - 0.015)  # gates ~ 0.002-0.99
+    net.s = 400.0
     M.sparsity_loss(net).backward()
-    assert all(float(e.grad.abs().max()) == 0.0 for e in net.mask_e.values())
+    for p, e in net.mask_e.items():
+        k = net.min_on(p)
+        top = torch.topk(e.detach(), k).indices
+        floor = torch.zeros(e.numel(), dtype=torch.bool)
+        floor[top] = True
+        assert torch.equal(floor, binarize(e.detach() - 1.0, k)), p  # binarize's floor
+        assert float(e.grad[floor].abs().max()) == 0.0, p
+        assert bool((e.grad[~floor] > 0).all()), p
 
 
 @pytest.mark.parametrize("arch", BACKBONES)

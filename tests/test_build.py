@@ -1,6 +1,6 @@
-"""Build checks: the compiled parts that should exist do, the schemas in C++ and Python agree,
-the CUDA toolkit finder works, `python -m der_fast.info` runs, and der_fast.ops works (quietly
-falling back to PyTorch) when the extensions are missing.
+"""Build checks: the compiled parts that should exist do, the schemas are defined once (in
+Python; csrc/ only registers kernels), the CUDA toolkit finder works, `python -m der_fast.info`
+runs, and der_fast.ops works (quietly falling back to PyTorch) when the extensions are missing.
 
 test_cuda_extension_built_when_expected is the CI check: it fails when torch has CUDA, nvcc is
 found and DER_FAST_BUILD_CUDA != 0, but der_fast._C_cuda was not built (same logic as
@@ -10,16 +10,19 @@ found and DER_FAST_BUILD_CUDA != 0, but der_fast._C_cuda was not built (same log
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 from der_fast import _backend, ops
 
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 def _env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -41,6 +44,9 @@ def test_cpu_extension_built():
         f"der_fast._C is missing ({ops.CPU_EXT_ERROR}); build with "
         f"`python setup.py build_ext --inplace` or `pip install .`. Build record: {_build_info()}"
     )
+    assert ops.CPU_EXT_OPS == set(ops.SCHEMAS), (
+        f"der_fast._C has no kernel for {sorted(set(ops.SCHEMAS) - ops.CPU_EXT_OPS)}"
+    )
 
 
 def test_cuda_extension_built_when_expected():
@@ -53,12 +59,29 @@ def test_cuda_extension_built_when_expected():
     )
 
 
-def test_schemas_agree():
-    """csrc/der_fast.cpp defines the schemas; ops.SCHEMAS (the fallback copy) must match."""
+def test_schemas_defined_once():
+    """ops.SCHEMAS (Python) defines every der_fast:: op; csrc/ defines none and registers kernels
+    only for ops in SCHEMAS."""
+    definition = re.compile(r"\bTORCH_LIBRARY(_FRAGMENT)?\s*\(|\bm\.def\s*\(|set_python_module")
+    sources = sorted(p for p in CSRC.rglob("*") if p.suffix in (".cpp", ".cu", ".h", ".cuh"))
+    assert sources, f"no C++ sources in {CSRC}"
+    impls = set()
+    for path in sources:
+        text = path.read_text()
+        found = [m.group(0) for m in definition.finditer(text)]
+        assert not found, f"{path.relative_to(CSRC.parent)} defines schemas: {found}"
+        impls.update(re.findall(r'\bm\.impl\(\s*"(\w+)"', text))
+    assert impls, "no m.impl(...) found in csrc/"
+    unknown = impls - set(ops.SCHEMAS)
+    assert not unknown, f"csrc/ registers kernels for ops without a schema: {unknown}"
+    # at run time: every der_fast:: name the dispatcher knows (from a schema or from a kernel
+    # registration) is one of SCHEMAS, defined as written there
+    known = {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+             if n.startswith("der_fast::")}
+    assert known == set(ops.SCHEMAS), known ^ set(ops.SCHEMAS)
     for name, text in ops.SCHEMAS.items():
         registered = getattr(torch.ops.der_fast, name).default._schema
-        expected = torch._C.parse_schema("der_fast::" + text)
-        assert str(registered) == str(expected), f"{name}: C++ {registered} != Python {expected}"
+        assert str(registered) == str(torch._C.parse_schema("der_fast::" + text)), name
 
 
 def test_info_runs():
@@ -127,6 +150,9 @@ _NO_EXT_SCRIPT = textwrap.dedent(
     import torch
     from der_fast import ops
     assert not ops.HAS_CPU_EXT and not ops.HAS_CUDA_EXT
+    assert not ops.CPU_EXT_OPS and not ops.HAS_BORDERED_RESNET
+    # the PyTorch fallback is a CPU kernel too; CPU_EXT_OPS tells the compiled ones apart
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("der_fast::masked_gate", "CPU")
     assert ops.implementation("masked_gate", "cpu").startswith("ref")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 3, 3, generator=g).to(memory_format=torch.channels_last).requires_grad_()

@@ -9,7 +9,7 @@ What "the same training" means here (and the tolerance used):
   so the two runs give the same numbers; the test allows 1e-5 relative on losses and demands
   equal accuracies and parameter counts;
 * against a plain 1-process run (BatchNorm over the whole batch, not per half) the numbers
-  differ like two seeds do (see the README); that is not asserted here.
+  differ like two seeds do (see docs/distributed.md); that is not asserted here.
 """
 
 import json
@@ -23,7 +23,7 @@ import torch
 
 from der_fast import data as D
 from der_fast import train as T
-from der_fast.train.batches import _gen, _train_batches
+from der_fast.train.batches import seeded_generator, train_batches
 
 TINY = ["--data-root", "embedded", "--train-per-class", "24", "--test-per-class", "10",
         "--init-cls", "2", "--increment", "4", "--epochs", "1", "--epochs-stage2", "1",
@@ -38,7 +38,7 @@ def _cfg(*extra):
 
 
 def _batches(data, idx, cfg, chunks=1, mine=(0,), force=False):
-    return list(_train_batches(data, idx, cfg, _gen(7, 1), None, chunks, list(mine),
+    return list(train_batches(data, idx, cfg, seeded_generator(7, 1), None, chunks, list(mine),
                               force_sharded=force))
 
 

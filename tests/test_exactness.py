@@ -8,7 +8,7 @@ with a float64 run of the reference as the judge.
   both relative to the tensor's max |value|. The ulps are needed where the reference's own
   error is a few ulps: a 1-ulp change of the logits (the frozen extractors' folded arithmetic)
   moves the trainable extractor's gradients by tens of ulps, in either model (the measured
-  worst cases: benchmarks/RESULTS.md, "7. Exactness against float64").
+  worst cases: benchmarks/RESULTS.md, "Exactness against float64").
 * Many steps: 20 stage-1 SGD steps with masks (s annealed, HAT compensation, clamping), the
   reference and FastDERNet side by side: in float64 the losses agree to ~1e-12 (bound 1e-11); in float32 the fast
   model stays as close to the float64 trajectory as 2x the float32 reference (+ 48 ulps).

@@ -1,6 +1,6 @@
-"""benchmarks/parity.py, the side-by-side comparison with PyCIL: the images both systems see,
-der_fast's side of a run, and the table's statistics. (PyCIL itself is not a dependency: its
-side runs only where a checkout is given.)"""
+"""benchmarks/parity/parity.py, the side-by-side comparison with PyCIL: the images both systems
+see, der_fast's side of a run, and the table's statistics. (PyCIL itself is not a dependency:
+its side runs only where a checkout is given.)"""
 
 import math
 
@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import load_benchmark
-
-parity = load_benchmark("parity")
+from benchmarks.parity import parity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,5 +1,5 @@
-"""benchmarks/parity_lockstep.py: der_fast's side of the lockstep with PyCIL. PyCIL is not a
-dependency, so its training loop is written out here as models/der.py has it (SGD over the
+"""benchmarks/parity/parity_lockstep.py: der_fast's side of the lockstep with PyCIL. PyCIL is
+not a dependency, so its training loop is written out here as models/der.py has it (SGD over the
 parameters that require grad, MultiStepLR, CE + auxiliary CE, frozen extractors in eval mode,
 weight aligning); der_fast's trainer fed the same batches must land on the same weights."""
 
@@ -10,17 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.parity import parity_lockstep
 from der_fast import DERNet
 from der_fast.compat import from_pycil_state_dict, to_pycil_state_dict
-from helpers import load_benchmark
-
-lockstep = load_benchmark("parity_lockstep")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _protocol(**kw):
-    p = lockstep.parity._parser().parse_args([])
+    p = parity_lockstep.parity._parser().parse_args([])
     for k, v in kw.items():
         setattr(p, k, v)
     return p
@@ -79,21 +77,21 @@ def test_der_fast_step_follows_pycils_loop_in_float64(task_sizes):
                          milestones=p.milestones, weight_decay=wd).state_dict()
 
     def ours(**kw):
-        return lockstep.der_fast_step(p, 1, start, task_sizes, epochs, impl="reference",
-                                      dtype=torch.float64, **kw).state_dict()
+        return parity_lockstep.der_fast_step(p, 1, start, task_sizes, epochs, impl="reference",
+                                             dtype=torch.float64, **kw).state_dict()
 
     keys = [k for k, v in theirs.items()
             if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    moved = lockstep._distance(from_pycil_state_dict(start, "resnet32",
-                                                     task_sizes=task_sizes), theirs, keys)
+    moved = parity_lockstep._distance(from_pycil_state_dict(start, "resnet32",
+                                                            task_sizes=task_sizes), theirs, keys)
     assert moved > 1e-2  # the step did train
-    assert lockstep._distance(ours(), theirs, keys) < 1e-10
+    assert parity_lockstep._distance(ours(), theirs, keys) < 1e-10
     # and the comparison sees a small change of recipe
-    assert lockstep._distance(ours(weight_decay=2.5 * wd), theirs, keys) > 1e-6
+    assert parity_lockstep._distance(ours(weight_decay=2.5 * wd), theirs, keys) > 1e-6
 
 
 def test_recorder_passes_batches_through_and_keeps_each_pass():
-    rec = lockstep._Recorder()
+    rec = parity_lockstep._Recorder()
     data = [(i, torch.randn(2, 3), torch.tensor([i, i + 1])) for i in range(3)]
     loader = rec.wrap(data)
     assert len(loader) == 3
@@ -108,9 +106,9 @@ def test_recorder_passes_batches_through_and_keeps_each_pass():
 def test_distance_is_relative_l2():
     a = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([0.0])}
     b = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([5.0])}
-    assert lockstep._distance(b, a, ["w", "b"]) == pytest.approx(1.0)
-    assert lockstep._distance(a, b, ["w", "b"]) == pytest.approx(5.0 / math.sqrt(50.0))
-    assert lockstep._distance(a, a, ["w"]) == 0.0
+    assert parity_lockstep._distance(b, a, ["w", "b"]) == pytest.approx(1.0)
+    assert parity_lockstep._distance(a, b, ["w", "b"]) == pytest.approx(5.0 / math.sqrt(50.0))
+    assert parity_lockstep._distance(a, a, ["w"]) == 0.0
 
 
 def test_table_reads_results_back_from_json():
@@ -123,7 +121,7 @@ def test_table_reads_results_back_from_json():
              "distance_to_float64": {n: float(torch.rand(())) for n in names},
              "test_predictions_equal": 1.0, "herding_same_exemplars_in_order": [True, False]}
             for t in range(2)]
-    text = lockstep.table(json.loads(json.dumps({"steps": rows})))
+    text = parity_lockstep.table(json.loads(json.dumps({"steps": rows})))
     lines = text.splitlines()
     assert "after 1 | after 2 | after 4 | end of step" in lines[0]
     assert len(lines) == 2 + 2 * len(names)
@@ -137,6 +135,6 @@ def test_table_reads_results_back_from_json():
                                   ["--first-step", "-1"]])
 def test_bad_step_range_is_refused_before_anything_runs(args, capsys):
     with pytest.raises(SystemExit) as exc:
-        lockstep.main(["--pycil", "/nonexistent"] + args)
+        parity_lockstep.main(["--pycil", "/nonexistent"] + args)
     assert exc.value.code == 2
     assert "--first-step" in capsys.readouterr().err

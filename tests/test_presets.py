@@ -135,7 +135,7 @@ def test_describe_lists_every_preset():
 
 def test_step0_schedule_defaults_to_the_later_steps():
     cfg = cfg_of("--epochs", "6", "--lr", "0.05", "--weight-decay", "1e-4")
-    assert cfg.schedule(0) == cfg.schedule(3) == (6, 0.05, [3, 5], 1e-4)
+    assert cfg.schedule(0) == cfg.schedule(3) == (6, 0.05, [3, 5], 1e-4, 0)
     cfg = cfg_of("--epochs", "6", "--milestones", "2", "4")
     assert cfg.schedule(0).milestones == cfg.schedule(1).milestones == [2, 4]
 
@@ -143,8 +143,8 @@ def test_step0_schedule_defaults_to_the_later_steps():
 def test_step0_schedule_flags():
     cfg = cfg_of("--epochs", "4", "--init-epochs", "7", "--init-lr", "0.2",
                  "--init-milestones", "3", "5", "--init-weight-decay", "1e-3")
-    assert cfg.schedule(0) == (7, 0.2, [3, 5], 1e-3)
-    assert cfg.schedule(1) == (4, cfg.lr, [2, 3], cfg.weight_decay)
+    assert cfg.schedule(0) == (7, 0.2, [3, 5], 1e-3, 0)
+    assert cfg.schedule(1) == (4, cfg.lr, [2, 3], cfg.weight_decay, 0)
     # step 0's epochs alone: its milestones are 60 % / 85 % of its own epochs
     assert cfg_of("--init-epochs", "20").schedule(0).milestones == [12, 17]
     # explicit later-step milestones are step 0's too unless it has its own
@@ -165,20 +165,20 @@ def test_bad_step0_schedule(argv, match):
 def test_presets_step0_schedules():
     # B50: the authors' "pretrain" schedule for the 50 base classes; B0: like every step
     b50 = cfg_of("--preset", "cifar100-b50-10")
-    assert b50.schedule(0) == (200, 0.1, [60, 120, 160], 5e-4)
-    assert b50.schedule(1) == (170, 0.1, [100, 120], 5e-4)
+    assert b50.schedule(0) == (200, 0.1, [60, 120, 160], 5e-4, 10)
+    assert b50.schedule(1) == (170, 0.1, [100, 120], 5e-4, 10)
     b0 = cfg_of("--preset", "cifar100-b0-10")
     assert b0.schedule(0) == b0.schedule(1)
     # PyCIL's DER recipe
     py = cfg_of("--preset", "pycil-cifar100-b0-10")
-    assert py.schedule(0) == (200, 0.1, [60, 120, 170], 5e-4)
-    assert py.schedule(1) == (170, 0.1, [80, 120, 150], 2e-4)
+    assert py.schedule(0) == (200, 0.1, [60, 120, 170], 5e-4, 0)
+    assert py.schedule(1) == (170, 0.1, [80, 120, 150], 2e-4, 0)
     assert (py.backbone, py.stage2, py.masks, py.prune, py.warmup_epochs) == \
         ("resnet32", "weight_align", False, False, 0)
     assert (py.memory_total, py.init_cls, py.increment) == (2000, 10, 10)
     # --epochs-scale scales step 0's schedule too
     s = cfg_of("--preset", "cifar100-b50-10", "--epochs-scale", "0.1")
-    assert s.schedule(0) == (20, 0.1, [6, 12, 16], 5e-4)
+    assert s.schedule(0) == (20, 0.1, [6, 12, 16], 5e-4, 1)
     assert (s.epochs, s.warmup_epochs) == (17, 1)
     # a flag that shortens step 0 below the preset's warm-up shortens the warm-up
     assert cfg_of("--preset", "cifar100-b50-10", "--init-epochs", "4").warmup_epochs == 4

@@ -5,7 +5,6 @@ classifier columns and logits, every backbone, t = 1 and 3, both models, one pro
 DDP's two-process path."""
 
 import copy
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,39 +15,22 @@ from der_fast import DERNet, FastDERNet
 from der_fast import masks as M
 from der_fast import train as T
 from der_fast.train import loop, stages
+from helpers import TensorData, noisy_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N_IMAGES, BATCH, HW = 24, 8, 32  # 3 batches per epoch
 
 
-class _Data:
-    """Random float64 images for ``recalibrate_bn``; the training batches come from
-    :func:`_batches` (patched into the loop), drawn from the epoch's generator."""
+class _Data(TensorData):
+    """Random float64 images (for ``recalibrate_bn``; the training batches are
+    :func:`noisy_batches` of them)."""
 
     def __init__(self, channels, n_classes):
         g = torch.Generator().manual_seed(5)
         self.x = torch.randn(N_IMAGES, channels, HW, HW, generator=g, dtype=torch.float64)
         self.y = torch.randint(0, n_classes, (N_IMAGES,), generator=g)
         self.info = SimpleNamespace(image_size=HW)
-
-    def batches(self, split, indices, batch_size, device=None, **_):
-        for i in range(0, len(indices), batch_size):
-            idx = torch.as_tensor(indices[i:i + batch_size])
-            yield self.x[idx], self.y[idx]
-
-
-def _batches(data, indices, cfg, gen, device, chunks=1, mine=(0,)):
-    """Shuffled batches, each with random per-image noise from ``gen`` (augmentation's stand-in);
-    with ``chunks`` pieces, this process's pieces (``mine``) of every batch."""
-    order = torch.randperm(len(indices), generator=gen)
-    for i in range(0, len(order), cfg.batch_size):
-        idx = order[i:i + cfg.batch_size]
-        x = data.x[idx] + 0.1 * torch.randn(data.x[idx].shape, generator=gen,
-                                            dtype=torch.float64)
-        y, n = data.y[idx], len(idx)
-        yield [(x[k * n // chunks:(k + 1) * n // chunks], y[k * n // chunks:(k + 1) * n // chunks])
-               for k in mine], n
 
 
 def _model(cls, backbone, t, in_channels=3):
@@ -79,7 +61,7 @@ def _cfg(backbone, prune, epochs=2):
 
 def _train(model, cfg, t, monkeypatch, rt=None):
     data = _Data(model.in_channels, model.n_classes)
-    monkeypatch.setattr(loop, "_train_batches", _batches)
+    monkeypatch.setattr(loop, "train_batches", noisy_batches)
     report = {}
     torch.manual_seed(3)
     stages.stage1(model, data, np.arange(N_IMAGES), cfg, t, 2 * t, "cpu", rt, report=report)
@@ -169,7 +151,7 @@ def test_no_prune_keeps_the_full_width_network(monkeypatch):
 def _ddp_worker(rank, world, store_path, backbone, prune, out):
     import torch.distributed as dist
 
-    from der_fast.train.distributed import _Dist
+    from der_fast.train.distributed import Dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
@@ -177,7 +159,7 @@ def _ddp_worker(rank, world, store_path, backbone, prune, out):
     try:
         mp = pytest.MonkeyPatch()
         model = _model(DERNet, backbone, 1)
-        rt = loop._Runtime(dist=_Dist(rank, world, None, True, False, "gloo"))
+        rt = loop.Runtime(dist=Dist(rank, world, None, True, False, "gloo"))
         rep, _ = _train(model, _cfg(backbone, prune), 1, mp, rt)
         assert ("time_prune_s" in rep) == prune
         if not prune:

@@ -3,7 +3,8 @@ of PyCIL's DERNet (resnet32, two extractors, 10 + 10 classes), an input batch, a
 aux_logits, features, loss, input gradient, parameter gradients and train-mode BatchNorm
 statistics that PyCIL's code (G-U-N/PyCIL at the pinned commit: ``DER.incremental_train``,
 ``DER.train``, ``DERNet.forward``) computed from them in float64, in train and eval mode. It is
-written by ``benchmarks/pycil_fixture.py`` (see there for what is PyCIL's code and what ours).
+written by ``benchmarks/parity/pycil_fixture.py`` (see there for what is PyCIL's code and what
+ours).
 
 Here the state_dict goes through der_fast's converter (``from_pycil``, masks off as for PyCIL
 args) into the reference DERNet and FastDERNet in float64, and everything must match PyCIL to
@@ -24,9 +25,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.parity import pycil_fixture
 from der_fast import DERNet, FastDERNet
 from der_fast import compat
-from helpers import load_benchmark
 
 FIXTURE = Path(__file__).with_name("data") / "pycil_dernet_resnet32.pt"
 MODES = ("train", "eval")
@@ -40,8 +41,6 @@ RTOL64 = 1e-10
 # by chance cancellation, 10x below its own logits' error (4.5e-7), which any gradient
 # downstream of the logits inherits; the fast model's 5.0e-7 is of the logits' size.
 FACTOR, ATOL = 2.0, 8 * 2.0 ** -23
-
-script = load_benchmark("pycil_fixture")
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,7 +98,7 @@ def run(model, mode: str, input_grad: bool = True, hook=None) -> dict:
         if p.grad is None:
             continue
         if p.dim() == 4:
-            rec["grad_proj"][n] = script.projections(n, p.grad.double())
+            rec["grad_proj"][n] = pycil_fixture.projections(n, p.grad.double())
             rec["grad_norm"][n] = p.grad.double().norm()
         else:
             rec["grad_full"][n] = p.grad
@@ -162,9 +161,10 @@ def measured(cls_name: str, dtype: torch.dtype, mode: str, input_grad: bool,
 # ============================================================================ provenance
 def test_fixture_is_from_the_pinned_pycil():
     fx = fixture()
-    assert fx["pycil_commit"] == script.PINNED_COMMIT
-    assert fx["pycil_blobs"] == script.PINNED_BLOBS
-    assert fx["projection"]["seed"] == script.PROJ_SEED and fx["projection"]["k"] == script.PROJ_K
+    assert fx["pycil_commit"] == pycil_fixture.PINNED_COMMIT
+    assert fx["pycil_blobs"] == pycil_fixture.PINNED_BLOBS
+    assert fx["projection"]["seed"] == pycil_fixture.PROJ_SEED
+    assert fx["projection"]["k"] == pycil_fixture.PROJ_K
     assert fx["task_sizes"] == [10, 10] and fx["args"]["convnet_type"] == "resnet32"
     assert FIXTURE.stat().st_size <= 2_000_000
     for mode in MODES:

@@ -1,5 +1,6 @@
 """README claims that no other test checked (issue 27, item 5). Each test quotes the passage it
-checks and fails if the claim is false. Tiny runs on the shipped Fashion-MNIST subset.
+checks and fails if the claim is false; the passages now live in docs/, each test names its
+file. Tiny runs on the shipped Fashion-MNIST subset.
 
 Covered elsewhere, not repeated here: one SIGINT in-process -> status 130 and the hint
 (tests/test_bad_input.py), SIGKILL / SIGTERM mid-step then --resume (tests/test_resume.py),
@@ -138,7 +139,7 @@ def _hand_topk(logits, y, k):
 
 @pytest.mark.parametrize("n_classes", [12, 4])
 def test_top5_is_the_topk_of_the_logits(n_classes):
-    """README: metrics.json holds per step "top-1 (top-5)" (--top5). evaluate() on known
+    """docs/outputs.md: metrics.json holds per step "top-1 (top-5)" (--top5). evaluate() on known
     logits: top5 = share of images whose class is among the 5 highest logits (all of them
     with <= 5 classes), by hand and by torch.topk; none without --top5."""
     g = torch.Generator().manual_seed(n_classes)
@@ -195,7 +196,7 @@ def test_top5_of_a_run_matches_its_checkpoint(base):
 # ------------------------------------------------------------------ 2. --s-anneal
 @pytest.mark.parametrize("mode", ["epoch", "fixed"])
 def test_s_anneal_sets_s_per_batch(tmp_path, monkeypatch, mode):
-    """README: `--s-anneal fixed|epoch`: "s at s_max throughout, or HAT/DER's annealing within
+    """docs/cli.md: `--s-anneal fixed|epoch`: "s at s_max throughout, or HAT/DER's annealing within
     every epoch". The s each stage-1 batch is computed with (and compensated with) is
     1/s_max + (s_max - 1/s_max) b / (B - 1) for batch b of B in every epoch, or s_max; BN
     re-estimation and evaluation run at s_max. (A manual lambda_s: no early pruning.)"""
@@ -235,10 +236,10 @@ def test_s_anneal_sets_s_per_batch(tmp_path, monkeypatch, mode):
 
 # ------------------------------------------------------------------ 3. --stage2 none
 def test_stage2_none_keeps_the_stage1_classifier(tmp_path, monkeypatch):
-    """README: `--stage2 retrain|weight_align|none`. With none no classifier re-training or
+    """docs/cli.md: `--stage2 retrain|weight_align|none`. With none no classifier re-training or
     weight aligning runs: no loss_stage2 / weight_align_gamma, and the classifier a step ends
     with is bit for bit the one stage 1 left (the checkpoint after stage 1)."""
-    fcs, real = {}, pipeline._save_ckpt
+    fcs, real = {}, pipeline.save_ckpt
 
     def save(out, state):
         fcs[tuple(state["next"])] = {k: v.clone() for k, v in state["model"].items()
@@ -248,7 +249,7 @@ def test_stage2_none_keeps_the_stage1_classifier(tmp_path, monkeypatch):
     def never(*a, **k):
         raise AssertionError("stage 2 ran with --stage2 none")
 
-    monkeypatch.setattr(pipeline, "_save_ckpt", save)
+    monkeypatch.setattr(pipeline, "save_ckpt", save)
     monkeypatch.setattr(pipeline, "stage2", never)
     monkeypatch.setattr(DERNet, "weight_align", never)
     monkeypatch.setattr(DERNet, "reset_fc", never)
@@ -264,7 +265,7 @@ def test_stage2_none_keeps_the_stage1_classifier(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ 4. --deterministic
 def test_deterministic_runs_are_bit_identical(tmp_path, base):
-    """README: "`--deterministic` turns on `torch.use_deterministic_algorithms`"; the run "is
+    """docs/cli.md: "`--deterministic` turns on `torch.use_deterministic_algorithms`"; the run "is
     seeded end to end". Two --deterministic runs (this process and a fresh one, one thread
     each) give the same metrics.json numbers and checkpoint tensors, bit for bit."""
     out, det = base
@@ -281,7 +282,7 @@ U48 = 48 * 2.0 ** -23  # 48 float32 ulps of a tensor's max |value| (tests/test_e
 
 
 def test_trainable_channels_last_opt_in(monkeypatch):
-    """README: "`trainable_channels_last=True` is opt-in: its float32 gradients measured ...
+    """docs/design.md: "`trainable_channels_last=True` is opt-in: its float32 gradients measured ...
     farther from float64 than the reference's own". Off by default; an attribute that switches
     the trainable extractor's input layout both ways. On random resnet32 draws (the harness of
     tests/test_exactness.py, float64 reference = truth; relative error = max|err| / max|truth|):
@@ -351,7 +352,7 @@ class _Writer:
 
 
 def test_tensorboard_logs_the_metrics(tmp_path, monkeypatch):
-    """README: `tensorboard/` "with `--tensorboard`": the writer logs into OUT/tensorboard,
+    """docs/outputs.md: `tensorboard/` "with `--tensorboard`": the writer logs into OUT/tensorboard,
     per step the step/* scalars of metrics.json, per epoch the stage losses (x: epochs over
     the run), and is closed at the end."""
     fake = types.ModuleType("torch.utils.tensorboard")
@@ -387,7 +388,7 @@ def test_tensorboard_event_files(tmp_path):
 
 
 def test_tensorboard_missing_is_a_clear_cli_error(tmp_path, capsys, monkeypatch):
-    """README: "(needs the `tensorboard` package; a clear error without it)": from the CLI,
+    """docs/outputs.md: "(needs the `tensorboard` package; a clear error without it)": from the CLI,
     status 2, one line naming the fix, no traceback, nothing trained (the package is made
     unimportable, whether or not it is installed)."""
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
@@ -447,8 +448,8 @@ def _resume_matches(out: Path, base_out: Path) -> None:
 
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_during_a_checkpoint_write(tmp_path, base, presses):
-    """README: "Ctrl-C (`SIGINT`) does the same [stops at the next batch, finishes any write,
-    says --resume DIR] with status 130 (pressed twice it stops at once; the checkpoint is
+    """docs/resume.md: "Ctrl-C (`SIGINT`) does the same [stops at the next batch, finishes any
+    write, says --resume DIR] with status 130 (pressed twice it stops at once; the checkpoint is
     intact either way)". A real process, Ctrl-C while a checkpoint write hangs: once, the
     write finishes (the new checkpoint) and the run stops; twice, it stops at once (long before
     the write would end), the temporary file removed, the previous checkpoint kept. Either
@@ -479,8 +480,8 @@ def test_ctrl_c_during_a_checkpoint_write(tmp_path, base, presses):
 
 
 def test_sigkill_during_a_checkpoint_write(tmp_path, base):
-    """README: "killing the process at any moment, even with `SIGKILL` during a write, leaves
-    the last complete stage's checkpoint intact" (tests/test_resume.py kills mid-step, not
+    """docs/resume.md: "killing the process at any moment, even with `SIGKILL` during a write,
+    leaves the last complete stage's checkpoint intact" (tests/test_resume.py kills mid-step, not
     mid-write). Killed with half the new checkpoint on disk: checkpoint.pt is the previous
     one, whole; --resume ends bit for bit as the uninterrupted run."""
     out = tmp_path / "run"

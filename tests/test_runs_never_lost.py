@@ -161,7 +161,7 @@ def _edited(src: Path, dst: Path, edit) -> Path:
     dst.mkdir()
     state = torch.load(src / "checkpoint.pt", map_location="cpu", weights_only=False)
     edit(state)
-    outputs._save_ckpt(dst, state)
+    outputs.save_ckpt(dst, state)
     return dst
 
 

@@ -157,11 +157,11 @@ def _one_epoch(accum: int, n: int, monkeypatch) -> dict:
     cfg = SimpleNamespace(batch_size=n, accum_steps=accum, momentum=0.9, mask_lr=1e-4,
                           compile=False, seed=0, progress=False, s_max=400.0,
                           precision="32")
-    monkeypatch.setattr(loop, "_train_batches", _pieces)
-    loop._train_epochs(model, list(model.named_parameters()), data, np.arange(n), cfg,
-                       epochs=2, lr=0.5, milestones=[], weight_decay=0.0, warmup=0,
-                       seed_salt=(0, 1), device=None,
-                       loss_fn=lambda net, x, y: F.cross_entropy(net(x), y))
+    monkeypatch.setattr(loop, "train_batches", _pieces)
+    loop.train_epochs(model, list(model.named_parameters()), data, np.arange(n), cfg,
+                      loop.Schedule(epochs=2, lr=0.5, milestones=[], weight_decay=0.0),
+                      loop.BatchStep(lambda net, x, y: F.cross_entropy(net(x), y)),
+                      seed_salt=(0, 1), device=None)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -119,19 +119,19 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     class Stop(Exception):
         pass
 
-    orig = pipeline._save_ckpt
+    orig = pipeline.save_ckpt
 
     def save_then_stop(out, state):
         orig(out, state)
         if tuple(state["next"]) == (1, 1):
             raise Stop
 
-    pipeline._save_ckpt = save_then_stop
+    pipeline.save_ckpt = save_then_stop
     try:
         with pytest.raises(Stop):
             T.run(cfg, log=lambda *a: None)
     finally:
-        pipeline._save_ckpt = orig
+        pipeline.save_ckpt = orig
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     assert tuple(ck["next"]) == (1, 1) and len(ck["steps"]) == 1
     resumed = T.run(_tiny_cfg(tmp_path / "b"), resume=True, log=lambda *a: None)
@@ -186,7 +186,7 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     cfg = _tiny_cfg(out)
     cfg.epochs_stage2 = 0
     out.mkdir()
-    outputs._save_ckpt(out, {"config": {**asdict(cfg), "lr": 0.5}, "model": {}})
+    outputs.save_ckpt(out, {"config": {**asdict(cfg), "lr": 0.5}, "model": {}})
     with pytest.raises(T.ConfigError, match="another config"):
         T.run(cfg, resume=True, log=lambda *a: None)
 

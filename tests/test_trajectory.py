@@ -25,7 +25,7 @@ from der_fast import DERNet, FastDERNet
 from der_fast import train as T
 from der_fast.masks import BudgetController
 from der_fast.train import loop, stages
-from helpers import grown_dernet
+from helpers import TensorData, grown_dernet, noisy_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ ULP = 2.0 ** -23
 FACTOR, ULPS = 2.0, 48  # the rule of tests/test_exactness.py
 
 
-class _Data:
+class _Data(TensorData):
     """Random images of a few well-separated classes (the run learns), in ``dtype``."""
 
     def __init__(self, n_classes, dtype):
@@ -45,21 +45,6 @@ class _Data:
                                                 dtype=torch.float64)
         self.x = x.to(dtype)
         self.info = SimpleNamespace(image_size=HW)
-
-    def batches(self, split, indices, batch_size, device=None, **_):
-        for i in range(0, len(indices), batch_size):
-            idx = torch.as_tensor(indices[i:i + batch_size])
-            yield self.x[idx], self.y[idx]
-
-
-def _batches(data, indices, cfg, gen, device, chunks=1, mine=(0,)):
-    """Shuffled batches from the epoch's generator, with the same float64 noise in every
-    dtype (augmentation's stand-in)."""
-    order = torch.randperm(len(indices), generator=gen)
-    for i in range(0, len(order), cfg.batch_size):
-        idx = order[i:i + cfg.batch_size]
-        noise = 0.1 * torch.randn(data.x[idx].shape, generator=gen, dtype=torch.float64)
-        yield [(data.x[idx] + noise.to(data.x.dtype), data.y[idx])], len(idx)
 
 
 def _model(t: int, seed: int = 11) -> DERNet:
@@ -101,7 +86,7 @@ def _stage1(model, t, monkeypatch, lams=None):
                 seen.append(self.lam)
             return seen[-1]
 
-    monkeypatch.setattr(loop, "_train_batches", _batches)
+    monkeypatch.setattr(loop, "train_batches", noisy_batches)
     monkeypatch.setattr(stages, "stage1_loss", recording)
     monkeypatch.setattr(stages, "BudgetController", Controller)
     report = {}

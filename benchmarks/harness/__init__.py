@@ -1,7 +1,8 @@
 """The der_fast benchmark harness: the grid of cases, seeded DER models in a given state, the
 providers (reference, channels_last, torch.compile, torch.func ensemble, FastDERNet plans), the
 workloads (inference, stage-1 step, stage-2 step, floor, epoch), the equivalence check that
-runs before any timing, and the peak-memory measurement.
+runs before any timing, and the peak-memory measurement; the run of the op benchmarks and the
+report of a benchmark JSON.
 
 Used by ``benchmarks/bench_model.py`` (pytest-benchmark), ``benchmarks/scaling.py`` and
 ``tests/test_bench_report.py`` as ``from benchmarks import harness``, with the repository root
@@ -21,6 +22,10 @@ resolves to an installed copy first when there is one). Environment switches: ``
 * ``isolation``: :func:`fresh_case` (run between cases), :func:`set_compile_threads`
   (in-process inductor compiles, set on import of this package).
 * ``timing``: :func:`measure` (providers of one case in interleaved rounds), :func:`stats`.
+* ``op_bench``: :func:`bench_op` (one provider of an op case under pytest-benchmark), the mask
+  points' shapes (imported by the op benchmarks, not re-exported here).
+* ``report``: tables from a pytest-benchmark JSON (``python benchmarks/harness/report.py``;
+  imported as ``from benchmarks.harness import report``).
 """
 
 import sys

@@ -11,7 +11,7 @@ from ..backbones import MaskedResNet, shortcut_a_index
 
 
 @dataclass
-class _Conv:
+class FoldedConv:
     """A conv with BatchNorm (and possibly a non-negative gate) folded in."""
     weight: torch.Tensor  # [C_out, C_in / groups, k, k], channels_last
     bias: torch.Tensor  # [C_out]
@@ -24,11 +24,11 @@ class _Conv:
 
 
 @dataclass
-class _Block:
-    conv1: _Conv
-    conv2: _Conv
+class FoldedBlock:
+    conv1: FoldedConv
+    conv2: FoldedConv
     sc: str  # "id" | "A" | "B"
-    sc_conv: _Conv | None = None
+    sc_conv: FoldedConv | None = None
     sc_stride: int = 1
     sc_index: torch.Tensor | None = None  # A: per output channel, source position or C_in (0)
     sc_pad: int | None = None  # A: when the index is "identity then zeros", how many zeros
@@ -38,17 +38,17 @@ class _Block:
 @dataclass
 class FoldedNet:
     """An inference-only extractor (or several fused ones): convs with BN folded in."""
-    stem: _Conv
+    stem: FoldedConv
     maxpool: bool
     blocks: list
     out_index: torch.Tensor | None  # gather into [pooled, 0] -> features; None = identity
     out_dims: list  # feature width of every extractor it computes (full, unpruned width)
     n_nets: int = 1
-    # per input size: derived plan facts (direct_share, batch chunk), computed once
+    # per input size: derived plan facts (narrow_share, batch chunk), computed once
     memo: dict = field(default_factory=dict, repr=False, compare=False)
 
 
-def _fold_conv(conv, bn, rows, cols, gate, dtype, groups=1) -> _Conv:
+def _fold_conv(conv, bn, rows, cols, gate, dtype, groups=1) -> FoldedConv:
     """``gate * bn(conv(x))`` restricted to output channels ``rows`` and input channels
     ``cols``, as a conv with bias; computed in float64, stored in ``dtype``."""
     if bn.running_mean is None or bn.running_var is None:
@@ -65,10 +65,10 @@ def _fold_conv(conv, bn, rows, cols, gate, dtype, groups=1) -> _Conv:
         scale = scale * gate
         shift = shift * gate
     w = (w * scale.view(-1, 1, 1, 1)).to(dtype).contiguous(memory_format=torch.channels_last)
-    return _Conv(w, shift.to(dtype).contiguous(), conv.stride[0], conv.padding[0], groups)
+    return FoldedConv(w, shift.to(dtype).contiguous(), conv.stride[0], conv.padding[0], groups)
 
 
-def _a_shortcut_pad(idx: torch.Tensor, c_in: int):
+def a_shortcut_pad(idx: torch.Tensor, c_in: int):
     """If an option-A index is ``0..c_in-1`` followed by zeros only, the number of zeros."""
     n = idx.numel()
     if n < c_in:
@@ -113,14 +113,14 @@ def fold_extractor(net: MaskedResNet, dtype=None) -> FoldedNet:
             c2 = _fold_conv(blk.conv2, blk.bn2, loc[dst], loc[inner], None, dtype)
             g = gates[dst].to(dtype) if dst in gates else None
             if blk.sc_conv is not None:
-                b = _Block(c1, c2, "B", _fold_conv(blk.sc_conv, blk.sc_bn, loc[dst], loc[src],
+                b = FoldedBlock(c1, c2, "B", _fold_conv(blk.sc_conv, blk.sc_bn, loc[dst], loc[src],
                                                    None, dtype), gate=g)
             elif bi > 0 or si == 0:
-                b = _Block(c1, c2, "id", gate=g)
+                b = FoldedBlock(c1, c2, "id", gate=g)
             else:
                 idx = shortcut_a_index(kept[src], kept[dst]).to(dev)
-                b = _Block(c1, c2, "A", sc_stride=blk.stride, sc_index=idx,
-                           sc_pad=_a_shortcut_pad(idx, loc[src].numel()), gate=g)
+                b = FoldedBlock(c1, c2, "A", sc_stride=blk.stride, sc_index=idx,
+                           sc_pad=a_shortcut_pad(idx, loc[src].numel()), gate=g)
             blocks.append(b)
     last = loc[f"stream{len(arch.stages) - 1}"]
     out_dim = net.out_dim
@@ -131,7 +131,7 @@ def fold_extractor(net: MaskedResNet, dtype=None) -> FoldedNet:
     return FoldedNet(stem, arch.stem_maxpool, blocks, out_index, [out_dim])
 
 
-def _stack_convs(convs, dense_input: bool) -> _Conv:
+def _stack_convs(convs, dense_input: bool) -> FoldedConv:
     """Several convs reading the same (dense_input) or group-wise stacked inputs, as one conv
     with zero-padded groups."""
     t = len(convs)
@@ -145,7 +145,7 @@ def _stack_convs(convs, dense_input: bool) -> _Conv:
         o, n = c.weight.shape[:2]
         w[i * co:i * co + o, :n] = c.weight
         b[i * co:i * co + o] = c.bias
-    return _Conv(w.contiguous(memory_format=torch.channels_last), b, convs[0].stride,
+    return FoldedConv(w.contiguous(memory_format=torch.channels_last), b, convs[0].stride,
                  convs[0].padding, 1 if dense_input else t)
 
 
@@ -170,9 +170,9 @@ def fuse_grouped(nets: list) -> FoldedNet:
                 gate[i * co:i * co + n] = b.gate if b.gate is not None else 1.0
         kind = bs[0].sc
         if kind == "B":
-            blk = _Block(c1, c2, "B", _stack_convs([b.sc_conv for b in bs], False), gate=gate)
+            blk = FoldedBlock(c1, c2, "B", _stack_convs([b.sc_conv for b in bs], False), gate=gate)
         elif kind == "id":
-            blk = _Block(c1, c2, "id", gate=gate)
+            blk = FoldedBlock(c1, c2, "id", gate=gate)
         else:
             ci = c1.weight.shape[1]  # padded input width of the block
             zero = t * ci
@@ -182,7 +182,7 @@ def fuse_grouped(nets: list) -> FoldedNet:
                 src = b.sc_index
                 idx[i * co:i * co + src.numel()] = torch.where(src < n_in, src + i * ci,
                                                                torch.full_like(src, zero))
-            blk = _Block(c1, c2, "A", sc_stride=bs[0].sc_stride, sc_index=idx, gate=gate)
+            blk = FoldedBlock(c1, c2, "A", sc_stride=bs[0].sc_stride, sc_index=idx, gate=gate)
         blocks.append(blk)
     wl = blocks[-1].conv2.weight.shape[0] // t
     pieces = []
@@ -202,7 +202,7 @@ def fuse_grouped(nets: list) -> FoldedNet:
                                                                for d in f.out_dims], t)
 
 
-def _convs_with_size(f: FoldedNet, hw: tuple) -> list:
+def convs_with_size(f: FoldedNet, hw: tuple) -> list:
     """(conv, output H*W) of every conv of a folded net, for an input of spatial size hw."""
     def out(h, c):
         k = c.weight.shape[2]

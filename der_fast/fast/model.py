@@ -26,7 +26,7 @@ import copy
 import warnings
 
 import torch
-from torch.nn.modules import module as _module
+from torch.nn.modules import module as nn_module
 
 from .. import masks as M
 from .. import ops
@@ -38,13 +38,14 @@ from . import plan as P
 from .fold import FoldedNet, fold_extractor, fuse_grouped
 from .plan import FROZEN_PLANS
 from .run_bordered import run_bordered
-from .run_loop import _mkldnn_ok, run_folded
+from .run_loop import mkldnn_ok, run_folded
 from .trainable import trainable_feature_map
 
 
 def _empty_plan_cache() -> dict:
-    """Folded extractors by id, the fused group, CUDA graphs by input shape."""
-    return {"nets": {}, "group": None, "graphs": {}}
+    """Folded extractors by id, the fused group, CUDA graphs by input shape, the resolved
+    frozen plan by (device, dtype)."""
+    return {"nets": {}, "group": None, "graphs": {}, "frozen_plans": {}}
 
 
 def _autocast_dtype(x: torch.Tensor):
@@ -84,7 +85,7 @@ class FastDERNet(DERNet):
         trainable_channels_last: run the trainable extractor in channels_last (opt-in, also
             an attribute). Off by default: in float32 its gradients are up to ~25x farther
             from a float64 run than the NCHW reference's own (the NCHW path stays within 2x;
-            benchmarks/RESULTS.md, "7. Exactness against float64").
+            benchmarks/RESULTS.md, "Exactness against float64").
     """
 
     def __init__(self, backbone="resnet32", in_channels: int = 3, use_masks: bool = True,
@@ -182,8 +183,18 @@ class FastDERNet(DERNet):
         ``device`` (``"direct"`` falls back to ``"loop"`` per call where it cannot run: not CPU
         float32, an input gradient needed, or the op not built; so does ``"measure"`` where an
         input gradient is needed)."""
-        device = torch.device(device) if device is not None else self._device_dtype()[0]
-        return P.resolve_frozen_plan(self.frozen_plan, device)
+        model_device, dtype = self._device_dtype()
+        return self._frozen_plan_on(model_device if device is None else device, dtype).name
+
+    def _frozen_plan_on(self, device, dtype: torch.dtype) -> P.FrozenPlan:
+        """What ``frozen_plan`` means on ``device`` for ``dtype``: resolved once per plan
+        version (a new setting or any model change resolves it anew); every frozen forward,
+        the measured plan's candidates and ``plan()`` read this one value."""
+        key = (torch.device(device), dtype)
+        resolved = self._plan_cache.setdefault("frozen_plans", {})
+        if key not in resolved:
+            resolved[key] = P.resolve_frozen_plan(self.frozen_plan, *key)
+        return resolved[key]
 
     @staticmethod
     def _inferable(net: MaskedResNet, grad_enabled: bool) -> bool:
@@ -230,12 +241,12 @@ class FastDERNet(DERNet):
         base, graph = plan.removesuffix("+graph"), plan.endswith("+graph")
         nets = [self._grouped(folded)] if base == "grouped" and len(folded) > 1 else folded
         need_grad = torch.is_grad_enabled() and x.requires_grad
-        fused = self.onednn_fusion and not need_grad and _mkldnn_ok(x)
-        hw, force = tuple(x.shape[2:]), self.frozen_plan == "direct"
+        fused = self.onednn_fusion and not need_grad and mkldnn_ok(x)
+        hw, fp = tuple(x.shape[2:]), self._frozen_plan_on(x.device, x.dtype)
         parts = []
         for f in nets:
-            if base == "direct" and P.runs_bordered(f, hw, self.frozen_plan):
-                parts.append(("direct", lambda xx, f=f: run_bordered(f, xx, force=force)))
+            if base == "direct" and fp.runs_bordered(f, hw):
+                parts.append(("direct", lambda xx, f=f: run_bordered(f, xx, force=fp.forced)))
             else:
                 parts.append(("loop" if base == "direct" else base,
                               lambda xx, f=f: run_folded(f, xx, fused=fused)))
@@ -263,7 +274,7 @@ class FastDERNet(DERNet):
     def _frozen_candidates(self, folded: list, x: torch.Tensor) -> dict:
         """The measured plan's candidates for ``x``: name -> ``run(x)``."""
         names = ["loop"] + (["grouped"] if len(folded) > 1 else [])
-        if P.direct_possible(x.device, x.dtype, False):
+        if self._frozen_plan_on(x.device, x.dtype).bordered_ok:
             names.append("direct")
         if G.available(x):
             names += [n + "+graph" for n in names]
@@ -272,7 +283,7 @@ class FastDERNet(DERNet):
     def _choice_key(self, folded: list, x: torch.Tensor) -> tuple:
         """What the measured plan's choice depends on: device, dtype, input shape and strides,
         oneDNN fusion, and the structure of every frozen extractor."""
-        fused = self.onednn_fusion and _mkldnn_ok(x)
+        fused = self.onednn_fusion and mkldnn_ok(x)
         return (str(x.device), x.dtype, tuple(x.shape), x.stride(), fused,
                 tuple(P.structure(f) for f in folded))
 
@@ -306,12 +317,9 @@ class FastDERNet(DERNet):
 
     def _run_frozen_plan(self, nets: list, x: torch.Tensor, need_grad: bool,
                          dtype=None) -> torch.Tensor:
-        plan = self.resolved_frozen_plan(x.device)
-        if plan == "measure" and not need_grad:
+        plan = self._frozen_plan_on(x.device, x.dtype).runs(need_grad)
+        if plan == "measure":
             return self._run_measured(nets, x, dtype)
-        if plan == "measure" or (
-                plan == "direct" and not P.direct_possible(x.device, x.dtype, need_grad)):
-            plan = "loop"
         run, self._last_frozen_run = self._plan_runner(self._frozen_folded(nets, dtype), x,
                                                        plan)
         return run(x)
@@ -326,7 +334,7 @@ class FastDERNet(DERNet):
 
     def _trainable_input(self, x: torch.Tensor) -> torch.Tensor:
         """channels_last for the autograd path if ``trainable_channels_last`` (opt-in: less
-        exact in float32, RESULTS.md "7. Exactness against float64"), else as given."""
+        exact in float32, RESULTS.md "Exactness against float64"), else as given."""
         if self.trainable_channels_last and x.dim() == 4:
             return x.contiguous(memory_format=torch.channels_last)
         return x
@@ -368,9 +376,9 @@ class FastDERNet(DERNet):
         """Whether a hook is registered on a submodule (or globally, on every module): the
         fused paths never call the submodules, so the model then runs DERNet's module path,
         where the hooks fire as they do on DERNet (said once per model)."""
-        hooked = bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
-                      or _module._global_backward_hooks
-                      or _module._global_backward_pre_hooks) or any(
+        hooked = bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                      or nn_module._global_backward_hooks
+                      or nn_module._global_backward_pre_hooks) or any(
             m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
             or m._backward_pre_hooks for m in self.modules() if m is not self)
         if hooked and not getattr(self, "_warned_hooks", False):
@@ -410,10 +418,8 @@ class FastDERNet(DERNet):
         infer = [self._inferable(n, grad) for n in self.convnets]
         frozen_idx = [i for i, f in enumerate(infer) if f]
         train_idx = [i for i, f in enumerate(infer) if not f]
-        plan = self.resolved_frozen_plan(device)
-        fused = self.onednn_fusion and _mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
-        frozen = P.describe_frozen(plan, self.frozen_plan, len(frozen_idx), fused,
-                                   P.direct_possible(device, dtype, False))
+        fused = self.onednn_fusion and mkldnn_ok(torch.empty(0, device=device, dtype=dtype))
+        frozen = self._frozen_plan_on(device, dtype).describe(len(frozen_idx), fused)
         trainable = "none"
         if train_idx:
             layout = "channels_last" if self.trainable_channels_last else "as given"

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .fold import FoldedNet, _Conv, _convs_with_size
-from .plan import _use_kernel
-from .run_loop import _shortcut_a
+from .fold import FoldedConv, FoldedNet, convs_with_size
+from .plan import use_kernel
+from .run_loop import shortcut_a
 
 # Batch chunk: narrow layers are memory-bound (a 5 -> 5 channel conv at 32x32 moves 3 x 3 MiB
 # per 128 images), so the batch is cut into chunks whose activations stay in the L2 cache
-# through the whole network (per-image timings by chunk size: RESULTS.md, "6. The fast
+# through the whole network (per-image timings by chunk size: RESULTS.md, "The fast
 # path's thresholds").
 _CHUNK_BYTES = 1 << 20  # target bytes of the widest activation of one chunk
 _CHUNK_MIN = 8
@@ -38,7 +38,7 @@ def run_bordered(f: FoldedNet, x: torch.Tensor, force: bool = False,
     chunk = _bordered_chunk(f, x) if chunk is None else chunk
     use_executor = ops.HAS_BORDERED_RESNET if executor is None else executor
     if use_executor:  # ops.bordered_resnet raises if the extension lacks it
-        return ops.bordered_resnet(x.contiguous(), *_bordered_program(f, force), chunk)
+        return ops.bordered_resnet(x.contiguous(), *bordered_program(f, force), chunk)
     if 0 < chunk < x.shape[0]:
         return torch.cat([_run_bordered(f, xc, force) for xc in x.split(chunk)], 0)
     return _run_bordered(f, x, force)
@@ -49,26 +49,26 @@ def _bordered_chunk(f: FoldedNet, x: torch.Tensor) -> int:
     if key in f.memo:
         return f.memo[key]
     widest = 0
-    for c, hw in _convs_with_size(f, tuple(x.shape[2:])):  # (h+2)(w+2) <= hw + 4 sqrt(hw) + 4
+    for c, hw in convs_with_size(f, tuple(x.shape[2:])):  # (h+2)(w+2) <= hw + 4 sqrt(hw) + 4
         bordered = hw + 4 * int(hw ** 0.5 + 1) + 4
         widest = max(widest, c.weight.shape[0] * bordered * x.element_size())
     f.memo[key] = max(_CHUNK_MIN, _CHUNK_BYTES // max(widest, 1))
     return f.memo[key]
 
 
-def _bordered_program(f: FoldedNet, force: bool) -> tuple:
+def bordered_program(f: FoldedNet, force: bool) -> tuple:
     """The arguments of ``ops.bordered_resnet`` (all but ``x`` and ``chunk``) for a folded net
     (memoized): convs in the order stem, then per block conv1, conv2 [, shortcut conv], each
     with (stride, padding, groups, conv3x3_bordered kernel?) chosen by the same rule as the
-    Python executor (_use_kernel)."""
+    Python executor (use_kernel)."""
     key = ("program", force)
     if key in f.memo:
         return f.memo[key]
     empty = f.stem.bias.new_empty(0)
     weights, biases, meta, blocks, idx, gates = [], [], [], [], [], []
 
-    def add(c: _Conv) -> None:
-        kernel = _use_kernel(c, force)
+    def add(c: FoldedConv) -> None:
+        kernel = use_kernel(c, force)
         weights.append(_kernel_weight(c) if kernel else c.weight)
         biases.append(c.bias)
         meta.extend([c.stride, c.padding, c.groups, int(kernel)])
@@ -101,7 +101,7 @@ def _run_bordered(f: FoldedNet, x: torch.Tensor, force: bool) -> torch.Tensor:
         elif b.sc == "B":
             r = _conv_bordered(y, b.sc_conv, False, force=force)
         else:
-            r = ops.border(_shortcut_a(y[:, :, 1:-1, 1:-1], b))
+            r = ops.border(shortcut_a(y[:, :, 1:-1, 1:-1], b))
         y = _conv_bordered(h, b.conv2, True, residual=r, gate=b.gate, force=force)
     hw = (y.shape[2] - 2) * (y.shape[3] - 2)
     pooled = y.sum((2, 3)).div_(hw)  # the border is 0
@@ -111,16 +111,16 @@ def _run_bordered(f: FoldedNet, x: torch.Tensor, force: bool) -> torch.Tensor:
     return pooled
 
 
-def _kernel_weight(c: _Conv) -> torch.Tensor:
+def _kernel_weight(c: FoldedConv) -> torch.Tensor:
     """The conv's weight as the kernel reads it (NCHW-contiguous), made once per folded conv."""
     if c.weight_nchw is None:
         c.weight_nchw = c.weight.contiguous()
     return c.weight_nchw
 
 
-def _conv_bordered(xb, c: _Conv, relu: bool, residual=None, gate=None, force=False):
+def _conv_bordered(xb, c: FoldedConv, relu: bool, residual=None, gate=None, force=False):
     """``gate * [relu](conv(x) + bias [+ residual])`` from and to the zero-bordered layout."""
-    if _use_kernel(c, force):
+    if use_kernel(c, force):
         return ops.conv3x3_bordered(xb, _kernel_weight(c), c.bias, residual, gate, relu,
                                     c.stride)
     # oneDNN / aten: the border is the conv's padding (or the interior, for padding 0)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fold import FoldedNet, _Block, _Conv
+from .fold import FoldedBlock, FoldedConv, FoldedNet
 
 
-def _mkldnn_ok(x: torch.Tensor) -> bool:
+def mkldnn_ok(x: torch.Tensor) -> bool:
+    """Whether fused oneDNN conv primitives can run on ``x`` (CPU, float32 / bfloat16)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
                                                                  "_convolution_pointwise"))
 
 
-def _conv(x, c: _Conv, relu: bool, residual=None, fused: bool = False):
+def _conv(x, c: FoldedConv, relu: bool, residual=None, fused: bool = False):
     """``[relu](conv(x) + bias [+ residual])``; one oneDNN primitive when ``fused``."""
     if fused:
         p, s = [c.padding, c.padding], [c.stride, c.stride]
@@ -34,7 +35,9 @@ def _conv(x, c: _Conv, relu: bool, residual=None, fused: bool = False):
     return y
 
 
-def _shortcut_a(y, b: _Block):
+def shortcut_a(y, b: FoldedBlock):
+    """Option-A shortcut of block ``b``: ``y`` subsampled by the stride, its channels placed
+    (or zero-filled) at the block's output positions."""
     xs = y[:, :, ::b.sc_stride, ::b.sc_stride]
     if b.sc_pad is not None:
         return F.pad(xs, (0, 0, 0, 0, 0, b.sc_pad))
@@ -47,9 +50,9 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
 
     The input is not converted to channels_last: with channels_last weights the stem conv
     reads NCHW directly and writes channels_last (measured faster than converting first, and
-    no extra copy of the batch: RESULTS.md, "6. The fast path's thresholds")."""
+    no extra copy of the batch: RESULTS.md, "The fast path's thresholds")."""
     if fused is None:
-        fused = _mkldnn_ok(x) and not (torch.is_grad_enabled() and x.requires_grad)
+        fused = mkldnn_ok(x) and not (torch.is_grad_enabled() and x.requires_grad)
     y = _conv(x, f.stem, True, fused=fused)
     if f.maxpool:
         y = F.max_pool2d(y, 3, 2, 1)
@@ -60,7 +63,7 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
         elif b.sc == "B":
             r = _conv(y, b.sc_conv, False, fused=fused)
         else:
-            r = _shortcut_a(y, b)
+            r = shortcut_a(y, b)
         y = _conv(h, b.conv2, True, residual=r, fused=fused)
         if b.gate is not None:
             y = y * b.gate.view(1, -1, 1, 1)

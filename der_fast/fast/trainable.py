@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import ops
 from ..backbones import MaskedResNet, shortcut_a_index
-from .fold import _a_shortcut_pad
+from .fold import a_shortcut_pad
 
 _BIG_LOGIT = 1.0e4  # sigmoid(+-1e4) is exactly 1 / 0 in fp16, bf16, fp32 and fp64
 
@@ -27,7 +27,7 @@ def _bn_gate(bn: nn.BatchNorm2d, z: torch.Tensor, e=None, s: float = 1.0, residu
     Rejected before it: batch mean/var by ``torch.var_mean`` with autograd, folded into the
     scale/shift of ``masked_gate``: on CPU ``var_mean`` alone cost more than a whole native BN
     forward and its backward added 4 elementwise passes; a resnet32 stage-1 step got slower than
-    the reference (RESULTS.md, "6. The fast path's thresholds"). Native BatchNorm followed by
+    the reference (RESULTS.md, "The fast path's thresholds"). Native BatchNorm followed by
     ``masked_gate`` (the path until bn_gate): ATen's train-mode statistics are scalar double
     loops over z, twice, and its backward plus masked_gate's take three passes where the
     fused op takes two (benchmarks/bench_bn_gate.py).
@@ -55,7 +55,7 @@ def _trainable_shortcut(net: MaskedResNet, blk, y, si: int, bi: int):
     # compiled: always the gather (the pad's test branches on tensor values: a graph break)
     if bi == 0 and si > 0 and not torch.compiler.is_compiling():
         idx = shortcut_a_index(net.kept(f"stream{si - 1}"), net.kept(f"stream{si}"))
-        pad = _a_shortcut_pad(idx, net.kept(f"stream{si - 1}").numel())
+        pad = a_shortcut_pad(idx, net.kept(f"stream{si - 1}").numel())
         if pad is not None:
             return F.pad(y[:, :, ::blk.stride, ::blk.stride], (0, 0, 0, 0, 0, pad))
     return net._shortcut(blk, y, si, bi)

@@ -23,12 +23,14 @@ typed wrapper; ``_library`` loads the compiled parts and picks backends. Where e
   bordered_resnet      C++ (der_fast._C)            -
   ===================  ===========================  ==========================================
 
-The schemas are defined once, in C++ (csrc/der_fast.cpp); CPU and CUDA kernels are registered
-per dispatch key. Importing this package never fails because a compiled part is missing: if
-der_fast._C cannot be imported, the schemas are defined from Python (``SCHEMAS``) and the ops
-run the PyTorch fallback (quietly; see ``HAS_CPU_EXT``, ``HAS_CUDA_EXT``, ``HAS_TRITON``;
-bordered_resnet has no fallback). Asking for a backend explicitly (``backend="cpp" | "cuda" |
-"triton"``) raises if it is not available.
+The schemas are defined once, in Python (``SCHEMAS``, in ``_library``); the compiled extensions
+only register CPU and CUDA kernels for them, and each op module registers its PyTorch fallback
+kernels (where no compiled kernel is registered), Triton kernels, fake kernel
+(``torch.library.register_fake``) and autograd formula. Importing this package never fails
+because a compiled part is missing: the ops then run the PyTorch fallback (quietly; see
+``HAS_CPU_EXT``, ``CPU_EXT_OPS``, ``HAS_CUDA_EXT``, ``HAS_TRITON``; bordered_resnet has no
+fallback). Asking for a backend explicitly (``backend="cpp" | "cuda" | "triton"``) raises if it
+is not available.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from ._library import lib as _lib
 from ._library import (
     BACKENDS,
     CPU_EXT_ERROR,
+    CPU_EXT_OPS,
     CUDA_EXT_ERROR,
+    CUDA_EXT_OPS,
     HAS_CPU_EXT,
     HAS_CUDA_EXT,
     HAS_TRITON,
@@ -48,33 +52,23 @@ from ._library import (
     conv3x3_isa,
     implementation,
 )
-from .bn_gate import FAKE_KERNELS as _BN_GATE_FAKES
 from .bn_gate import _check_bn_gate  # noqa: F401 (tests check its messages)
 from .bn_gate import bn_gate, bn_gate_ref
 from .bordered_resnet import HAS_BORDERED_RESNET, bordered_resnet
-from .concat_linear_head import FAKE_KERNELS as _HEAD_FAKES
 from .concat_linear_head import _check_head  # noqa: F401 (tests check its messages)
 from .concat_linear_head import concat_linear_head, concat_linear_head_ref
-from .conv3x3_bordered import FAKE_KERNELS as _CONV3X3_FAKES
 from .conv3x3_bordered import border, conv3x3_bordered, conv3x3_bordered_ref
-from .masked_gate import FAKE_KERNELS as _MASKED_GATE_FAKES
 from .masked_gate import _check_masked_gate  # noqa: F401 (tests check its messages)
 from .masked_gate import masked_gate, masked_gate_ref
-
-# The fake kernels of the ops whose schemas csrc/der_fast.cpp defines are registered here, not
-# in their op modules: that file names "der_fast.ops" as their Python module
-# (m.set_python_module), and torch checks that the fake kernels come from that module.
-for _name, _fake in {**_MASKED_GATE_FAKES, **_BN_GATE_FAKES, **_HEAD_FAKES,
-                     **_CONV3X3_FAKES}.items():
-    torch.library.register_fake(f"der_fast::{_name}", _fake)
-del _name, _fake
 
 # Under torch.autocast every op computes in float32 (its floating inputs are cast up, as
 # autocast does for batch_norm): the mask logits sigmoid(s e) saturate and BatchNorm's
 # statistics need float32 (bfloat16 has 8 bits of mantissa), and the ops are memory-bound,
 # so low precision buys them little; the convolutions between them run in the autocast dtype.
 AUTOCAST_DEVICES = ("cpu", "cuda")
-for _name in [*SCHEMAS, *(["bordered_resnet"] if HAS_BORDERED_RESNET else [])]:
+for _name in SCHEMAS:
+    if _name == "conv3x3_isa":  # takes no tensor
+        continue
     for _device in AUTOCAST_DEVICES:
         torch.library.register_autocast(f"der_fast::{_name}", _device, torch.float32, lib=_lib)
 del _name, _device
@@ -82,7 +76,9 @@ del _name, _device
 __all__ = [
     "BACKENDS",
     "CPU_EXT_ERROR",
+    "CPU_EXT_OPS",
     "CUDA_EXT_ERROR",
+    "CUDA_EXT_OPS",
     "HAS_BORDERED_RESNET",
     "HAS_CPU_EXT",
     "HAS_CUDA_EXT",

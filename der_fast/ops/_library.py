@@ -1,9 +1,11 @@
-"""Loading the compiled parts of der_fast's ops, and choosing a backend.
+"""The der_fast operator library: the schemas of all der_fast ops, the compiled kernels, and
+choosing a backend.
 
-Imports der_fast._C (C++ CPU kernels and the operator schemas) and der_fast._C_cuda (CUDA C++
-kernels) if they can be imported, notes whether Triton is there, and defines the schemas from
-Python (``SCHEMAS``) when der_fast._C is missing, so that the op modules can register their
-PyTorch fallbacks. Importing this never fails because a compiled part is missing.
+Defines every ``der_fast::`` schema (``SCHEMAS``) from Python, then imports der_fast._C (C++ CPU
+kernels) and der_fast._C_cuda (CUDA C++ kernels) if they can be imported: these only register
+kernels for the schemas defined here. ``CPU_EXT_OPS`` / ``CUDA_EXT_OPS`` record which ops they
+gave kernels to, before the op modules register their PyTorch fallbacks for the others. Importing
+this never fails because a compiled part is missing.
 """
 
 from __future__ import annotations
@@ -16,10 +18,8 @@ import torch
 
 from .. import _backend
 
-# Copy of the schemas in csrc/der_fast.cpp, used only when der_fast._C is missing (they cannot
-# be read from the extension exactly when they are needed, and csrc/ is not installed).
-# tests/test_build.py checks that both agree. conv3x3_isa and bordered_resnet are defined only
-# by the extension (csrc/conv3x3.cpp) and have no fallback.
+#: Every der_fast operator, by name: its schema. The C++ / CUDA / Triton and PyTorch kernels,
+#: fake kernels and autograd formulas are registered for these (der_fast/ops/<op>.py, csrc/).
 SCHEMAS = {
     "masked_gate": (
         "masked_gate(Tensor x, Tensor scale, Tensor shift, Tensor? e=None, float s=1.0, "
@@ -53,7 +53,22 @@ SCHEMAS = {
         "conv3x3_bordered(Tensor x, Tensor weight, Tensor bias, Tensor? residual=None, "
         "Tensor? gate=None, bool relu=True, int stride=1) -> Tensor"
     ),
+    # A whole folded extractor (der_fast/fast/run_bordered.py); C++ only (no fallback).
+    "bordered_resnet": (
+        "bordered_resnet(Tensor x, Tensor[] weights, Tensor[] biases, int[] conv_meta, "
+        "int[] block_meta, Tensor[] sc_index, Tensor[] gates, Tensor? out_index, int out_dim, "
+        "bool maxpool, int chunk) -> Tensor"
+    ),
+    # Which instruction set the compiled conv3x3_bordered kernel runs with; C++ only.
+    "conv3x3_isa": "conv3x3_isa() -> int",
 }
+
+#: The der_fast library: defines the schemas, and the op modules register their Python kernels
+#: with it. Defined before the compiled extensions are imported, which register kernels for it.
+lib = torch.library.Library("der_fast", "DEF")
+for _schema in SCHEMAS.values():
+    lib.define(_schema)
+del _schema
 
 
 def _try_import(name: str) -> tuple[bool, str | None]:
@@ -64,7 +79,7 @@ def _try_import(name: str) -> tuple[bool, str | None]:
         return False, f"{type(err).__name__}: {err}"
 
 
-#: der_fast._C (C++ CPU kernels + schemas) is importable.
+#: der_fast._C (C++ CPU kernels) is importable.
 HAS_CPU_EXT, CPU_EXT_ERROR = _try_import("der_fast._C")
 #: der_fast._C_cuda (CUDA C++ kernels) is importable.
 HAS_CUDA_EXT, CUDA_EXT_ERROR = (
@@ -73,23 +88,22 @@ HAS_CUDA_EXT, CUDA_EXT_ERROR = (
 #: triton is installed (and torch has CUDA), so masked_gate uses the Triton kernels on CUDA.
 HAS_TRITON = bool(torch.version.cuda) and importlib.util.find_spec("triton") is not None
 
-#: The der_fast library fragment the op modules register their Python kernels with.
-lib = torch.library.Library("der_fast", "FRAGMENT")
+
+def has_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether a kernel (compiled or Python) is registered for ``der_fast::<name>`` on
+    ``dispatch_key`` ("CPU", "CUDA", ...)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"der_fast::{name}", dispatch_key)
 
 
-def op_defined(name: str) -> bool:
-    """Whether ``der_fast::<name>`` has a schema (from der_fast._C or from SCHEMAS)."""
-    try:
-        getattr(torch.ops.der_fast, name)
-        return True
-    except (AttributeError, RuntimeError):
-        return False
-
-
-if not HAS_CPU_EXT:
-    for _name, _schema in SCHEMAS.items():
-        if not op_defined(_name):
-            lib.define(_schema)
+# Read here, before the op modules register Python kernels. conv3x3_isa takes no tensor, so its
+# kernel is registered for every backend at once (CompositeExplicitAutograd).
+#: The ops der_fast._C registered a kernel for.
+CPU_EXT_OPS = frozenset(
+    name for name in SCHEMAS
+    if has_kernel(name, "CPU") or has_kernel(name, "CompositeExplicitAutograd")
+)
+#: The ops der_fast._C_cuda registered a kernel for.
+CUDA_EXT_OPS = frozenset(name for name in SCHEMAS if has_kernel(name, "CUDA"))
 
 
 def register_no_double_backward(backward_op: str, opname: str) -> None:
@@ -139,13 +153,13 @@ def implementation(op: str, device: str | torch.device) -> str:
     if op == "conv3x3_bordered":
         if dev != "cpu":
             return f"unavailable on {dev} (a CPU kernel: the GPU frozen path uses cuDNN)"
-        if HAS_CPU_EXT:
+        if op in CPU_EXT_OPS:
             return f"cpp (der_fast._C, {conv3x3_isa()})"
-        return f"ref (PyTorch fallback; der_fast._C missing: {CPU_EXT_ERROR})"
+        return f"ref (PyTorch fallback; {_no_cpu_kernel_why()})"
     if dev == "cpu":
-        if HAS_CPU_EXT:
+        if op in CPU_EXT_OPS:
             return "cpp (der_fast._C)"
-        return f"ref (PyTorch fallback; der_fast._C missing: {CPU_EXT_ERROR})"
+        return f"ref (PyTorch fallback; {_no_cpu_kernel_why()})"
     if dev == "cuda":
         if not torch.version.cuda:
             return "unavailable (torch built without CUDA)"
@@ -169,12 +183,19 @@ def implementation(op: str, device: str | torch.device) -> str:
     return "ref (PyTorch fallback)"
 
 
+def _no_cpu_kernel_why() -> str:
+    """Why an op has no kernel of der_fast._C."""
+    if not HAS_CPU_EXT:
+        return f"der_fast._C missing: {CPU_EXT_ERROR}"
+    return "der_fast._C has no kernel for it: rebuild der_fast"
+
+
 def conv3x3_isa() -> str:
     """The instruction set the compiled conv3x3_bordered kernel (and bordered_resnet) runs
     with: "avx512", "avx2", "baseline" (x86-64 without AVX), or "unavailable" without the
     compiled extension. ``DER_FAST_CONV_ISA=avx2|baseline`` (read when der_fast._C loads)
     caps it."""
-    if not HAS_CPU_EXT or not op_defined("conv3x3_isa"):
+    if "conv3x3_isa" not in CPU_EXT_OPS:
         return "unavailable"
     return {0: "baseline", 1: "avx2", 2: "avx512"}.get(int(torch.ops.der_fast.conv3x3_isa()),
                                                           "unknown")
@@ -200,6 +221,9 @@ def _resolve_backend(op: str, backend: str, device: torch.device) -> str:
     if backend == "cuda" and cuda_ext_op and not _backend.cuda_ext_status(device.index)[0]:
         why = _backend.cuda_ext_status(device.index)[1]
         raise RuntimeError(f"der_fast.{op}: backend='cuda' was requested but {why}")
+    if backend == "cpp" and HAS_CPU_EXT and op not in CPU_EXT_OPS:
+        raise RuntimeError(f"der_fast.{op}: backend='cpp' was requested but "
+                           f"{_no_cpu_kernel_why()}")
     if not available_backends()[backend]:
         why = {"cpp": CPU_EXT_ERROR, "cuda": CUDA_EXT_ERROR, "triton": "triton not installed"}[
             backend

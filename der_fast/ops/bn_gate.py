@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from ._checks import _check_like, _kernel_format
-from ._library import HAS_CPU_EXT, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
+from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
 
 # ==============================================================================================
 # checks and reference
@@ -259,7 +259,7 @@ def _triton_bn_bwd(grad_y, z, weight, bias, mean, var, e, s, residual, training,
     return tuple(z.new_empty((0,)) if t is None else t for t in outs)
 
 
-if not HAS_CPU_EXT:
+if "bn_gate" not in CPU_EXT_OPS:
     lib.impl("bn_gate", _bn_gate_fallback, "CPU")
     lib.impl("bn_gate_backward", _bn_gate_backward_fallback, "CPU")
 if torch.version.cuda:
@@ -275,6 +275,7 @@ if torch.version.cuda:
 # fake (meta) kernels
 
 
+@torch.library.register_fake("der_fast::bn_gate")
 def _bn_gate_fake(z, weight, bias, mean_in, var_in, e, s, residual, training, eps, relu):
     _check_bn_gate(z, weight, bias, mean_in, var_in, e, residual, training)
     C = z.shape[1]
@@ -283,6 +284,7 @@ def _bn_gate_fake(z, weight, bias, mean_in, var_in, e, s, residual, training, ep
             z.new_empty((C,), dtype=stat))
 
 
+@torch.library.register_fake("der_fast::bn_gate_backward")
 def _bn_gate_backward_fake(grad_y, z, weight, bias, mean, var, e, s, residual, training, eps,
                            relu, output_mask):
     fmt = _kernel_format(z)
@@ -291,10 +293,6 @@ def _bn_gate_backward_fake(grad_y, z, weight, bias, mean, var, e, s, residual, t
     full = lambda ok: torch.empty_like(z, memory_format=fmt) if ok else z.new_empty((0,))
     vec = lambda ok: z.new_empty((C,)) if ok else z.new_empty((0,))
     return full(m[0]), vec(m[1]), vec(m[2]), vec(m[3]), full(m[4])
-
-
-# registered by der_fast/ops/__init__.py (see there why)
-FAKE_KERNELS = {"bn_gate": _bn_gate_fake, "bn_gate_backward": _bn_gate_backward_fake}
 
 
 # ==============================================================================================

@@ -1,8 +1,8 @@
 """``der_fast::bordered_resnet``: a whole folded extractor in one call (the compiled form of
 der_fast.fast's bordered executor; inference only, CPU, float32).
 
-Defined only by the compiled extension (csrc/conv3x3.cpp); there is no PyTorch fallback:
-without it, der_fast.fast runs the same computation layer by layer from Python
+Only the compiled extension has a kernel for it (csrc/conv3x3_bordered.cpp); there is no
+PyTorch fallback: without it, der_fast.fast runs the same computation layer by layer from Python
 (``run_bordered(..., executor=False)``). This module registers its fake kernel and its
 no-gradient rule, and is the Python wrapper through which it is called.
 """
@@ -12,24 +12,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import HAS_CPU_EXT, op_defined
+from ._library import CPU_EXT_OPS, _no_cpu_kernel_why
 
-#: der_fast._C is importable and has the bordered_resnet op.
-HAS_BORDERED_RESNET = HAS_CPU_EXT and op_defined("bordered_resnet")
+#: der_fast._C has the bordered_resnet kernel.
+HAS_BORDERED_RESNET = "bordered_resnet" in CPU_EXT_OPS
 
-if HAS_BORDERED_RESNET:
 
-    @torch.library.register_fake("der_fast::bordered_resnet")
-    def _bordered_resnet_fake(x, weights, biases, conv_meta, block_meta, sc_index, gates,
-                              out_index, out_dim, maxpool, chunk):
-        return x.new_empty((x.shape[0], out_dim))
+@torch.library.register_fake("der_fast::bordered_resnet")
+def _bordered_resnet_fake(x, weights, biases, conv_meta, block_meta, sc_index, gates,
+                          out_index, out_dim, maxpool, chunk):
+    return x.new_empty((x.shape[0], out_dim))
 
-    def _bordered_resnet_no_backward(ctx, grad):
-        raise RuntimeError("der_fast.bordered_resnet is inference-only (FastDERNet's frozen "
-                           "extractors): it has no gradient")
 
-    torch.library.register_autograd("der_fast::bordered_resnet", _bordered_resnet_no_backward,
-                                    setup_context=lambda ctx, inputs, output: None)
+def _bordered_resnet_no_backward(ctx, grad):
+    raise RuntimeError("der_fast.bordered_resnet is inference-only (FastDERNet's frozen "
+                       "extractors): it has no gradient")
+
+
+torch.library.register_autograd("der_fast::bordered_resnet", _bordered_resnet_no_backward,
+                                setup_context=lambda ctx, inputs, output: None)
 
 
 def bordered_resnet(
@@ -47,7 +48,7 @@ def bordered_resnet(
 ) -> Tensor:
     """Pooled features ``[N, out_dim]`` of a folded ResNet extractor run as one program.
 
-    The program (built by ``der_fast.fast.run_bordered._bordered_program``): convs in the order
+    The program (built by ``der_fast.fast.run_bordered.bordered_program``): convs in the order
     stem, then per block conv1, conv2 [, shortcut conv], with ``weights[i]`` / ``biases[i]`` and
     ``conv_meta[4i:4i+4] = (stride, padding, groups, runs the conv3x3_bordered kernel)``;
     ``block_meta[2j:2j+2] = (shortcut kind 0 identity / 1 option A / 2 conv, shortcut
@@ -58,7 +59,8 @@ def bordered_resnet(
     RuntimeError on an inconsistent program, or when the extension lacks the op.
     """
     if not HAS_BORDERED_RESNET:
-        raise RuntimeError("this build of der_fast._C has no bordered_resnet executor")
+        raise RuntimeError("der_fast.bordered_resnet has no PyTorch fallback and "
+                           f"{_no_cpu_kernel_why()}")
     return torch.ops.der_fast.bordered_resnet(x, weights, biases, conv_meta, block_meta,
                                               sc_index, gates, out_index, out_dim, maxpool,
                                               chunk)

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ._checks import _check_like, _kernel_format
 from ._library import (
-    HAS_CPU_EXT,
-    HAS_CUDA_EXT,
+    CPU_EXT_OPS,
+    CUDA_EXT_OPS,
     _resolve_backend,
     lib,
     register_no_double_backward,
@@ -172,10 +172,10 @@ def _head_backward_fallback(
     return gfeats, gw, gb, gaw, gab
 
 
-if not HAS_CPU_EXT:
+if "concat_linear_head" not in CPU_EXT_OPS:
     lib.impl("concat_linear_head", _head_fallback, "CPU")
     lib.impl("concat_linear_head_backward", _head_backward_fallback, "CPU")
-if torch.version.cuda and not HAS_CUDA_EXT:
+if torch.version.cuda and "concat_linear_head" not in CUDA_EXT_OPS:
     lib.impl("concat_linear_head", _head_fallback, "CUDA")
     lib.impl("concat_linear_head_backward", _head_backward_fallback, "CUDA")
 
@@ -184,6 +184,7 @@ if torch.version.cuda and not HAS_CUDA_EXT:
 # fake (meta) kernels
 
 
+@torch.library.register_fake("der_fast::concat_linear_head")
 def _head_fake(feats, weight, bias=None, aux_weight=None, aux_bias=None):
     widths = _check_head(feats, weight, bias, aux_weight, aux_bias)
     N = feats[0].shape[0]
@@ -193,6 +194,7 @@ def _head_fake(feats, weight, bias=None, aux_weight=None, aux_bias=None):
     return logits, aux, features
 
 
+@torch.library.register_fake("der_fast::concat_linear_head_backward")
 def _head_backward_fake(
     grad_logits, grad_aux, grad_features, features, weight, aux_weight, feats, widths, output_mask
 ):
@@ -206,11 +208,6 @@ def _head_backward_fake(
     gaw = torch.empty_like(aux_weight) if m[2] else e()
     gab = aux_weight.new_empty((aux_weight.shape[0],)) if m[3] else e()
     return gfeats, gw, gb, gaw, gab
-
-
-# registered by der_fast/ops/__init__.py (see there why)
-FAKE_KERNELS = {"concat_linear_head": _head_fake,
-                "concat_linear_head_backward": _head_backward_fake}
 
 
 # ==============================================================================================

@@ -3,7 +3,7 @@ planes (inference only, CPU, float32).
 
 Checks, the pure-PyTorch reference (and :func:`border`, the layout), the PyTorch fallback
 kernel, the fake kernel, the no-gradient registration and the public wrapper. Kernel:
-csrc/conv3x3.cpp (der_fast._C).
+csrc/conv3x3_bordered.cpp (der_fast._C).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._library import HAS_CPU_EXT, lib
+from ._library import CPU_EXT_OPS, lib
 
 # ==============================================================================================
 # checks and reference
@@ -23,7 +23,7 @@ def _conv3x3_out_hw(x, stride):
 
 
 def _check_conv3x3(x, weight, bias, residual=None, gate=None, stride=1) -> None:
-    """Same checks and messages as csrc/conv3x3.cpp."""
+    """Same checks and messages as csrc/conv3x3_bordered.cpp."""
     if x.dim() != 4:
         raise RuntimeError("conv3x3_bordered: x must be [N, C_in, H + 2, W + 2], got "
                            f"{list(x.shape)}")
@@ -84,7 +84,7 @@ def _conv3x3_fallback(x, weight, bias, residual=None, gate=None, relu=True, stri
     return conv3x3_bordered_ref(x, weight, bias, residual, gate, relu, stride)
 
 
-if not HAS_CPU_EXT:
+if "conv3x3_bordered" not in CPU_EXT_OPS:
     lib.impl("conv3x3_bordered", _conv3x3_fallback, "CPU")
 
 
@@ -92,13 +92,10 @@ if not HAS_CPU_EXT:
 # fake kernel and autograd (none: inference only)
 
 
+@torch.library.register_fake("der_fast::conv3x3_bordered")
 def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True, stride=1):
     _check_conv3x3(x, weight, bias, residual, gate, stride)
     return x.new_empty((x.shape[0], weight.shape[0], *_conv3x3_out_hw(x, stride)))
-
-
-# registered by der_fast/ops/__init__.py (see there why)
-FAKE_KERNELS = {"conv3x3_bordered": _conv3x3_fake}
 
 
 def _conv3x3_no_backward(ctx, grad):
@@ -134,7 +131,7 @@ def conv3x3_bordered(
     residual has that shape too) with a zero border, so layers chain
     without padding copies. No autograd (FastDERNet's frozen extractors only). Faster than
     oneDNN for layers with few channels (pruned extractors), slower for wide ones: see
-    ``benchmarks/bench_conv.py``.
+    ``benchmarks/bench_conv3x3_bordered.py``.
 
     The zero border is a precondition, not checked: a non-zero border gives wrong values.
     Checking it would read the border of every input on every call of the frozen path;

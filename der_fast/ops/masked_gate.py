@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import _check_like, _kernel_format
-from ._library import HAS_CPU_EXT, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
+from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
 
 # ==============================================================================================
 # checks and reference
@@ -112,7 +112,7 @@ def _triton_mg_bwd(grad_y, y, x, scale, e, s, output_mask):
         )
 
 
-if not HAS_CPU_EXT:
+if "masked_gate" not in CPU_EXT_OPS:
     lib.impl("masked_gate", _masked_gate_fallback, "CPU")
     lib.impl("masked_gate_backward", _masked_gate_backward_fallback, "CPU")
 if torch.version.cuda:
@@ -128,11 +128,13 @@ if torch.version.cuda:
 # fake (meta) kernels
 
 
+@torch.library.register_fake("der_fast::masked_gate")
 def _masked_gate_fake(x, scale, shift, e=None, s=1.0, residual=None):
     _check_masked_gate(x, scale, shift, e, residual)
     return torch.empty_like(x, memory_format=_kernel_format(x))
 
 
+@torch.library.register_fake("der_fast::masked_gate_backward")
 def _masked_gate_backward_fake(grad_y, y, x, scale, e, s, output_mask):
     fmt = _kernel_format(y)
     C = y.shape[1]
@@ -140,11 +142,6 @@ def _masked_gate_backward_fake(grad_y, y, x, scale, e, s, output_mask):
     full = lambda ok: torch.empty_like(y, memory_format=fmt) if ok else y.new_empty((0,))
     vec = lambda ok: y.new_empty((C,)) if ok else y.new_empty((0,))
     return full(m[0]), vec(m[1]), vec(m[2]), vec(m[3]), full(m[4])
-
-
-# registered by der_fast/ops/__init__.py (see there why)
-FAKE_KERNELS = {"masked_gate": _masked_gate_fake,
-                "masked_gate_backward": _masked_gate_backward_fake}
 
 
 # ==============================================================================================

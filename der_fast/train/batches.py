@@ -9,7 +9,7 @@ from .. import data as D
 from ..backbones import ARCHS
 
 
-def _gen(seed: int, *salt: int) -> torch.Generator:
+def seeded_generator(seed: int, *salt: int) -> torch.Generator:
     """A CPU generator seeded from ``(seed, *salt)``: one independent stream per use."""
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0]))
@@ -31,7 +31,7 @@ def _brightness(x: torch.Tensor, factors: torch.Tensor, info) -> torch.Tensor:
     return ((x * std + mean) * f).clamp_(0.0, 1.0).sub_(mean).div_(std)
 
 
-def _min_images(model, data) -> int:
+def min_images(model, data) -> int:
     """Images a training micro-batch needs: 2 where the model's backbone reduces the data's
     images to a 1x1 feature map (resnet18 on 28 / 32 pixels), since BatchNorm in training
     needs more than one value per channel; else 1 (also for a model or data without a
@@ -41,8 +41,8 @@ def _min_images(model, data) -> int:
     return 2 if arch is not None and size is not None and arch.feature_size(size) == 1 else 1
 
 
-def _train_batches(data, indices, cfg, gen, device, chunks: int = 1, mine=(0,),
-                   force_sharded: bool = False):
+def train_batches(data, indices, cfg, gen, device, chunks: int = 1, mine=(0,),
+                  force_sharded: bool = False):
     """Yield ``(parts, n)`` per global batch of ``cfg.batch_size``: ``n`` its size and
     ``parts`` this process's micro-batches ``[(x, y), ...]``.
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .config import Config, ConfigError
-from .faults import _STOP
+from .faults import STOP
 
 
 def _device(name: str, local_rank: Optional[int] = None) -> torch.device:
@@ -41,7 +41,7 @@ def _device(name: str, local_rank: Optional[int] = None) -> torch.device:
     return dev
 
 
-class _Dist:
+class Dist:
     """This process's place in a torch.distributed job (world 1 and inactive when alone).
 
     Collectives are no-ops unless a process group is active. ``agree`` runs a function on
@@ -59,17 +59,17 @@ class _Dist:
         return self.rank == 0
 
     @staticmethod
-    def setup(cfg: Config) -> "_Dist":
+    def setup(cfg: Config) -> "Dist":
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():  # set up by the caller
             lr = os.environ.get("LOCAL_RANK")
             device = _device(cfg.device, int(lr) if lr is not None else None)
-            return _Dist(dist.get_rank(), dist.get_world_size(), lr, True, False,
-                         dist.get_backend(), device)
+            return Dist(dist.get_rank(), dist.get_world_size(), lr, True, False,
+                        dist.get_backend(), device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return _Dist(device=_device(cfg.device))
+            return Dist(device=_device(cfg.device))
         if not dist.is_available():
             raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed")
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -79,7 +79,7 @@ class _Dist:
             torch.cuda.set_device(device)
         # rank 0 alone herds and evaluates while the others wait in a broadcast: allow time
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
-        return _Dist(dist.get_rank(), dist.get_world_size(), local, True, True, backend, device)
+        return Dist(dist.get_rank(), dist.get_world_size(), local, True, True, backend, device)
 
     def close(self, ok: bool = True) -> None:
         """Tear down the process group this run created. After a normal finish every rank
@@ -172,10 +172,10 @@ class _Dist:
 
     def stop_requested(self) -> int:
         """Signal number if any rank got SIGTERM (agreed over ranks), else 0."""
-        return self.any(_STOP["signum"])[0]
+        return self.any(STOP["signum"])[0]
 
 
-def _wrap(model, d: _Dist):
+def wrap_ddp(model, d: Dist):
     """DDP around the model for a training stage (re-wrapped after every structural change;
     only parameters with requires_grad take part, so frozen extractors are not reduced)."""
     if not d.active:
@@ -184,16 +184,16 @@ def _wrap(model, d: _Dist):
 
     ids = [d.device.index] if d.device.type == "cuda" else None
     # broadcast_buffers=False: BatchNorm running statistics are averaged over ranks after
-    # every batch instead (_BNAverage), never copied from rank 0. Parameters outside the
+    # every batch instead (BNAverage), never copied from rank 0. Parameters outside the
     # stage's loss (the auxiliary classifier at step 0, with lambda_a = 0, in stage 2) do not
-    # require grad during the stage (loop._train_epochs), so DDP's strict default mode
+    # require grad during the stage (loop.train_epochs), so DDP's strict default mode
     # (find_unused_parameters=False) applies and fails loudly on any other unused parameter.
     with warnings.catch_warnings():  # newer torch: broadcast_buffers -> forward_sync_buffers
         warnings.simplefilter("ignore", FutureWarning)
         return DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=False)
 
 
-class _BNAverage:
+class BNAverage:
     """Per-micro-batch BatchNorm with one set of running statistics.
 
     Every micro-batch of a batch (this process's ``--accum-steps`` pieces, and the pieces of
@@ -203,7 +203,7 @@ class _BNAverage:
     BatchNorm buffers, and N processes give the same buffers as 1 process with
     ``--accum-steps N`` (bit for bit when the float64 sums are exact, e.g. N = 2)."""
 
-    def __init__(self, model, d: _Dist, pieces: int):
+    def __init__(self, model, d: Dist, pieces: int):
         self.d, self.pieces = d, pieces
         self.bns = [m for m in model.modules()
                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training

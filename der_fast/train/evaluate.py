@@ -130,7 +130,7 @@ def forgetting_pycil(grouped_history: list) -> float:
     return float(np.mean((table.max(1) - table[:, -1])[: n - 1]))
 
 
-def _step_row(model, data, memory, cfg, t, device, hw, partial: dict, previous: list) -> dict:
+def step_row(model, data, memory, cfg, t, device, hw, partial: dict, previous: list) -> dict:
     """Evaluate after step t and return its metrics row: accuracy, parameters and MACs
     (pruned and, with pruning, unpruned), memory size, the stage results and times in
     ``partial``. ``previous``: the rows of the earlier steps."""
@@ -162,7 +162,7 @@ def _step_row(model, data, memory, cfg, t, device, hw, partial: dict, previous: 
     return row
 
 
-def _summary(steps: list) -> dict:
+def summary(steps: list) -> dict:
     """The whole run's numbers from its step rows (averages over steps, final values)."""
     if not steps:
         return {}

@@ -1,8 +1,8 @@
 """Stopping a run: the non-finite-loss, signal and failed-write errors, and the stop flag;
-and what never stops one: a broken stdout (:func:`_print_or_drop`).
+and what never stops one: a broken stdout (:func:`print_or_drop`).
 
-``_STOP`` is the one flag object of the process: the SIGTERM / SIGINT handler sets it, the
-epoch loop and the pipeline (via ``_Dist.stop_requested``) poll it at batch and stage
+``STOP`` is the one flag object of the process: the SIGTERM / SIGINT handler sets it, the
+epoch loop and the pipeline (via ``Dist.stop_requested``) poll it at batch and stage
 boundaries. A second SIGINT (Ctrl-C pressed again) stops at once with KeyboardInterrupt."""
 
 from __future__ import annotations
@@ -37,37 +37,37 @@ class Interrupted(RuntimeError):
         super().__init__(f"interrupted by {name} during {where}")
 
 
-_STOP = {"signum": 0}  # set by the signal handler, polled at batch / stage boundaries
+STOP = {"signum": 0}  # set by the signal handler, polled at batch / stage boundaries
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def _on_signal(signum, frame):  # only sets a flag: an ongoing (atomic) write finishes
-    if signum == signal.SIGINT and _STOP["signum"] == signal.SIGINT:
+    if signum == signal.SIGINT and STOP["signum"] == signal.SIGINT:
         raise KeyboardInterrupt  # Ctrl-C twice: stop now (writes are atomic all the same)
-    _STOP["signum"] = signum
+    STOP["signum"] = signum
 
 
 @contextlib.contextmanager
-def _stop_signals():
-    """SIGTERM and SIGINT set ``_STOP`` while the block runs (handlers can be installed only
+def stop_signals():
+    """SIGTERM and SIGINT set ``STOP`` while the block runs (handlers can be installed only
     from the main thread; elsewhere the block runs without one)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _STOP["signum"] = 0
+    STOP["signum"] = 0
     old = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        _STOP["signum"] = 0
+        STOP["signum"] = 0
 
 
 _STDOUT = {"broken": False}
 
 
-def _print_or_drop(*args, **kw) -> None:
+def print_or_drop(*args, **kw) -> None:
     """``print`` to stdout, flushed, that survives a broken stdout (a pipe closed early as in
     ``| head -1``, a dead ``tee``, ``>/dev/full``): the first failed write points the
     stdout file descriptor at os.devnull (so the interpreter's final flush succeeds too) and

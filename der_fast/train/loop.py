@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -12,9 +13,10 @@ import torch
 
 from ..masks import anneal_s
 from ..objective import make_optimizer
-from .batches import _gen, _min_images, _train_batches
-from .distributed import _BNAverage, _Dist, _wrap
-from .faults import _STOP, Interrupted, NonFiniteLoss
+from .batches import min_images, seeded_generator, train_batches
+from .config import Schedule
+from .distributed import BNAverage, Dist, wrap_ddp
+from .faults import STOP, Interrupted, NonFiniteLoss
 
 
 _AUTOCAST = {"bf16": torch.bfloat16, "16": torch.float16}
@@ -47,12 +49,31 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 @dataclass
-class _Runtime:
+class Runtime:
     """What the stages need besides the config: the distributed context and an optional
     per-epoch callback (TensorBoard)."""
 
-    dist: _Dist = field(default_factory=_Dist)
+    dist: Dist = field(default_factory=Dist)
     on_epoch: Optional[object] = None  # callable(tag, epoch, loss)
+
+
+@dataclass
+class BatchStep:
+    """What a training stage does with each batch: its loss and the hooks around the step.
+
+    ``loss_fn(net, x, y)`` gets the DDP wrapper (or the model). ``after_backward(s)`` (the
+    gradient compensation; ``s`` the batch's mask temperature, or None) runs after
+    ``backward()``, i.e. after DDP's all-reduce; ``after_step(opt)`` (the clamp) after the
+    optimiser step, identically on every rank, and returns True when it changed the model's
+    structure (the early prune of stage 1, which carries ``opt`` over to the pruned
+    parameters): the model is then re-wrapped (DDP, compile) for the rest of the stage.
+    ``s_anneal``: the mask temperature is annealed within every epoch (``model.set_s`` before
+    each batch)."""
+
+    loss_fn: Callable
+    after_backward: Optional[Callable] = None
+    after_step: Optional[Callable] = None
+    s_anneal: bool = False
 
 
 @contextlib.contextmanager
@@ -87,25 +108,23 @@ def _compiled(net, enabled: bool):
         torch._dynamo.reset()
 
 
-def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, weight_decay,
-                  warmup, seed_salt, device, loss_fn, after_backward=None, after_step=None, desc="",
-                  s_anneal=False, rt: Optional[_Runtime] = None, tag: str = ""):
-    """Train ``params`` (``[(name, p)]``) by SGD for ``epochs``; returns the mean loss of the
-    last epoch (over all ranks).
+def train_epochs(model, params, data, indices, cfg, schedule: Schedule, batch_step: BatchStep,
+                 *, device, seed_salt: tuple, desc: str = "", tag: str = "",
+                 rt: Optional[Runtime] = None) -> float:
+    """Train ``params`` (``[(name, p)]``) by SGD on ``schedule`` (epochs, lr with its warm-up
+    and decays, weight decay), each batch as ``batch_step`` says; returns the mean loss of
+    the last epoch (over all ranks).
 
-    ``indices``: the training images, or ``epoch -> indices``. ``loss_fn(net, x, y)`` gets
-    the DDP wrapper (or the model). With several micro-batches per process
-    (``--accum-steps``) or several processes, micro-batch k of a batch of n images has loss
-    weight world * n_k / n: DDP's gradient average is then the gradient of the global batch's
-    mean loss. Gradient compensation (``after_backward(s)``) runs after ``backward()``, i.e.
-    after DDP's all-reduce, and the clamp (``after_step``) after the optimiser step,
-    identically on every rank. ``after_step(opt)`` returns True when it changed the model's
-    structure (the early prune of stage 1, which carries ``opt`` over to the pruned
-    parameters): the model is then re-wrapped (DDP, compile) for the rest of the stage.
+    ``indices``: the training images, or ``epoch -> indices``. The batches of epoch e are
+    drawn from ``seeded_generator(cfg.seed, *seed_salt, e)``. With several micro-batches per
+    process (``--accum-steps``) or several processes, micro-batch k of a batch of n images
+    has loss weight world * n_k / n: DDP's gradient average is then the gradient of the
+    global batch's mean loss. ``desc`` names the stage on the progress bar and in errors;
     ``rt.on_epoch(tag, epoch, loss)`` is called after every epoch when ``tag`` is given."""
-    rt = rt or _Runtime()
-    opt = make_optimizer(params, lr, momentum=cfg.momentum, weight_decay=weight_decay,
-                         mask_lr=cfg.mask_lr)
+    rt = rt or Runtime()
+    epochs = schedule.epochs
+    opt = make_optimizer(params, schedule.lr, momentum=cfg.momentum,
+                         weight_decay=schedule.weight_decay, mask_lr=cfg.mask_lr)
     d = rt.dist
     # float16: the loss is scaled for backward; the gradients are unscaled before the mask
     # compensation and the step (which the scaler skips when they overflowed)
@@ -114,7 +133,7 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
 
     def wrap(stack, params):  # the model as this stage trains it: only params trained
         stack.enter_context(_trained_only(model, params))
-        return stack.enter_context(_compiled(_wrap(model, d), cfg.compile))
+        return stack.enter_context(_compiled(wrap_ddp(model, d), cfg.compile))
 
     with contextlib.ExitStack() as outer:
         stack = outer.enter_context(contextlib.ExitStack())
@@ -122,8 +141,8 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
         chunks = d.world * cfg.accum_steps
         # every micro-batch needs 2 images where the final feature map is 1x1 (the trainer
         # refuses a batch size that is always too small): a smaller last batch is dropped, as
-        # _train_batches drops one with fewer images than micro-batches
-        least = chunks * _min_images(model, data)
+        # train_batches drops one with fewer images than micro-batches
+        least = chunks * min_images(model, data)
         mine = list(range(d.rank * cfg.accum_steps, (d.rank + 1) * cfg.accum_steps))
         pick = indices if callable(indices) else (lambda epoch: indices)
         bar = None
@@ -131,23 +150,23 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
         for epoch in range(epochs):
             for g in opt.param_groups:
                 if g["scheduled"]:
-                    g["lr"] = _lr_at(epoch, lr, warmup, milestones)
+                    g["lr"] = _lr_at(epoch, schedule.lr, schedule.warmup, schedule.milestones)
             idx = pick(epoch)
             n_batches = max(1, math.ceil(len(idx) / cfg.batch_size))
             if bar is None:
                 bar = _progress(epochs * n_batches, desc, cfg.progress and d.main)
-            gen = _gen(cfg.seed, *seed_salt, epoch)
+            gen = seeded_generator(cfg.seed, *seed_salt, epoch)
             total, count = 0.0, 0
             net.train()
-            for b, (parts, n) in enumerate(_train_batches(data, idx, cfg, gen, device, chunks,
-                                                          mine)):
+            for b, (parts, n) in enumerate(train_batches(data, idx, cfg, gen, device, chunks,
+                                                         mine)):
                 if n < least:  # the last batch: a micro-batch of 1 image BatchNorm cannot take
                     continue
-                s = anneal_s(b, n_batches, cfg.s_max) if s_anneal else None
+                s = anneal_s(b, n_batches, cfg.s_max) if batch_step.s_anneal else None
                 if s is not None:
                     model.set_s(s)
                 opt.zero_grad(set_to_none=True)
-                bn = _BNAverage(model, d, chunks) if chunks > 1 else None
+                bn = BNAverage(model, d, chunks) if chunks > 1 else None
                 bad = False
                 loss = None
                 for k, (x, y) in enumerate(parts):
@@ -158,7 +177,7 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                         contextlib.nullcontext()
                     with no_sync:
                         with autocast(cfg.precision, device):
-                            loss = loss_fn(net, x, y)
+                            loss = batch_step.loss_fn(net, x, y)
                         value = float(loss.detach())
                         if math.isfinite(value):
                             total += value * len(y)
@@ -172,7 +191,7 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                             scaled(loss).backward()
                     if bn is not None:
                         bn.after()
-                bad, stop = d.any(bad, _STOP["signum"])  # every rank decides the same
+                bad, stop = d.any(bad, STOP["signum"])  # every rank decides the same
                 if bad:
                     raise NonFiniteLoss(f"{desc}: non-finite loss at epoch {epoch}, batch {b}")
                 if stop:
@@ -182,14 +201,14 @@ def _train_epochs(model, params, data, indices, cfg, *, epochs, lr, milestones, 
                     bn.finish()
                 if scaler is not None:
                     scaler.unscale_(opt)
-                if after_backward is not None:
-                    after_backward(s)
+                if batch_step.after_backward is not None:
+                    batch_step.after_backward(s)
                 if scaler is not None:
                     scaler.step(opt)
                     scaler.update()
                 else:
                     opt.step()
-                if after_step is not None and after_step(opt):
+                if batch_step.after_step is not None and batch_step.after_step(opt):
                     stack.close()
                     stack = outer.enter_context(contextlib.ExitStack())
                     net = wrap(stack, [(None, p) for g in opt.param_groups for p in g["params"]])

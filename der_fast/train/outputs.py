@@ -17,12 +17,12 @@ import torch
 from .. import __version__
 from ..plot import RUN_FILES
 from .config import Config, ConfigError
-from .distributed import _Dist
+from .distributed import Dist
 from .faults import WriteFailed
 
 try:
     import fcntl
-except ImportError:  # not POSIX: runs go unlocked (see _lock_out)
+except ImportError:  # not POSIX: runs go unlocked (see lock_out)
     fcntl = None
 
 
@@ -52,16 +52,16 @@ def strict_json(obj):
     return obj
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     text = json.dumps(strict_json(obj), indent=2, allow_nan=False)
     _atomic_write(path, lambda p: p.write_text(text))
 
 
-def _save_ckpt(out: Path, state: dict) -> None:
+def save_ckpt(out: Path, state: dict) -> None:
     _atomic_write(out / "checkpoint.pt", lambda p: torch.save(state, p))
 
 
-def _read_ckpt(path: Path) -> dict:
+def read_ckpt(path: Path) -> dict:
     """A checkpoint's dict (plain types and tensors: no der_fast class is pickled); a clear
     ConfigError if the file is unreadable or not a der_fast checkpoint."""
     try:
@@ -78,13 +78,13 @@ def _read_ckpt(path: Path) -> dict:
 _RESUME_FREE = {"out", "progress", "device", "impl", "plots", "tensorboard", "last_step"}
 
 
-def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
+def load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
     """OUT/checkpoint.pt (None if absent), checked to be made with ``cfg`` (up to
     ``_RESUME_FREE``)."""
     path = out / "checkpoint.pt"
     if not path.exists():
         return None
-    state = _read_ckpt(path)
+    state = read_ckpt(path)
     saved = dict(state["config"])
     mine = asdict(cfg)
     default = asdict(Config())  # fields a checkpoint from an older version does not have
@@ -106,40 +106,40 @@ def _load_ckpt(out: Path, cfg: Config) -> Optional[dict]:
     return state
 
 
-# what resuming needs besides config and model (checked by _load_ckpt)
+# what resuming needs besides config and model (checked by load_ckpt)
 _CKPT_ENTRIES = ("memory", "steps", "next")
 
 
-def _clear_run(out: Path, resume: bool, overwrite: bool) -> list:
+def clear_run(out: Path, resume: bool, overwrite: bool) -> list:
     """Never overwrite a run by accident: a fresh run into a directory holding a checkpoint or
     metrics is refused unless ``overwrite``. Returns the old result files that ``overwrite``
-    replaces; they are removed (:func:`_remove_run`) only once the new run has passed every
+    replaces; they are removed (:func:`remove_run`) only once the new run has passed every
     check, so a new run refused for a bad flag or missing data leaves the old one intact."""
     if resume:
         if overwrite:
             raise ConfigError("--overwrite starts a run afresh: do not combine it with --resume")
         return []
-    found = [f for f in _RESULT_FILES if (out / f).exists()]
+    found = [f for f in RESULT_FILES if (out / f).exists()]
     if found and not overwrite:
         raise ConfigError(f"{out} already holds a run ({', '.join(found)}): continue it with "
                           f"--resume {out}, or replace it with --overwrite")
     return found
 
 
-def _remove_run(out: Path, found: list) -> None:
+def remove_run(out: Path, found: list) -> None:
     for f in found:
         (out / f).unlink(missing_ok=True)
 
 
-_RESULT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
-                 "params.png")
+RESULT_FILES = ("checkpoint.pt", "metrics.json", "metrics.csv", "config.json", "accuracy.png",
+                "params.png")
 LOCK = ".lock"  # OUT/.lock: held (flock) by the trainer writing OUT, holds its PID
 # plot refuses to write over a run's files: its list must know every one of them
-assert set(_RESULT_FILES) | {LOCK, "tensorboard"} <= set(RUN_FILES), "see plot.RUN_FILES"
+assert set(RESULT_FILES) | {LOCK, "tensorboard"} <= set(RUN_FILES), "see plot.RUN_FILES"
 
 
 @contextlib.contextmanager
-def _lock_out(out: Path, say):
+def lock_out(out: Path, say):
     """Hold an exclusive flock on OUT/.lock while the block runs: a second trainer started
     into the same OUT is refused, naming the PID that holds it, instead of interleaving its
     files with the first one's. The kernel drops the lock when the process ends, however it
@@ -192,7 +192,7 @@ def _lock_out(out: Path, say):
         os.close(fd)
 
 
-class _Outputs:
+class Outputs:
     """Rank 0's files besides the checkpoint: metrics.json, metrics.csv, PNG plots and
     (optionally) TensorBoard events."""
 
@@ -228,7 +228,7 @@ class _Outputs:
         """After every step: metrics.json, metrics.csv, plots, TensorBoard scalars."""
         if not self.main:
             return
-        _write_json(self.out / "metrics.json", metrics)
+        write_json(self.out / "metrics.json", metrics)
         from ..plot import write_run_outputs
 
         try:
@@ -276,7 +276,7 @@ def format_table(steps: list) -> str:
     return "\n".join(lines)
 
 
-def _env_info(device, d: Optional[_Dist] = None) -> dict:
+def env_info(device, d: Optional[Dist] = None) -> dict:
     """Versions, device and platform, recorded in metrics.json."""
     gpu = None
     if device.type == "cuda":

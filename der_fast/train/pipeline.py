@@ -15,12 +15,12 @@ from .. import __version__
 from .. import data as D
 from ..backbones import ARCHS
 from .config import Config, ConfigError
-from .distributed import _Dist
-from .evaluate import _step_row, _summary, extract
-from .faults import Interrupted, _print_or_drop, _stop_signals
-from .loop import _Runtime
-from .outputs import (_clear_run, _env_info, _load_ckpt, _lock_out, _Outputs, _remove_run,
-                      _save_ckpt, _write_json, format_table)
+from .distributed import Dist
+from .evaluate import extract, step_row, summary
+from .faults import Interrupted, print_or_drop, stop_signals
+from .loop import Runtime
+from .outputs import (Outputs, clear_run, env_info, format_table, load_ckpt, lock_out,
+                      remove_run, save_ckpt, write_json)
 from .stages import stage1, stage2, unpruned_counts
 
 
@@ -33,7 +33,7 @@ def _model_class(impl: str):
     return FastDERNet
 
 
-def run(cfg: Config, resume: bool = False, log=_print_or_drop, overwrite: bool = False,
+def run(cfg: Config, resume: bool = False, log=print_or_drop, overwrite: bool = False,
         dataset: Optional[D.ClassDataset] = None) -> dict:
     """Run the whole pipeline; returns the metrics dict (also written to OUT/metrics.json).
     A fresh run (not ``resume``) into a directory that holds a run is refused unless
@@ -47,11 +47,11 @@ def run(cfg: Config, resume: bool = False, log=_print_or_drop, overwrite: bool =
     group, the training stages run data-parallel (see :mod:`der_fast.train.distributed`);
     every rank returns the same metrics, rank 0 writes the files."""
     cfg.validate()
-    d = _Dist.setup(cfg)
+    d = Dist.setup(cfg)
     ok = False
     deterministic = torch.are_deterministic_algorithms_enabled()  # restored after the run
     try:
-        with _stop_signals(), contextlib.ExitStack() as held:  # held: OUT/.lock
+        with stop_signals(), contextlib.ExitStack() as held:  # held: OUT/.lock
             say = log if d.main else (lambda *a, **k: None)
             data, memory, outputs = _prepare(cfg, say, d, resume, overwrite, dataset, held)
             try:
@@ -88,7 +88,7 @@ def _check_precision(precision: str, device: torch.device, say) -> None:
             "runs emulated, slower than float32")
 
 
-def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset, held):
+def _prepare(cfg: Config, say, d: Dist, resume: bool, overwrite: bool, dataset, held):
     """Checks that need the process count, the output directory (locked for this run in
     ``held``; never an existing run by accident), the data (every class present, every image
     readable; on the device when it fits in memory), the empty exemplar memory and the result
@@ -102,8 +102,8 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset,
                           f"accum_steps = {d.world * cfg.accum_steps}")
     out = Path(cfg.out)
     d.agree(lambda: _probe_out(out))
-    d.agree(lambda: held.enter_context(_lock_out(out, say)) and None)  # rank 0 writes OUT
-    old_run = d.agree(lambda: _clear_run(out, resume, overwrite))
+    d.agree(lambda: held.enter_context(lock_out(out, say)) and None)  # rank 0 writes OUT
+    old_run = d.agree(lambda: clear_run(out, resume, overwrite))
 
     def load_data():
         try:
@@ -136,7 +136,7 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset,
     if ARCHS[cfg.backbone].feature_size(side) == 1 and \
             cfg.batch_size < 2 * d.world * cfg.accum_steps:
         # BatchNorm in training needs 2 values per channel: a 1-image micro-batch on a 1x1
-        # map fails (a smaller last batch is dropped, see loop._train_epochs)
+        # map fails (a smaller last batch is dropped, see loop.train_epochs)
         raise ConfigError(f"backbone {cfg.backbone} reduces {side}x{side} images to a 1x1 "
                           "feature map, where BatchNorm needs at least 2 images per "
                           f"micro-batch: batch_size {cfg.batch_size} must be at least 2 x "
@@ -146,11 +146,11 @@ def _prepare(cfg: Config, say, d: _Dist, resume: bool, overwrite: bool, dataset,
     holder = {}
 
     def make_outputs():  # rank 0 (checks --tensorboard); no object crosses processes
-        holder["outputs"] = _Outputs(out, cfg, True, say)
+        holder["outputs"] = Outputs(out, cfg, True, say)
 
     d.agree(make_outputs)
-    outputs = holder.get("outputs") or _Outputs(out, cfg, False, say)
-    d.agree(lambda: _remove_run(out, old_run))  # --overwrite: every check passed
+    outputs = holder.get("outputs") or Outputs(out, cfg, False, say)
+    d.agree(lambda: remove_run(out, old_run))  # --overwrite: every check passed
     return data, memory, outputs
 
 
@@ -213,12 +213,12 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
     Net = _model_class(cfg.impl)
     model = Net(cfg.backbone, in_channels=data.info.channels, use_masks=cfg.masks,
                 mask_init=cfg.mask_init).to(device)
-    metrics = {"config": asdict(cfg), "env": _env_info(device, d), "class_order": data.order,
+    metrics = {"config": asdict(cfg), "env": env_info(device, d), "class_order": data.order,
                "steps": [], "summary": {}}
     start_t, start_stage = 0, 0
     if resume:
         def load():
-            state = _load_ckpt(out, cfg)
+            state = load_ckpt(out, cfg)
             if state is None:
                 raise ConfigError(f"--resume: no checkpoint in {out}")
             return state
@@ -256,20 +256,20 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
     else:
         partial = {}
     if d.main:
-        _write_json(out / "config.json", asdict(cfg))
+        write_json(out / "config.json", asdict(cfg))
     par = f", {d.world} processes ({d.backend})" if d.active else ""
     say(f"DER on {cfg.dataset} ({data.num_classes} classes, {data.num_steps} steps: "
         f"{cfg.init_cls or cfg.increment} + {cfg.increment}/step), backbone {cfg.backbone}, "
         f"impl {cfg.impl}, device {device}{par}"
         + ("" if cfg.last_step is None else f"; stopping after step {cfg.last_step}"))
-    rt = _Runtime(dist=d)
+    rt = Runtime(dist=d)
 
     def ckpt(next_t, next_stage, partial):
         if d.main:
-            _save_ckpt(out, {"config": asdict(cfg), "model": model.state_dict(),
-                             "memory": memory.state_dict(), "steps": metrics["steps"],
-                             "next": (next_t, next_stage), "partial": partial,
-                             "version": __version__, "world_size": d.world})
+            save_ckpt(out, {"config": asdict(cfg), "model": model.state_dict(),
+                            "memory": memory.state_dict(), "steps": metrics["steps"],
+                            "next": (next_t, next_stage), "partial": partial,
+                            "version": __version__, "world_size": d.world})
 
     def check_stop(done):  # SIGTERM during pruning / herding / evaluation / the writes
         stop = d.stop_requested()
@@ -331,17 +331,17 @@ def _incremental_steps(cfg, resume, say, d, data, memory, outputs) -> dict:
                 memory.load_state_dict(mem_state)
             partial["time_memory_s"] = time.perf_counter() - t0
 
-            row = d.agree(lambda: _step_row(model, data, memory, cfg, t, device, hw, partial,
-                                            metrics["steps"]))
+            row = d.agree(lambda: step_row(model, data, memory, cfg, t, device, hw, partial,
+                                           metrics["steps"]))
             metrics["steps"].append(row)
-            metrics["summary"] = _summary(metrics["steps"])
+            metrics["summary"] = summary(metrics["steps"])
             ckpt(t + 1, 0, {})  # first: metrics.json never runs ahead of the checkpoint
             outputs.step(metrics)
             say(format_table(metrics["steps"][-1:]) if t == 0 and not resume
                 else format_table(metrics["steps"][-1:]).splitlines()[-1])
             if t + 1 < end:
                 check_stop(f"step {t}")
-    metrics["summary"] = _summary(metrics["steps"])
+    metrics["summary"] = summary(metrics["steps"])
     if d.main:
-        _write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)
     return metrics

@@ -12,11 +12,12 @@ import torch
 from .. import data as D
 from ..masks import BudgetController, shift_to_budget
 from ..objective import stage1_loss, stage2_loss
-from .batches import _gen, _min_images
-from .loop import _Runtime, _train_epochs
+from .batches import min_images, seeded_generator
+from .config import Schedule
+from .loop import BatchStep, Runtime, train_epochs
 
 
-def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] = None,
+def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = None,
            lambda_s0: Optional[float] = None, report: Optional[dict] = None) -> float:
     """Representation learning of step t: CE + aux CE + lambda_s * sparsity (masks learnt).
 
@@ -27,7 +28,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
     trains only the kept channels, which is exactly training the binary-masked network on.
     ``report`` receives ``lambda_s`` (final), ``keep_trace`` (the binary keep ratio after each
     epoch) and, when pruned here, the unpruned counts and ``time_prune_s``."""
-    rt = rt or _Runtime()
+    rt = rt or Runtime()
     report = {} if report is None else report
     lambda_a = cfg.lambda_a if t > 0 else 0.0
     use_masks = model.convnets[-1].mask_e is not None
@@ -85,14 +86,10 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[_Runtime] =
         if rt.on_epoch is not None:
             rt.on_epoch(tag, epoch, loss)
 
-    loss = _train_epochs(model, params, data, indices, cfg, epochs=sched.epochs, lr=sched.lr,
-                         milestones=sched.milestones, weight_decay=sched.weight_decay,
-                         warmup=cfg.warmup_epochs,
-                         seed_salt=(t, 1), device=device, loss_fn=loss_fn,
-                         after_backward=after_backward,
-                         after_step=after_step if use_masks else None,
-                         desc=f"step {t} stage 1", s_anneal=anneal,
-                         rt=dataclasses.replace(rt, on_epoch=on_epoch), tag="train/loss_stage1")
+    batch_step = BatchStep(loss_fn, after_backward, after_step if use_masks else None, anneal)
+    loss = train_epochs(model, params, data, indices, cfg, sched, batch_step, device=device,
+                        seed_salt=(t, 1), desc=f"step {t} stage 1", tag="train/loss_stage1",
+                        rt=dataclasses.replace(rt, on_epoch=on_epoch))
     if use_masks:
         if model.convnets[-1] is new:  # not pruned early
             model.set_s(cfg.s_max)
@@ -128,7 +125,7 @@ def recalibrate_bn(model, data, indices, cfg, device) -> None:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     model.train()
-    least = _min_images(model, data)  # a last batch of 1 image on a 1x1 map: left out
+    least = min_images(model, data)  # a last batch of 1 image on a 1x1 map: left out
     try:
         with torch.no_grad():
             for x, _ in data.batches("train", indices, cfg.batch_size, device=device):
@@ -140,7 +137,7 @@ def recalibrate_bn(model, data, indices, cfg, device) -> None:
         model.train(was_training)
 
 
-def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> float:
+def stage2(model, data, pool, cfg, t, device, rt: Optional[Runtime] = None) -> float:
     """Balanced classifier re-training: every extractor frozen, H_t re-initialised and trained
     alone on a class-balanced subset (re-drawn each epoch) with logits / temperature."""
     model.freeze_conv()
@@ -148,16 +145,16 @@ def stage2(model, data, pool, cfg, t, device, rt: Optional[_Runtime] = None) -> 
     model.reset_fc()
     labels = data.labels("train")
     params = list(model.fc.named_parameters())
-    milestones = cfg.milestones_stage2 or [max(1, cfg.epochs_stage2 // 2)]
+    sched = Schedule(cfg.epochs_stage2, cfg.lr_stage2,
+                     cfg.milestones_stage2 or [max(1, cfg.epochs_stage2 // 2)], cfg.weight_decay)
 
     def loss_fn(net, x, y):
         return stage2_loss(net(x), y, cfg.temperature)
 
     def subset(epoch):  # re-drawn every epoch
-        return pool[D.balanced_subset(labels[pool], generator=_gen(cfg.seed, t, 2, epoch))]
+        gen = seeded_generator(cfg.seed, t, 2, epoch)
+        return pool[D.balanced_subset(labels[pool], generator=gen)]
 
-    return _train_epochs(model, params, data, subset, cfg, epochs=cfg.epochs_stage2,
-                         lr=cfg.lr_stage2, milestones=milestones, weight_decay=cfg.weight_decay,
-                         warmup=0, seed_salt=(t, 3),
-                         device=device, loss_fn=loss_fn, desc=f"step {t} stage 2", rt=rt,
-                         tag="train/loss_stage2")
+    return train_epochs(model, params, data, subset, cfg, sched, BatchStep(loss_fn),
+                        device=device, seed_salt=(t, 3), desc=f"step {t} stage 2",
+                        tag="train/loss_stage2", rt=rt)

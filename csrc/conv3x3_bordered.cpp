@@ -7,7 +7,8 @@
 // residual and y [N, Cout, H+2, W+2], the output's border written as 0, so layers chain without
 // any padding copy. oneDNN's convolution is tuned for wide layers; with a handful of channels per
 // layer (5-20 after pruning) it reaches ~25-55 GFLOP/s on one core of the CI Xeon, this kernel
-// ~80-95 (benchmarks/bench_conv.py). No autograd: FastDERNet calls it for frozen extractors only.
+// ~80-95 (benchmarks/bench_conv3x3_bordered.py). No autograd: FastDERNet calls it for frozen
+// extractors only.
 //
 // The kernel is compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time.
 // Multiply-adds are contracted (FMA) in this file only: a conv's summation order differs from
@@ -493,26 +494,21 @@ at::Tensor bordered_resnet_cpu(const at::Tensor& x, at::TensorList weights,
   return out;
 }
 
+// Which variant of the kernel runs (0 baseline x86-64, 1 AVX2+FMA, 2 AVX-512): for tests and
+// der_fast.info.
 int64_t conv3x3_isa() { return g_isa_level; }
 
 }  // namespace
 
+// The schemas are defined in Python (der_fast/ops/_library.py:SCHEMAS).
 TORCH_LIBRARY_IMPL(der_fast, CPU, m) {
   m.impl("conv3x3_bordered", &conv3x3_bordered_cpu);
   m.impl("bordered_resnet", &bordered_resnet_cpu);
 }
 
-// Which variant of the kernel runs (0 baseline x86-64, 1 AVX2+FMA, 2 AVX-512): for tests and
-// der_fast.info. Not in ops.SCHEMAS: it exists only with the compiled extension.
-TORCH_LIBRARY_FRAGMENT(der_fast, m) {
-  m.def("conv3x3_isa() -> int", &conv3x3_isa);
-  // A whole folded extractor (der_fast/fast/run_bordered.py). Inference only, CPU float32;
-  // like conv3x3_isa it exists only with the compiled extension (der_fast.fast falls back to its
-  // Python executor without it).
-  m.def(
-      "bordered_resnet(Tensor x, Tensor[] weights, Tensor[] biases, int[] conv_meta, "
-      "int[] block_meta, Tensor[] sc_index, Tensor[] gates, Tensor? out_index, int out_dim, "
-      "bool maxpool, int chunk) -> Tensor");
+// conv3x3_isa takes no tensor, so no backend key selects a kernel for it: one kernel for all.
+TORCH_LIBRARY_IMPL(der_fast, CompositeExplicitAutograd, m) {
+  m.impl("conv3x3_isa", &conv3x3_isa);
 }
 
 }  // namespace der_fast

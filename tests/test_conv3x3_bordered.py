@@ -8,8 +8,6 @@ gate and ReLU; stride 2; and the AVX2 and baseline variants of the kernel
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from der_fast import ops
-from helpers import needs_cpu_ext
+from helpers import needs_cpu_ext, run_python
 
 pytestmark = needs_cpu_ext()
 
@@ -245,8 +243,7 @@ def test_other_instruction_sets(isa):
     if isa == "avx2" and ops.conv3x3_isa() == "baseline":
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, DER_FAST_CONV_ISA=isa, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, isa], capture_output=True,
-                          text=True, env=env, timeout=300, check=False)
+    proc = run_python(_ISA_SCRIPT, isa, env=env, timeout=300)
     assert proc.returncode == 0 and f"ISA_OK {isa}" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -1,7 +1,7 @@
 """Accuracy parity with PyCIL's DER, side by side: the same images, class order, schedule and
 seeds through PyCIL's learner and through der_fast, one table of the results.
 
-    python benchmarks/parity.py --pycil PATH/TO/PyCIL --out parity/ --seeds 1 2 3 4 5
+    python benchmarks/parity/parity.py --pycil PATH/TO/PyCIL --out parity/ --seeds 1 2 3 4 5
 
 PyCIL is run from the user's checkout (never copied here): this script imports its
 ``utils.data_manager`` / ``utils.factory`` / ``models.der`` and changes only what a protocol
@@ -30,7 +30,7 @@ The recipe differences that remain, all outside DER's definition: PyCIL augments
 with PIL on the CPU, der_fast whole batches with tensors (the same distribution, other
 random numbers); PyCIL evaluates the test set every 5 epochs during training (it changes no
 weight); der_fast recalibrates nothing and re-draws nothing here (no masks, no stage 2).
-``benchmarks/parity_lockstep.py`` checks that the rest is the same without the seed noise:
+``benchmarks/parity/parity_lockstep.py`` checks that the rest is the same without the seed noise:
 both trainers stepped from one state on PyCIL's recorded batches, in float64.
 
 ``--last-step T`` stops both systems after step T: ``--last-step 0`` compares the base

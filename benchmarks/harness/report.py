@@ -1,7 +1,7 @@
 """Readable tables from a pytest-benchmark JSON of the der_fast suite.
 
-    python -m der_fast.bench_report FILE.json [FILE2.json ...] [--fast fast]
-                                    [--stat median|min] [--out REPORT.md]
+    python benchmarks/harness/report.py FILE.json [FILE2.json ...] [--fast fast]
+                                        [--stat median|min] [--out REPORT.md]
 
 Prints markdown:
 
@@ -21,9 +21,10 @@ Prints markdown:
 spread is then [other min / fast median, other median / fast min]): on a machine shared with
 other busy processes the fastest round is the least disturbed one.
 
-Standard library only: reads the JSON written by ``pytest benchmarks/ --benchmark-only
---benchmark-json FILE.json`` (benchmarks/bench_model.py puts provider, workload, backbone,
-t, density, ... into each benchmark's ``extra_info``).
+Standard library only (run as a script, it imports nothing else of the harness): reads the
+JSON written by ``pytest benchmarks/ --benchmark-only --benchmark-json FILE.json``
+(benchmarks/bench_model.py puts provider, workload, backbone, t, density, ... into each
+benchmark's ``extra_info``).
 """
 
 from __future__ import annotations
@@ -230,20 +231,25 @@ def format_ratio_table(results, fast: str = "fast") -> str:
     return "\n".join(_table([f"{fast} (time)"] + [f"{p}/{fast}" for p in others], lines))
 
 
-def format_time_table(results) -> str:
+def _provider_table(results, cell) -> str:
+    """One row per case, one column per provider: ``cell(result)``, ``-`` where the provider
+    has no result for the case (or ``cell`` returns None)."""
     provs = providers_in(results)
     lines = []
     for key, cases in _by_case(results).items():
-        cells = []
-        for p in provs:
-            r = cases.get(p)
-            if r is None:
-                cells.append("| - ")
-            else:
-                spread = 100.0 * r.iqr / r.median if r.median > 0 else float("nan")
-                cells.append(f"| {_ms(r.median)} ±{spread:.0f}% ")
-        lines.append(case_label(key) + "".join(cells) + "|")
+        texts = [cell(cases[p]) if p in cases else None for p in provs]
+        lines.append(case_label(key) + "".join(f"| {'-' if t is None else t} " for t in texts)
+                     + "|")
     return "\n".join(_table(provs, lines))
+
+
+def _time_cell(r: Result) -> str:
+    spread = 100.0 * r.iqr / r.median if r.median > 0 else float("nan")
+    return f"{_ms(r.median)} ±{spread:.0f}%"
+
+
+def format_time_table(results) -> str:
+    return _provider_table(results, _time_cell)
 
 
 def format_floor_table(results, stat: str = "median") -> str:
@@ -265,21 +271,17 @@ def format_floor_table(results, stat: str = "median") -> str:
     return "\n".join(_table(provs, lines))
 
 
+def _memory_cell(r: Result) -> Optional[str]:
+    if r.peak_mem is None:
+        return None
+    mib = r.peak_mem / 2 ** 20
+    return f"{mib:.1f}" if mib < 10 else f"{mib:.0f}"
+
+
 def format_memory_table(results) -> str:
-    provs = providers_in(results)
-    lines = []
-    for key, cases in _by_case(results).items():
-        cells = []
-        for p in provs:
-            r = cases.get(p)
-            m = None if r is None else r.peak_mem
-            mib = None if m is None else m / 2 ** 20
-            cells.append("| - " if mib is None else f"| {mib:.1f} " if mib < 10 else
-                         f"| {mib:.0f} ")
-        lines.append(case_label(key) + "".join(cells) + "|")
     if not any(r.peak_mem is not None for r in results):
         return "(no peak memory recorded)"
-    return "\n".join(_table(provs, lines))
+    return _provider_table(results, _memory_cell)
 
 
 def format_params_table(results, fast: str = "fast") -> str:
@@ -408,7 +410,7 @@ def format_report(src, fast: str = "fast", stat: str = "median") -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m der_fast.bench_report",
+    ap = argparse.ArgumentParser(prog="python benchmarks/harness/report.py",
                                  description="Ratio tables from a der_fast benchmark JSON.")
     ap.add_argument("json", nargs="+",
                     help="pytest-benchmark JSON (--benchmark-json FILE); several are merged")
@@ -420,7 +422,7 @@ def main(argv=None) -> int:
     try:
         text = format_report(args.json, args.fast, args.stat)
     except (OSError, ValueError, KeyError) as exc:
-        print(f"bench_report: cannot read {args.json}: {exc}", file=sys.stderr)
+        print(f"report: cannot read {args.json}: {exc}", file=sys.stderr)
         return 2
     try:
         print(text)

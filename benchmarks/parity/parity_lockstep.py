@@ -1,9 +1,9 @@
 """PyCIL's DER and der_fast in lockstep: every incremental step trained by both from the same
 state on the same batches, so that any difference in the recipe shows without seed noise.
 
-    python benchmarks/parity_lockstep.py --pycil PATH/TO/PyCIL --seed 1 --out lockstep.json
+    python benchmarks/parity/parity_lockstep.py --pycil PATH/TO/PyCIL --seed 1 --out lockstep.json
 
-The protocol is ``benchmarks/parity.py``'s (the same flags). PyCIL runs its whole learner as
+The protocol is ``benchmarks/parity/parity.py``'s (the same flags). PyCIL runs its whole learner as
 usual, in float64 (its modules and, through ``ToTensor``, its images); at every compared step
 this script records the state PyCIL's ``_train`` starts from (after ``update_fc``: the new
 extractor copied from the last one, the new classifier rows drawn) and every augmented batch
@@ -29,17 +29,16 @@ the test accuracy (der_fast's model with PyCIL's final state must predict what P
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location(
-    "parity", Path(__file__).resolve().with_name("parity.py"))
-parity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(parity)
+if __package__:  # imported (benchmarks.parity.parity_lockstep) or run with python -m
+    from . import parity
+else:  # run as a script: its folder is first on sys.path
+    import parity
 
 
 class _Recorder:
@@ -136,14 +135,14 @@ def der_fast_step(p, seed, start_state, task_sizes, epochs, *, impl, dtype, weig
         for x, y in next(feed):
             yield [(x.to(dtype), y)], len(y)
 
-    saved = loop._train_batches
-    loop._train_batches = recorded_batches
+    saved = loop.train_batches
+    loop.train_batches = recorded_batches
     trace = _Trace(model)
     try:
         n = sum(len(y) for _, y in epochs[0])
         stage1(model, None, np.arange(n), cfg, t, sum(task_sizes[:-1]), "cpu")
     finally:
-        loop._train_batches = saved
+        loop.train_batches = saved
         trace.close()
     if t > 0:
         model.weight_align(task_sizes[-1])

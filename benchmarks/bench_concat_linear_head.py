@@ -1,6 +1,6 @@
 """concat_linear_head: the op vs concat_linear_head_ref vs the unfused nn-style sequence.
 
-    pytest benchmarks/bench_head.py --benchmark-only [--benchmark-min-rounds=5]
+    pytest benchmarks/bench_concat_linear_head.py --benchmark-only [--benchmark-min-rounds=5]
 
 Providers (one benchmark group per net x t x mode):
   op       der_fast.ops.concat_linear_head (C++ on CPU, CUDA C++ + cuBLAS on CUDA)
@@ -12,24 +12,17 @@ feature map and all four classifier tensors; the t-1 older extractors are frozen
 Shapes: ResNet-32 (N=128, 64 channels per extractor at 8x8) and ResNet-18-CIFAR (N=32, 512
 channels at 4x4), t = 1, 5, 10 extractors, 10 classes per task, aux head 10 + 1 classes.
 Outputs and gradients are checked against the reference before timing.
-DER_FAST_BENCH_DEVICE=auto|cpu|cuda, DER_FAST_BENCH_THREADS=N as in bench_gating.py.
+DER_FAST_BENCH_DEVICE=auto|cpu|cuda, DER_FAST_BENCH_THREADS=N as in bench_masked_gate.py.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-import der_fast
 from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
+from benchmarks.harness.op_bench import assert_grads_close, bench_op
 from der_fast import ops
 
 DEVICE = bench_device()
@@ -76,17 +69,8 @@ def _check(fn, args, leaves, grads, mode):
     for name, a, r in zip(("logits", "aux", "features"), out, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     if mode == "fwdbwd":
-        ga = torch.autograd.grad(out[:2], leaves, grads)
-        gr = torch.autograd.grad(ref[:2], leaves, grads)
-        for i, (a, r) in enumerate(zip(ga, gr)):
-            torch.testing.assert_close(
-                a, r, rtol=1e-4, atol=1e-4, msg=lambda m, i=i: f"grad {i}: {m}"
-            )
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        assert_grads_close(torch.autograd.grad(out[:2], leaves, grads),
+                           torch.autograd.grad(ref[:2], leaves, grads), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -97,37 +81,10 @@ def test_concat_linear_head(benchmark, net, t, mode, provider):
     fn = FNS[provider]
     args, leaves, grads = _inputs(net, t, requires_grad=mode == "fwdbwd")
     N, C, HW = NETS[net]
-    benchmark.group = f"concat_linear_head {mode} {net} N={N} C={C}x{t} HW={HW}x{HW} t={t}"
-    benchmark.extra_info.update(
-        op="concat_linear_head",
-        provider=provider,
-        mode=mode,
-        net=net,
-        t=t,
-        shape=[N, C, HW, HW],
-        device=str(DEVICE),
-        dtype="float32",
-        implementation=ops.implementation("concat_linear_head", DEVICE)
-        if provider == "op"
-        else provider,
-        threads=torch.get_num_threads(),
-        der_fast=der_fast.__version__,
-        torch=torch.__version__,
-    )
     _check(fn, args, leaves, grads, mode)
-
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                fn(*args)
-            _sync()
-    else:
-
-        def run():
-            out = fn(*args)
-            torch.autograd.grad(out[:2], leaves, grads)
-            _sync()
-
-    run()
-    benchmark(run)
+    bench_op(benchmark, "concat_linear_head", provider,
+             f"concat_linear_head {mode} {net} N={N} C={C}x{t} HW={HW}x{HW} t={t}", DEVICE,
+             lambda: fn(*args),
+             (lambda out: torch.autograd.grad(out[:2], leaves, grads)) if mode == "fwdbwd"
+             else None,
+             mode=mode, net=net, t=t, shape=[N, C, HW, HW])

@@ -1,6 +1,6 @@
 """conv3x3_bordered (the frozen path's direct 3x3 conv) vs oneDNN, side by side, CPU.
 
-    DER_FAST_BENCH_THREADS=1 pytest benchmarks/bench_conv.py --benchmark-only
+    DER_FAST_BENCH_THREADS=1 pytest benchmarks/bench_conv3x3_bordered.py --benchmark-only
 
 Providers (one benchmark group per shape, so they line up):
   op          der_fast.ops.conv3x3_bordered: zero-bordered NCHW in and out, bias + residual +
@@ -17,17 +17,14 @@ compares the op with the direct plan's alternative for such a conv (oneDNN + pad
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import der_fast
+from benchmarks.harness.op_bench import bench_op  # the harness applies DER_FAST_BENCH_THREADS
 from der_fast import ops
 
-if os.environ.get("DER_FAST_BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["DER_FAST_BENCH_THREADS"]))
+DEVICE = torch.device("cpu")  # a CPU kernel
 
 SHAPES = [  # (N, C_in, C_out, HW)
     (128, 3, 5, 32),  # pruned stem
@@ -48,15 +45,6 @@ def _inputs(N, ci, co, hw):
     b = torch.randn(co, generator=g)
     r = torch.randn(N, co, hw, hw, generator=g)
     return x, w, b, r
-
-
-def _time(benchmark, fn):
-    def run():
-        with torch.no_grad():
-            fn()
-
-    run()  # warm-up
-    benchmark(run)
 
 
 def _fn(provider, x, w, b, r):
@@ -83,12 +71,9 @@ def test_conv3x3(benchmark, shape, provider):
     want = F.relu(F.conv2d(x.double(), w.double(), b.double(), padding=1) + r.double())
     with torch.no_grad():
         torch.testing.assert_close(fn().double(), want, rtol=1e-4, atol=1e-4)
-    benchmark.group = f"conv3x3 N={N} {ci}->{co} {hw}x{hw} +bias+residual+relu"
-    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=list(shape),
-                                threads=torch.get_num_threads(), der_fast=der_fast.__version__,
-                                torch=torch.__version__)
-
-    _time(benchmark, fn)
+    bench_op(benchmark, "conv3x3_bordered", provider,
+             f"conv3x3 N={N} {ci}->{co} {hw}x{hw} +bias+residual+relu", DEVICE, fn,
+             shape=list(shape))
 
 
 S2_SHAPES = [  # (N, C_in, C_out, HW in): pruned ResNet-32 downsampling convs
@@ -114,12 +99,9 @@ def test_conv3x3_stride2(benchmark, shape, provider):
     want = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=2, padding=1))
     with torch.no_grad():
         torch.testing.assert_close(fn()[:, :, 1:-1, 1:-1].double(), want, rtol=1e-4, atol=1e-4)
-    benchmark.group = f"conv3x3 stride 2 N={N} {ci}->{co} {hw}x{hw} +bias+relu, bordered"
-    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=list(shape),
-                                stride=2, threads=torch.get_num_threads(),
-                                der_fast=der_fast.__version__, torch=torch.__version__)
-
-    _time(benchmark, fn)
+    bench_op(benchmark, "conv3x3_bordered", provider,
+             f"conv3x3 stride 2 N={N} {ci}->{co} {hw}x{hw} +bias+relu, bordered", DEVICE, fn,
+             shape=list(shape), stride=2)
 
 
 BORDERED_SHAPES = [  # (C_in, C_out, HW in, stride): where the executor's per-conv rule switches
@@ -162,10 +144,7 @@ def test_conv3x3_bordered_choice(benchmark, shape, provider):
                   + r.double())
     with torch.no_grad():
         torch.testing.assert_close(fn()[:, :, 1:-1, 1:-1].double(), want, rtol=1e-4, atol=1e-4)
-    benchmark.group = (f"conv3x3 in the bordered executor N={N} {ci}->{co} {hw}x{hw} "
-                       f"stride {stride} +bias+residual+relu")
-    benchmark.extra_info.update(op="conv3x3_bordered", provider=provider, shape=[N, ci, co, hw],
-                                stride=stride, threads=torch.get_num_threads(),
-                                der_fast=der_fast.__version__, torch=torch.__version__)
-
-    _time(benchmark, fn)
+    bench_op(benchmark, "conv3x3_bordered", provider,
+             f"conv3x3 in the bordered executor N={N} {ci}->{co} {hw}x{hw} "
+             f"stride {stride} +bias+residual+relu", DEVICE, fn,
+             shape=[N, ci, co, hw], stride=stride)

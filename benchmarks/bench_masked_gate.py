@@ -1,6 +1,6 @@
 """masked_gate: the op vs masked_gate_ref vs the unfused PyTorch sequence, side by side.
 
-    pytest benchmarks/bench_gating.py --benchmark-only [--benchmark-min-rounds=5]
+    pytest benchmarks/bench_masked_gate.py --benchmark-only [--benchmark-min-rounds=5]
 
 Providers (one benchmark group per shape x variant x mode, so they line up):
   op       der_fast.ops.masked_gate (C++ on CPU, Triton on CUDA)
@@ -21,33 +21,16 @@ gives stable numbers: OpenMP barriers otherwise wait for descheduled threads).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-import der_fast
 from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
+from benchmarks.harness.op_bench import (MASK_S, MASK_SHAPES, assert_grads_close, bench_op,
+                                         mask_shape_id)
 from der_fast import ops
 
 DEVICE = bench_device()
-S = 5.0  # mask temperature mid-anneal
-
-SHAPES = [  # (net, N, C, HW)
-    ("resnet32", 128, 16, 32),
-    ("resnet32", 128, 32, 16),
-    ("resnet32", 128, 64, 8),
-    ("resnet18", 32, 64, 32),
-    ("resnet18", 32, 128, 16),
-    ("resnet18", 32, 256, 8),
-    ("resnet18", 32, 512, 4),
-]
 VARIANTS = ["inner", "stream", "stream_cl"]
 MODES = ["fwd", "fwdbwd"]
 PROVIDERS = ["op", "ref", "unfused"]
@@ -90,7 +73,7 @@ def _inputs(N, C, HW, variant, requires_grad):
     if requires_grad:
         for t in leaves:
             t.requires_grad_(True)
-    return (x, scale, shift, e, S, r), leaves, gy
+    return (x, scale, shift, e, MASK_S, r), leaves, gy
 
 
 def _check(fn, args, leaves, gy, mode):
@@ -99,56 +82,21 @@ def _check(fn, args, leaves, gy, mode):
     y_ref = ops.masked_gate_ref(*args)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5, msg=lambda m: f"forward: {m}")
     if mode == "fwdbwd":
-        g = torch.autograd.grad(y, leaves, gy)
-        g_ref = torch.autograd.grad(y_ref, leaves, gy)
-        for i, (a, b) in enumerate(zip(g, g_ref)):
-            torch.testing.assert_close(
-                a, b, rtol=1e-4, atol=1e-3, msg=lambda m, i=i: f"grad {i}: {m}"
-            )
-
-
-def _sync():
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
+        assert_grads_close(torch.autograd.grad(y, leaves, gy),
+                           torch.autograd.grad(y_ref, leaves, gy), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}-N{s[1]}-C{s[2]}-HW{s[3]}")
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=mask_shape_id)
 def test_masked_gate(benchmark, shape, variant, mode, provider):
     net, N, C, HW = shape
     fn = FNS[provider]
     args, leaves, gy = _inputs(N, C, HW, variant, requires_grad=mode == "fwdbwd")
-    benchmark.group = f"masked_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}"
-    benchmark.extra_info.update(
-        op="masked_gate",
-        provider=provider,
-        mode=mode,
-        variant=variant,
-        net=net,
-        shape=[N, C, HW, HW],
-        device=str(DEVICE),
-        dtype="float32",
-        implementation=ops.implementation("masked_gate", DEVICE) if provider == "op" else provider,
-        threads=torch.get_num_threads(),
-        der_fast=der_fast.__version__,
-        torch=torch.__version__,
-    )
     _check(fn, args, leaves, gy, mode)
-
-    if mode == "fwd":
-
-        def run():
-            with torch.no_grad():
-                fn(*args)
-            _sync()
-    else:
-
-        def run():
-            y = fn(*args)
-            torch.autograd.grad(y, leaves, gy)
-            _sync()
-
-    run()  # warm-up (allocator, Triton compile)
-    benchmark(run)
+    bench_op(benchmark, "masked_gate", provider,
+             f"masked_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}", DEVICE,
+             lambda: fn(*args),
+             (lambda y: torch.autograd.grad(y, leaves, gy)) if mode == "fwdbwd" else None,
+             mode=mode, variant=variant, net=net, shape=[N, C, HW, HW])

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import gc
 import weakref
-import zlib
 
 import pytest
 import torch
 
 from der_fast import ops
-from helpers import assert_close
+from helpers import assert_close, node_generator, node_seed
 
 
 DTYPES = {
@@ -37,10 +36,6 @@ CONFIGS = {
     "t5": ([1, 3, 7, 13, 67], [(2, 2)] * 5),
     "t5_mixed": ([3, 1, 13, 7, 5], [(3, 3), None, (1, 1), (5, 2), None]),
 }
-
-
-def _gen(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def _layout(t, layout):
@@ -101,7 +96,7 @@ def _clone(ts, dtype=None, requires=None):
 def test_head_matches_ref(request, config, layout, dtype_name, N):
     dtype, fa, fr, ga, gr = DTYPES[dtype_name]
     widths, spatial = CONFIGS[config]
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, widths, spatial, N, dtype, layout)
     # the newest extractor and the classifiers train; a random older one trains too
     for t in feats[-1:] + [W, b, Wa, ba]:
@@ -117,7 +112,7 @@ def test_head_matches_ref(request, config, layout, dtype_name, N):
         assert a.is_contiguous()
         assert_close(a, r, fa, fr, f"{name} ({config}, {layout}, {dtype_name})")
 
-    seed = zlib.crc32(request.node.nodeid.encode()) + 1
+    seed = node_seed(request) + 1
     inputs = [f for f in feats if f.requires_grad] + [W, b, Wa, ba]
     inputs64 = [f for f in feats64 if f.requires_grad] + params64
     grads = torch.autograd.grad(_loss(out, seed), inputs)
@@ -131,7 +126,7 @@ def test_head_matches_ref(request, config, layout, dtype_name, N):
 @pytest.mark.parametrize("use", ["logits", "logits+aux", "features"])
 def test_head_optional_parts(request, aux, bias, use):
     """No aux classifier / no biases / only some outputs used (None upstream gradients)."""
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(
         gen, [3, 7], [(2, 5), (2, 5)], 4, torch.float64, "contiguous", aux, bias
     )
@@ -163,7 +158,7 @@ def test_head_optional_parts(request, aux, bias, use):
 
 def test_head_frozen_extractors_cost_nothing(request):
     """Frozen feature maps get no gradient and are not kept alive for the backward."""
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, [5, 3, 7], [(4, 4)] * 3, 2, torch.float32, "contiguous")
     for t in (feats[2], W, b, Wa, ba):
         t.requires_grad_(True)
@@ -180,7 +175,7 @@ def test_head_frozen_extractors_cost_nothing(request):
 
 def test_head_grad_layout(request):
     """Gradients of channels_last feature maps come back channels_last (no layout churn)."""
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, [3, 13], [(3, 3), (3, 3)], 2, torch.float32, "channels_last")
     feats[1].requires_grad_(True)
     out = ops.concat_linear_head(feats, W, b, Wa, ba)
@@ -193,7 +188,7 @@ def test_head_grad_layout(request):
 
 
 def test_head_backends(request):
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, [3, 4], [(2, 2), (2, 2)], 2, torch.float32, "contiguous")
     ref = ops.concat_linear_head(feats, W, b, Wa, ba, backend="ref")
     for a, r in zip(ops.concat_linear_head(feats, W, b, Wa, ba), ref):
@@ -232,7 +227,7 @@ def test_head_backends(request):
     ],
 )
 def test_head_errors(request, case, exc, pattern):
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, [3, 7], [(2, 2), (2, 2)], 2, torch.float32, "contiguous")
     if case == "empty":
         feats = []
@@ -261,7 +256,7 @@ def test_head_errors(request, case, exc, pattern):
 
 
 def test_opcheck_head_cpu(request):
-    gen = _gen(request)
+    gen = node_generator(request)
     samples = [
         ([7], [(3, 5)], "contiguous", True),
         ([3, 13], [(4, 4), (4, 4)], "channels_last", True),
@@ -276,7 +271,7 @@ def test_opcheck_head_cpu(request):
 
 
 def test_opcheck_head_backward_cpu(request):
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, _, Wa, _ = _make(gen, [3, 5], [(2, 3), (2, 3)], 2, torch.float32, "channels_last")
     features = torch.cat([f.mean((2, 3)) for f in feats], 1)
     gl, ga, gf = torch.randn(2, 11), torch.randn(2, 12), torch.randn(2, 8)
@@ -297,7 +292,7 @@ def test_opcheck_head_backward_cpu(request):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_head_cuda(request, config, layout):
     widths, spatial = CONFIGS[config]
-    gen = _gen(request)
+    gen = node_generator(request)
     for dtype_name in ("fp32", "fp64", "bf16"):
         dtype, fa, fr, ga, gr = DTYPES[dtype_name]
         feats, W, b, Wa, ba = _make(gen, widths, spatial, 5, dtype, layout)
@@ -320,7 +315,7 @@ def test_head_cuda(request, config, layout):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_opcheck_head_cuda(request):
-    gen = _gen(request)
+    gen = node_generator(request)
     feats, W, b, Wa, ba = _make(gen, [3, 13], [(4, 4), (4, 4)], 3, torch.float32, "channels_last")
     feats = [f.cuda() for f in feats]
     W, b, Wa, ba = (t.cuda().requires_grad_(True) for t in (W, b, Wa, ba))

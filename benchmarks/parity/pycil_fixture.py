@@ -6,7 +6,7 @@ outputs and gradients to ``tests/data/pycil_dernet_resnet32.pt`` (data, not code
     mkdir -p /tmp/pycil    # or use a git checkout of G-U-N/PyCIL at that commit
     git --git-dir=<clone of G-U-N/PyCIL>/.git archive \\
         87cc4110d60765dc3f64af7ef7a693efed8418ff utils convs models | tar -x -C /tmp/pycil
-    python benchmarks/pycil_fixture.py [--pycil /tmp/pycil] \\
+    python benchmarks/parity/pycil_fixture.py [--pycil /tmp/pycil] \\
         [--out tests/data/pycil_dernet_resnet32.pt]
 
 (the committed fixture was written with torch 2.14.1 on CPU; rerunning reproduces it bit for
@@ -102,7 +102,7 @@ PROJ_K = 8
 BATCH, HW = 4, 32
 LABELS = (3, 12, 7, 19)  # two old classes (aux target 0) and two new ones
 FORMAT = 1
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "pycil_dernet_resnet32.pt"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "tests" / "data" / "pycil_dernet_resnet32.pt"
 
 
 # ---------------------------------------------------------------- the PyCIL checkout
