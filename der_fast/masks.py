@@ -17,7 +17,7 @@ from .backbones import (LOGIT_BOUND, MASK_INIT, S_MAX, MaskedResNet, binarize, c
 __all__ = [
     "anneal_s", "set_s", "compensate_grads", "clamp_embeddings", "sparsity_loss",
     "binary_masks", "prune", "prune_with_slices", "cut", "count_params", "keep_ratio", "shift_to_budget", "extractor_macs",
-    "expand_from",
+    "expand_from", "ramp", "RAMP", "RAMP_STEP0",
     "BudgetController", "S_MAX", "LOGIT_BOUND", "MASK_INIT", "MASK_LR",
 ]
 
@@ -282,6 +282,22 @@ def expand_from(prev: MaskedResNet, masked: bool, mask_init: float = MASK_INIT) 
                     e[fresh[p]] = (torch.rand(n) * float(mask_init)).to(e)
     return new
 
+
+
+# The budget's ramp, as fractions (start, end) of stage 1's optimiser steps
+# (:class:`BudgetController`). A later step's new extractor starts from the previous one's
+# trained weights, and its masks learn during the ramp which channels the new classes need.
+# Step 0's extractor starts from random weights: masks learnt on them select no better than
+# chance, and training under soft gates costs accuracy by itself, so step 0 lands on the
+# budget within its first tenth and trains the pruned extractor for the rest
+# (benchmarks/RESULTS.md, "Masks that cost under a point").
+RAMP = (0.1, 0.5)
+RAMP_STEP0 = (0.0, 0.1)
+
+
+def ramp(t: int) -> tuple:
+    """(start, end) of the budget's ramp in step ``t``'s stage 1."""
+    return RAMP_STEP0 if t == 0 else RAMP
 
 
 class BudgetController:

@@ -206,3 +206,33 @@ def test_recalibrated_bn_is_the_average_of_batch_statistics(tmp_path):
                                atol=1e-5)
     assert not np.isclose(float(means[0][0].detach()), float(means[1][0].detach()))
     assert stem.bn.momentum == 0.1 and net.training
+
+
+def test_step0_lands_on_the_budget_within_its_first_tenth(tmp_path, monkeypatch):
+    """Step 0's extractor (random weights) is pruned once masks.RAMP_STEP0 of its optimiser
+    steps are done; a later step's (trained weights) once masks.RAMP's are."""
+    from der_fast.train import stages
+
+    ended = []
+
+    class Recording(M.BudgetController):
+        @property
+        def finished(self):
+            done = M.BudgetController.finished.fget(self)
+            if done and not getattr(self, "_seen", False):
+                self._seen = True
+                ended.append((self.start, self.end, self.done, self.total))
+            return done
+
+    monkeypatch.setattr(stages, "BudgetController", Recording)
+    cfg = T.Config(data_root="embedded", train_per_class=30, test_per_class=10, init_cls=2,
+                   increment=2, last_step=1, epochs=4, epochs_stage2=1, batch_size=16,
+                   memory_total=20, out=str(tmp_path / "r"), progress=False, plots=False)
+    steps = T.run(cfg, log=lambda *a, **k: None)["steps"]
+    assert [(s, e) for s, e, _, _ in ended] == [M.RAMP_STEP0, M.RAMP]
+    for _, end, done, total in ended:
+        assert done == math.ceil(end * total) and done < total
+    assert M.ramp(0) == M.RAMP_STEP0 and M.ramp(1) == M.ramp(7) == M.RAMP
+    for step in steps:  # pruned at the budget in both
+        assert step["keep"] == pytest.approx(0.2, abs=0.03)
+        assert step["extractor_params"][-1] < step["extractor_params_unpruned"][-1]

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from .. import data as D
-from ..masks import BudgetController, shift_to_budget
+from ..masks import BudgetController, ramp, shift_to_budget
 from ..objective import stage1_loss, stage2_loss
 from .batches import min_images, seeded_generator
 from .config import Schedule
@@ -43,8 +43,10 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
     control = None
     if use_masks and cfg.keep is not None:
         n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
+        start, end = ramp(t)
         control = BudgetController(cfg.keep, sched.epochs * n_batches,
-                                   lambda_s0 if lambda_s0 is not None else 1.0)
+                                   lambda_s0 if lambda_s0 is not None else 1.0,
+                                   start=start, end=end)
     lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
 
     def loss_fn(net, x, y):
