@@ -14,9 +14,8 @@ the op's CUDA kernels. They also run on CPU tensors under the Triton interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), which is how
 tests/test_bn_gate_triton.py checks them on machines without a GPU.
 
-Layouts. Inputs are made dense: NCHW is seen as a matrix [N*C, HW] whose rows are (n, c)
-planes (channel = row % C); channels_last and 2-D [N, C] inputs as [N*HW, C] (channel =
-column). Outputs (y, grad_z, grad_residual) have z's memory format. The gate g is a length-C
+Layouts (NCHW planes or channel columns of a dense 2-D view), launches: kernels/_common.py.
+Outputs (y, grad_z, grad_residual) have z's memory format. The gate g is a length-C
 vector computed on the host in the compute dtype (float32, or float64 for float64 inputs;
 float16/bfloat16 inputs are computed in float32), exactly as the reference does.
 
@@ -52,18 +51,25 @@ sums; empty outputs stay empty.
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _cvt(x, FP64: tl.constexpr):
-    if FP64:
-        r = x.to(tl.float64)
-    else:
-        r = x.to(tl.float32)
-    return r
+if __package__:  # der_fast.kernels.bn_gate
+    from . import _common
+else:  # loaded by path as a lone file (tests/test_bn_gate_triton.py compiles it so)
+    _spec = importlib.util.spec_from_file_location(
+        "_common", Path(__file__).with_name("_common.py")
+    )
+    _common = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_common)
+# the kernels call the @triton.jit helpers by name
+chunk_tile, cvt, plane_tile, tile_2d = (
+    _common.chunk_tile, _common.cvt, _common.plane_tile, _common.tile_2d
+)
 
 
 @triton.jit
@@ -83,6 +89,22 @@ def _sqrt(x, FP64: tl.constexpr):
     else:
         r = tl.sqrt_rn(x)
     return r
+
+
+@triton.jit
+def _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, AXIS: tl.constexpr, FP64: tl.constexpr):
+    """Merges the tile z - k (n_b >= 0 valid values along AXIS per channel, after n_a merged
+    ones) into the running (mean, M2) with Chan's formula -> (mean, M2)."""
+    x = cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
+    x = tl.where(mask, x - k, 0.0)
+    mean_b = _div(tl.sum(x, axis=AXIS), tl.maximum(n_b, 1.0), FP64)
+    d = tl.where(mask, x - tl.expand_dims(mean_b, AXIS), 0.0)
+    m2_b = tl.sum(d * d, axis=AXIS)
+    n_ab = n_a + n_b
+    delta = mean_b - mean
+    mean = mean + delta * _div(n_b, n_ab, FP64)
+    m2 = m2 + m2_b + delta * delta * _div(n_a * n_b, n_ab, FP64)
+    return mean, m2
 
 
 # ---------------------------------------------------------------------------------- statistics
@@ -105,25 +127,15 @@ def _bn_stats_planes_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
-    rbase = rows.to(tl.int64) * L
-    k = _cvt(tl.load(Z + (rows % C).to(tl.int64) * L, mask=rmask, other=0), FP64)[:, None]
-    zero = _cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
+    k = cvt(tl.load(Z + (rows % C).to(tl.int64) * L, mask=rmask, other=0), FP64)[:, None]
+    zero = cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
     mean = zero
     m2 = zero
     for start in range(0, L, BLOCK_L):
-        cols = start + tl.arange(0, BLOCK_L)
-        mask = rmask[:, None] & (cols < L)[None, :]
-        x = _cvt(tl.load(Z + rbase[:, None] + cols[None, :], mask=mask, other=0), FP64)
-        x = tl.where(mask, x - k, 0.0)
+        offs, mask = plane_tile(rows, rmask, start, L, BLOCK_L)
         n_a = zero + start  # values merged so far (every earlier tile was full)
         n_b = zero + tl.minimum(L - start, BLOCK_L)
-        mean_b = _div(tl.sum(x, axis=1), n_b, FP64)
-        d = tl.where(mask, x - mean_b[:, None], 0.0)
-        m2_b = tl.sum(d * d, axis=1)
-        n_ab = n_a + n_b
-        delta = mean_b - mean
-        mean = mean + delta * _div(n_b, n_ab, FP64)
-        m2 = m2 + m2_b + delta * delta * _div(n_a * n_b, n_ab, FP64)
+        mean, m2 = _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, 1, FP64)
     tl.store(P_MEAN + rows, mean, mask=rmask)
     tl.store(P_M2 + rows, m2, mask=rmask)
 
@@ -147,30 +159,18 @@ def _bn_stats_rows_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    k = _cvt(tl.load(Z + cols, mask=cmask, other=0), FP64)[None, :]
-    zero = _cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    k = cvt(tl.load(Z + cols, mask=cmask, other=0), FP64)[None, :]
+    zero = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     mean = zero
     m2 = zero
     row0 = pid_r * ROWS_PER_PROG
     n_valid = tl.minimum(n_rows - row0, ROWS_PER_PROG)  # >= 1 by the grid
     for start in range(0, ROWS_PER_PROG, BLOCK_R):
-        local = start + tl.arange(0, BLOCK_R)
-        rows = row0 + local
-        rmask = local < n_valid
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        x = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
-        x = tl.where(mask, x - k, 0.0)
+        offs, mask = chunk_tile(row0, start, n_rows, ROWS_PER_PROG, cols, cmask, C, BLOCK_R)
         n_a_i = tl.minimum(start, n_valid)
         n_a = zero + n_a_i
         n_b = zero + tl.minimum(n_valid - n_a_i, BLOCK_R)  # 0 past the last valid row
-        mean_b = _div(tl.sum(x, axis=0), tl.maximum(n_b, 1.0), FP64)
-        d = tl.where(mask, x - mean_b[None, :], 0.0)
-        m2_b = tl.sum(d * d, axis=0)
-        n_ab = n_a + n_b
-        delta = mean_b - mean
-        mean = mean + delta * _div(n_b, n_ab, FP64)
-        m2 = m2 + m2_b + delta * delta * _div(n_a * n_b, n_ab, FP64)
+        mean, m2 = _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, 0, FP64)
     pofs = pid_r * C + cols
     tl.store(P_MEAN + pofs, mean, mask=cmask)
     tl.store(P_M2 + pofs, m2, mask=cmask)
@@ -207,7 +207,7 @@ def _bn_stats_finalize_kernel(
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    zero = _cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    zero = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     if TRAINING:
         total = zero + TOTAL
         acc = zero
@@ -215,8 +215,8 @@ def _bn_stats_finalize_kernel(
             ps = p0 + tl.arange(0, BLOCK_P)
             m = (ps < P)[:, None] & cmask[None, :]
             offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-            pm = _cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
-            cnt = _cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
+            pm = cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
+            cnt = cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
             acc += tl.sum(tl.where(m, pm * cnt[:, None], 0.0), axis=0)
         mean_s = _div(acc, total, FP64)  # mean of z - K
         acc2 = zero
@@ -224,24 +224,24 @@ def _bn_stats_finalize_kernel(
             ps = p0 + tl.arange(0, BLOCK_P)
             m = (ps < P)[:, None] & cmask[None, :]
             offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-            pm = _cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
-            pq = _cvt(tl.load(P_M2 + offs, mask=m, other=0), FP64)
-            cnt = _cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
+            pm = cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
+            pq = cvt(tl.load(P_M2 + offs, mask=m, other=0), FP64)
+            cnt = cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
             d = pm - mean_s[None, :]
             acc2 += tl.sum(tl.where(m, pq + cnt[:, None] * (d * d), 0.0), axis=0)
         var = _div(acc2, total, FP64)
-        k = _cvt(tl.load(Z + cols.to(tl.int64) * KSTRIDE, mask=cmask, other=0), FP64)
+        k = cvt(tl.load(Z + cols.to(tl.int64) * KSTRIDE, mask=cmask, other=0), FP64)
         mean = k + mean_s
     else:
-        mean = _cvt(tl.load(MEAN_IN + cols, mask=cmask, other=0), FP64)
-        var = _cvt(tl.load(VAR_IN + cols, mask=cmask, other=1), FP64)
+        mean = cvt(tl.load(MEAN_IN + cols, mask=cmask, other=0), FP64)
+        var = cvt(tl.load(VAR_IN + cols, mask=cmask, other=1), FP64)
     if STORE_STATS:
         tl.store(MEAN + cols, mean.to(MEAN.dtype.element_ty), mask=cmask)
         tl.store(VAR + cols, var.to(VAR.dtype.element_ty), mask=cmask)
-    epsv = _cvt(zero + eps, FP64)  # eps rounded once to the compute dtype
+    epsv = cvt(zero + eps, FP64)  # eps rounded once to the compute dtype
     invstd = _div(zero + 1.0, _sqrt(var + epsv, FP64), FP64)
-    w = _cvt(tl.load(W + cols, mask=cmask, other=0), FP64)
-    b = _cvt(tl.load(B + cols, mask=cmask, other=0), FP64)
+    w = cvt(tl.load(W + cols, mask=cmask, other=0), FP64)
+    b = cvt(tl.load(B + cols, mask=cmask, other=0), FP64)
     tl.store(AFF + cols, mean, mask=cmask)
     tl.store(AFF + C + cols, invstd, mask=cmask)
     tl.store(AFF + 2 * C + cols, w * invstd, mask=cmask)
@@ -249,6 +249,16 @@ def _bn_stats_finalize_kernel(
 
 
 # ------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _channel_affine(AFF, cidx, cm, C):
+    """-> (mean, invstd, alpha, bias) of the channels cidx (AFF's rows; masked by cm)."""
+    mu = tl.load(AFF + cidx, mask=cm, other=0)
+    istd = tl.load(AFF + C + cidx, mask=cm, other=0)
+    al = tl.load(AFF + 2 * C + cidx, mask=cm, other=0)
+    bb = tl.load(AFF + 3 * C + cidx, mask=cm, other=0)
+    return mu, istd, al, bb
 
 
 @triton.jit
@@ -269,31 +279,16 @@ def _bn_gate_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_l = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    rmask = rows < n_rows
-    cmask = cols < L
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
-    if CHANNEL_IS_COL:
-        cidx = cols[None, :]
-        cm = cmask[None, :]
-    else:
-        cidx = (rows % C)[:, None]
-        cm = rmask[:, None]
-    mu = tl.load(AFF + cidx, mask=cm, other=0)
-    al = tl.load(AFF + 2 * C + cidx, mask=cm, other=0)
-    bb = tl.load(AFF + 3 * C + cidx, mask=cm, other=0)
-    z = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
+    offs, mask, cidx, cm = tile_2d(n_rows, L, C, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+    mu, _, al, bb = _channel_affine(AFF, cidx, cm, C)
+    z = cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
     a = (z - mu) * al + bb
     if HAS_R:
-        a = a + _cvt(tl.load(R + offs, mask=mask, other=0), FP64)
+        a = a + cvt(tl.load(R + offs, mask=mask, other=0), FP64)
     if RELU:
         a = tl.where(a < 0, 0.0, a)
     if HAS_G:
-        a = a * _cvt(tl.load(G + cidx, mask=cm, other=0), FP64)
+        a = a * cvt(tl.load(G + cidx, mask=cm, other=0), FP64)
     tl.store(Y + offs, a.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -318,6 +313,29 @@ def _bn_gate_da(gy, zc, r, al, bb, g, HAS_G: tl.constexpr, HAS_R: tl.constexpr, 
         da = gg
         h = a
     return da, h
+
+
+@triton.jit
+def _bn_gate_bwd_tile(acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd, al, bb, g,
+                      AXIS: tl.constexpr, HAS_G: tl.constexpr, HAS_R: tl.constexpr,
+                      RELU: tl.constexpr, WGR: tl.constexpr, FP64: tl.constexpr):
+    """One tile of the backward reduction: writes grad_residual = da (WGR) and adds its sums
+    over AXIS of da, da * xhat and grad_y * h to the accumulators (per-channel values
+    broadcast to the tile)."""
+    gy = cvt(tl.load(GY + offs, mask=mask, other=0), FP64)
+    z = cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
+    r = z
+    if HAS_R:
+        r = cvt(tl.load(R + offs, mask=mask, other=0), FP64)
+    zc = z - mu
+    da, h = _bn_gate_da(gy, zc, r, al, bb, g, HAS_G, HAS_R, RELU)
+    if WGR:
+        tl.store(GR + offs, da.to(GR.dtype.element_ty), mask=mask)
+    xh = zc * istd
+    acc_db += tl.sum(da, axis=AXIS)
+    acc_dw += tl.sum(tl.where(mask, da * xh, 0.0), axis=AXIS)
+    acc_gh += tl.sum(tl.where(mask, gy * h, 0.0), axis=AXIS)
+    return acc_db, acc_dw, acc_gh
 
 
 @triton.jit
@@ -346,35 +364,20 @@ def _bn_gate_bwd_planes_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < n_rows
-    ch = rows % C
-    mu = tl.load(AFF + ch, mask=rmask, other=0)[:, None]
-    istd = tl.load(AFF + C + ch, mask=rmask, other=0)[:, None]
-    al = tl.load(AFF + 2 * C + ch, mask=rmask, other=0)[:, None]
-    bb = tl.load(AFF + 3 * C + ch, mask=rmask, other=0)[:, None]
+    ch = (rows % C)[:, None]
+    mu, istd, al, bb = _channel_affine(AFF, ch, rmask[:, None], C)
     g = istd
     if HAS_G:
-        g = _cvt(tl.load(G + ch, mask=rmask, other=0), FP64)[:, None]
-    acc_db = _cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
+        g = cvt(tl.load(G + ch, mask=rmask[:, None], other=0), FP64)
+    acc_db = cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
     acc_dw = acc_db
     acc_gh = acc_db
-    rbase = rows.to(tl.int64) * L
     for start in range(0, L, BLOCK_L):
-        cols = start + tl.arange(0, BLOCK_L)
-        mask = rmask[:, None] & (cols < L)[None, :]
-        offs = rbase[:, None] + cols[None, :]
-        gy = _cvt(tl.load(GY + offs, mask=mask, other=0), FP64)
-        z = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
-        r = z
-        if HAS_R:
-            r = _cvt(tl.load(R + offs, mask=mask, other=0), FP64)
-        zc = z - mu
-        da, h = _bn_gate_da(gy, zc, r, al, bb, g, HAS_G, HAS_R, RELU)
-        if WGR:
-            tl.store(GR + offs, da.to(GR.dtype.element_ty), mask=mask)
-        xh = zc * istd
-        acc_db += tl.sum(da, axis=1)
-        acc_dw += tl.sum(tl.where(mask, da * xh, 0.0), axis=1)
-        acc_gh += tl.sum(tl.where(mask, gy * h, 0.0), axis=1)
+        offs, mask = plane_tile(rows, rmask, start, L, BLOCK_L)
+        acc_db, acc_dw, acc_gh = _bn_gate_bwd_tile(
+            acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd, al, bb, g,
+            1, HAS_G, HAS_R, RELU, WGR, FP64,
+        )
     tl.store(P_DB + rows, acc_db, mask=rmask)
     tl.store(P_DW + rows, acc_dw, mask=rmask)
     tl.store(P_GH + rows, acc_gh, mask=rmask)
@@ -408,36 +411,20 @@ def _bn_gate_bwd_rows_kernel(
     pid_c = tl.program_id(1)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mu = tl.load(AFF + cols, mask=cmask, other=0)[None, :]
-    istd = tl.load(AFF + C + cols, mask=cmask, other=0)[None, :]
-    al = tl.load(AFF + 2 * C + cols, mask=cmask, other=0)[None, :]
-    bb = tl.load(AFF + 3 * C + cols, mask=cmask, other=0)[None, :]
+    mu, istd, al, bb = _channel_affine(AFF, cols[None, :], cmask[None, :], C)
     g = istd
     if HAS_G:
-        g = _cvt(tl.load(G + cols, mask=cmask, other=0), FP64)[None, :]
-    acc_db = _cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+        g = cvt(tl.load(G + cols[None, :], mask=cmask[None, :], other=0), FP64)
+    acc_db = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     acc_dw = acc_db
     acc_gh = acc_db
     row0 = pid_r * ROWS_PER_PROG
     for start in range(0, ROWS_PER_PROG, BLOCK_R):
-        local = start + tl.arange(0, BLOCK_R)
-        rows = row0 + local
-        rmask = (rows < n_rows) & (local < ROWS_PER_PROG)
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        gy = _cvt(tl.load(GY + offs, mask=mask, other=0), FP64)
-        z = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
-        r = z
-        if HAS_R:
-            r = _cvt(tl.load(R + offs, mask=mask, other=0), FP64)
-        zc = z - mu
-        da, h = _bn_gate_da(gy, zc, r, al, bb, g, HAS_G, HAS_R, RELU)
-        if WGR:
-            tl.store(GR + offs, da.to(GR.dtype.element_ty), mask=mask)
-        xh = zc * istd
-        acc_db += tl.sum(da, axis=0)
-        acc_dw += tl.sum(tl.where(mask, da * xh, 0.0), axis=0)
-        acc_gh += tl.sum(tl.where(mask, gy * h, 0.0), axis=0)
+        offs, mask = chunk_tile(row0, start, n_rows, ROWS_PER_PROG, cols, cmask, C, BLOCK_R)
+        acc_db, acc_dw, acc_gh = _bn_gate_bwd_tile(
+            acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd, al, bb, g,
+            0, HAS_G, HAS_R, RELU, WGR, FP64,
+        )
     pofs = pid_r * C + cols
     tl.store(P_DB + pofs, acc_db, mask=cmask)
     tl.store(P_DW + pofs, acc_dw, mask=cmask)
@@ -475,7 +462,7 @@ def _bn_gate_bwd_finalize_kernel(
     pid = tl.program_id(0)
     cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    zero = _cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    zero = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     db = zero
     dw = zero
     gh = zero
@@ -492,14 +479,14 @@ def _bn_gate_bwd_finalize_kernel(
         tl.store(GW + cols, dw.to(GW.dtype.element_ty), mask=cmask)
     if WGE:
         if HAS_G:
-            g = _cvt(tl.load(G + cols, mask=cmask, other=0), FP64)
-            sv = _cvt(zero + s, FP64)
+            g = cvt(tl.load(G + cols, mask=cmask, other=0), FP64)
+            sv = cvt(zero + s, FP64)
             ge = sv * (g * (1.0 - g)) * gh
         else:
             ge = zero
         tl.store(GE + cols, ge.to(GE.dtype.element_ty), mask=cmask)
     if TRAINING:
-        w = _cvt(tl.load(W + cols, mask=cmask, other=0), FP64)
+        w = cvt(tl.load(W + cols, mask=cmask, other=0), FP64)
         istd = tl.load(AFF + C + cols, mask=cmask, other=0)
         total = zero + TOTAL
         tl.store(COEF + cols, w * istd, mask=cmask)
@@ -531,37 +518,21 @@ def _bn_gate_bwd_input_kernel(
     BLOCK_L: tl.constexpr,
 ):
     """Elementwise grad_z: k_scale * (da - k_mean - xhat * k_xhat) (training) or da * alpha."""
-    pid_r = tl.program_id(0)
-    pid_l = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-    rmask = rows < n_rows
-    cmask = cols < L
-    mask = rmask[:, None] & cmask[None, :]
-    offs = rows.to(tl.int64)[:, None] * L + cols[None, :]
-    if CHANNEL_IS_COL:
-        cidx = cols[None, :]
-        cm = cmask[None, :]
-    else:
-        cidx = (rows % C)[:, None]
-        cm = rmask[:, None]
-    mu = tl.load(AFF + cidx, mask=cm, other=0)
-    istd = tl.load(AFF + C + cidx, mask=cm, other=0)
-    al = tl.load(AFF + 2 * C + cidx, mask=cm, other=0)
-    bb = tl.load(AFF + 3 * C + cidx, mask=cm, other=0)
+    offs, mask, cidx, cm = tile_2d(n_rows, L, C, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+    mu, istd, al, bb = _channel_affine(AFF, cidx, cm, C)
     if USE_DA:
-        da = _cvt(tl.load(DA + offs, mask=mask, other=0), FP64)
+        da = cvt(tl.load(DA + offs, mask=mask, other=0), FP64)
         if TRAINING:
-            z = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
+            z = cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
     else:
-        gy = _cvt(tl.load(GY + offs, mask=mask, other=0), FP64)
-        z = _cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
+        gy = cvt(tl.load(GY + offs, mask=mask, other=0), FP64)
+        z = cvt(tl.load(Z + offs, mask=mask, other=0), FP64)
         r = z
         if HAS_R:
-            r = _cvt(tl.load(R + offs, mask=mask, other=0), FP64)
+            r = cvt(tl.load(R + offs, mask=mask, other=0), FP64)
         g = istd
         if HAS_G:
-            g = _cvt(tl.load(G + cidx, mask=cm, other=0), FP64)
+            g = cvt(tl.load(G + cidx, mask=cm, other=0), FP64)
         da, h = _bn_gate_da(gy, z - mu, r, al, bb, g, HAS_G, HAS_R, RELU)
     if TRAINING:
         k_scale = tl.load(COEF + cidx, mask=cm, other=0)
@@ -578,64 +549,6 @@ def _bn_gate_bwd_input_kernel(
 # host side
 
 
-def _format(x: torch.Tensor) -> torch.memory_format:
-    if (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _dense(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
-    if t.dim() != 4:
-        return t.contiguous()
-    return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
-
-
-# No fused multiply-adds: a = (z - mean) * alpha + bias rounds the same way in every kernel.
-_NO_FMA = {"enable_fp_fusion": False}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _gate(e, s, cdt):
-    # exactly the reference's `torch.sigmoid(s * e)` (in e's dtype), then the compute dtype
-    return None if e is None else torch.sigmoid(s * e).to(cdt).contiguous()
-
-
-def _geometry(x: torch.Tensor, fmt) -> tuple[bool, int, int, int]:
-    """-> (channel_is_col, n_rows, L, C) of the dense 2-D view."""
-    N, C = x.shape[0], x.shape[1]
-    HW = x.shape[2] * x.shape[3] if x.dim() == 4 else 1
-    if fmt == torch.channels_last or x.dim() == 2:
-        return True, N * HW, C, C
-    return False, N * C, HW, C
-
-
-def _blocks_2d(L: int, channel_is_col: bool) -> tuple[int, int]:
-    block_l = min(triton.next_power_of_2(max(L, 1)), 128 if channel_is_col else 1024)
-    block_r = max(1, min(64, 2048 // block_l))
-    return block_r, block_l
-
-
-def _planes_blocks(L: int) -> tuple[int, int]:
-    block_l = min(triton.next_power_of_2(max(L, 1)), 1024)
-    return max(1, min(16, 2048 // block_l)), block_l
-
-
-def _rows_blocks(n_rows: int, C: int) -> tuple[int, int, int, int]:
-    """channels_last reductions -> (block_r, block_c, rows_per_prog, n_chunks)."""
-    block_c = min(triton.next_power_of_2(C), 128)
-    block_r = max(1, min(64, 4096 // block_c))
-    rows_per_prog = max(block_r, triton.cdiv(n_rows, 256))
-    rows_per_prog = triton.cdiv(rows_per_prog, block_r) * block_r
-    return block_r, block_c, rows_per_prog, triton.cdiv(n_rows, rows_per_prog)
-
-
 def _channel_blocks(P: int, C: int) -> tuple[int, int]:
     """per-channel finalize kernels -> (block_p, block_c)."""
     block_c = min(triton.next_power_of_2(C), 64)
@@ -646,7 +559,7 @@ def _channel_blocks(P: int, C: int) -> tuple[int, int]:
 def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, var_out):
     """Runs the statistics (training) and the finalize kernel -> AFF [4, C] (mean, invstd,
     alpha, bias in the compute dtype). mean_out / var_out (or None) receive mean and var."""
-    cdt = _compute_dtype(z.dtype)
+    cdt = _common.compute_dtype(z.dtype)
     fp64 = cdt == torch.float64
     C = z.shape[1]
     M = z.numel() // C
@@ -654,23 +567,13 @@ def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, va
     P, cnt, kstride = 0, 1, 1
     p_mean = p_m2 = aff
     if training and M > 0:
-        col, n_rows, L, _ = _geometry(z, fmt)
-        if col:
-            block_r, block_c, rpp, P = _rows_blocks(n_rows, C)
-            part = torch.empty((2, P, C), dtype=cdt, device=z.device)
-            _bn_stats_rows_kernel[(P, triton.cdiv(C, block_c))](
-                z, part[0], part[1], n_rows, C, rpp,
-                FP64=fp64, BLOCK_R=block_r, BLOCK_C=block_c, **_NO_FMA,
-            )
-            cnt = rpp
-        else:
-            block_r, block_l = _planes_blocks(L)
-            part = torch.empty((2, n_rows), dtype=cdt, device=z.device)
-            _bn_stats_planes_kernel[(triton.cdiv(n_rows, block_r),)](
-                z, part[0], part[1], n_rows, L, C,
-                FP64=fp64, BLOCK_R=block_r, BLOCK_L=block_l, **_NO_FMA,
-            )
-            P, cnt, kstride = z.shape[0], L, L
+        col, n_rows, L, _ = _common.geometry(z, fmt)
+        part, cnt = _common.reduce_by_layout(
+            _bn_stats_rows_kernel, _bn_stats_planes_kernel, z,
+            n_sums=2, col=col, n_rows=n_rows, L=L, C=C, cdt=cdt, FP64=fp64,
+        )
+        P = part.shape[1]
+        kstride = 1 if col else L  # K[c] = z[0, c, 0, 0]: row c (NCHW) or column c
         p_mean, p_m2 = part[0], part[1]
     store = mean_out is not None
     if not training:
@@ -699,7 +602,7 @@ def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, va
         FP64=fp64,
         BLOCK_P=block_p,
         BLOCK_C=block_c,
-        **_NO_FMA,
+        **_common.NO_FMA,
     )
     if training and M == 0 and store:  # mean over no values: NaN, like torch.mean
         mean_out.fill_(float("nan"))
@@ -713,10 +616,9 @@ def bn_gate_fwd(z, weight, bias, mean_in, var_in, e, s, residual, training, eps,
     Returns (y, mean, var): y like z (same memory format), mean/var [C] in the compute dtype
     (batch mean and biased variance when training, copies of mean_in/var_in otherwise).
     """
-    fmt = _format(z)
-    z = _dense(z, fmt)
-    r = _dense(residual, fmt) if residual is not None else None
-    cdt = _compute_dtype(z.dtype)
+    fmt, z = _common.layout(z)
+    r = _common.dense(residual, fmt)
+    cdt = _common.compute_dtype(z.dtype)
     C = z.shape[1]
     y = torch.empty_like(z, memory_format=fmt)
     mean = torch.empty((C,), dtype=cdt, device=z.device)
@@ -726,27 +628,23 @@ def bn_gate_fwd(z, weight, bias, mean_in, var_in, e, s, residual, training, eps,
     aff = _affine(z, fmt, weight, bias, mean_in, var_in, eps, training, mean, var)
     if z.numel() == 0:
         return y, mean, var
-    g = _gate(e, s, cdt)
-    col, n_rows, L, _ = _geometry(z, fmt)
-    block_r, block_l = _blocks_2d(L, col)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(L, block_l))
-    _bn_gate_fwd_kernel[grid](
+    g = _common.gate(e, s, cdt)
+    col, n_rows, L, _ = _common.geometry(z, fmt)
+    _common.launch_elementwise(
+        _bn_gate_fwd_kernel,
         z,
         r if r is not None else z,
         y,
         aff,
         g if g is not None else aff,
-        n_rows,
-        L,
-        C,
+        n_rows=n_rows,
+        L=L,
+        C=C,
+        col=col,
         HAS_G=g is not None,
         HAS_R=r is not None,
         RELU=bool(relu),
-        CHANNEL_IS_COL=col,
         FP64=cdt == torch.float64,
-        BLOCK_R=block_r,
-        BLOCK_L=block_l,
-        **_NO_FMA,
     )
     return y, mean, var
 
@@ -765,11 +663,10 @@ def bn_gate_bwd(
     want_e = want_e and e is not None
     want_r = want_r and residual is not None
     training = bool(training)
-    fmt = _format(z)
-    z = _dense(z, fmt)
-    gy = _dense(grad_y, fmt)
-    r = _dense(residual, fmt) if residual is not None else None
-    cdt = _compute_dtype(z.dtype)
+    fmt, z = _common.layout(z)
+    gy = _common.dense(grad_y, fmt)
+    r = _common.dense(residual, fmt)
+    cdt = _common.compute_dtype(z.dtype)
     fp64 = cdt == torch.float64
     C = z.shape[1]
     M = z.numel() // C if C else 0
@@ -783,28 +680,18 @@ def bn_gate_bwd(
         return gz, gw, gb, ge, gr
     # the forward's (mean, invstd, alpha, bias), bit for bit
     aff = _affine(z, fmt, weight, bias, mean, var, eps, False, None, None)
-    g = _gate(e, s, cdt)
-    col, n_rows, L, _ = _geometry(z, fmt)
+    g = _common.gate(e, s, cdt)
+    col, n_rows, L, _ = _common.geometry(z, fmt)
     flags = {"HAS_G": g is not None, "HAS_R": r is not None, "RELU": bool(relu), "FP64": fp64}
     gptr = g if g is not None else aff
     P, part = 0, aff.new_zeros((3, 1))
     if (need_sums or want_r) and M > 0:
-        args = (gy, z, r if r is not None else z, gr if want_r else z, aff, gptr)
-        if col:
-            block_r, block_c, rpp, P = _rows_blocks(n_rows, C)
-            part = torch.empty((3, P, C), dtype=cdt, device=z.device)
-            _bn_gate_bwd_rows_kernel[(P, triton.cdiv(C, block_c))](
-                *args, part[0], part[1], part[2], n_rows, C, rpp,
-                WGR=want_r, BLOCK_R=block_r, BLOCK_C=block_c, **flags, **_NO_FMA,
-            )
-        else:
-            block_r, block_l = _planes_blocks(L)
-            part = torch.empty((3, n_rows), dtype=cdt, device=z.device)
-            _bn_gate_bwd_planes_kernel[(triton.cdiv(n_rows, block_r),)](
-                *args, part[0], part[1], part[2], n_rows, L, C,
-                WGR=want_r, BLOCK_R=block_r, BLOCK_L=block_l, **flags, **_NO_FMA,
-            )
-            P = z.shape[0]
+        part, _ = _common.reduce_by_layout(
+            _bn_gate_bwd_rows_kernel, _bn_gate_bwd_planes_kernel,
+            gy, z, r if r is not None else z, gr if want_r else z, aff, gptr,
+            n_sums=3, col=col, n_rows=n_rows, L=L, C=C, cdt=cdt, WGR=want_r, **flags,
+        )
+        P = part.shape[1]
     coef = aff  # unused unless training
     if need_sums:
         coef = torch.empty((3, C), dtype=cdt, device=z.device)
@@ -832,14 +719,13 @@ def bn_gate_bwd(
             FP64=fp64,
             BLOCK_P=block_p,
             BLOCK_C=block_c,
-            **_NO_FMA,
+            **_common.NO_FMA,
         )
     if want_z and z.numel() > 0:
         # da is re-read from grad_residual when that holds it exactly
         use_da = want_r and z.dtype in (torch.float32, torch.float64) and gr.dtype == z.dtype
-        block_r, block_l = _blocks_2d(L, col)
-        grid = (triton.cdiv(n_rows, block_r), triton.cdiv(L, block_l))
-        _bn_gate_bwd_input_kernel[grid](
+        _common.launch_elementwise(
+            _bn_gate_bwd_input_kernel,
             gy,
             z,
             r if r is not None else z,
@@ -848,15 +734,12 @@ def bn_gate_bwd(
             aff,
             gptr,
             coef,
-            n_rows,
-            L,
-            C,
+            n_rows=n_rows,
+            L=L,
+            C=C,
+            col=col,
             USE_DA=use_da,
             TRAINING=training,
-            CHANNEL_IS_COL=col,
-            BLOCK_R=block_r,
-            BLOCK_L=block_l,
             **flags,
-            **_NO_FMA,
         )
     return gz, gw, gb, ge, gr

@@ -106,15 +106,32 @@ CPU_EXT_OPS = frozenset(
 CUDA_EXT_OPS = frozenset(name for name in SCHEMAS if has_kernel(name, "CUDA"))
 
 
-def register_no_double_backward(backward_op: str, opname: str) -> None:
-    """Make differentiating ``der_fast::<backward_op>`` (a second derivative) raise."""
+def _register_raising_backward(op: str, error: type[Exception], message: str) -> None:
+    """Make differentiating ``der_fast::<op>`` raise ``error(message)``."""
 
     def backward(ctx, *grads):
-        raise NotImplementedError(f"der_fast.{opname}: double backward is not supported")
+        raise error(message)
 
     torch.library.register_autograd(
-        f"der_fast::{backward_op}", backward, setup_context=lambda ctx, inputs, output: None
+        f"der_fast::{op}", backward, setup_context=lambda ctx, inputs, output: None
     )
+
+
+def register_autograd(opname: str, backward, setup_context) -> None:
+    """The autograd formula of ``der_fast::<opname>`` (its backward calls
+    ``der_fast::<opname>_backward``); differentiating that backward op (a second derivative)
+    raises NotImplementedError."""
+    torch.library.register_autograd(f"der_fast::{opname}", backward, setup_context=setup_context)
+    _register_raising_backward(f"{opname}_backward", NotImplementedError,
+                               f"der_fast.{opname}: double backward is not supported")
+
+
+def register_no_backward(opname: str, hint: str = "") -> None:
+    """Make differentiating the inference-only ``der_fast::<opname>`` raise RuntimeError
+    (``hint`` ends the message)."""
+    _register_raising_backward(opname, RuntimeError,
+                               f"der_fast.{opname} is inference-only (FastDERNet's frozen "
+                               f"extractors): it has no gradient{hint}")
 
 
 # ==============================================================================================

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .. import _backend
 from ._checks import _check_like, _kernel_format
-from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
+from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_autograd
 
 # ==============================================================================================
 # checks and reference
@@ -328,10 +328,7 @@ def _bn_gate_backward(ctx, grad_y, _grad_mean=None, _grad_var=None):
             pick(mask[3], ge), None, pick(mask[4], gr), None, None, None)
 
 
-torch.library.register_autograd(
-    "der_fast::bn_gate", _bn_gate_backward, setup_context=_bn_gate_setup_context
-)
-register_no_double_backward("bn_gate_backward", "bn_gate")
+register_autograd("bn_gate", _bn_gate_backward, _bn_gate_setup_context)
 
 
 # ==============================================================================================

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._library import CPU_EXT_OPS, _no_cpu_kernel_why
+from ._library import CPU_EXT_OPS, _no_cpu_kernel_why, register_no_backward
 
 #: der_fast._C has the bordered_resnet kernel.
 HAS_BORDERED_RESNET = "bordered_resnet" in CPU_EXT_OPS
@@ -24,13 +24,7 @@ def _bordered_resnet_fake(x, weights, biases, conv_meta, block_meta, sc_index, g
     return x.new_empty((x.shape[0], out_dim))
 
 
-def _bordered_resnet_no_backward(ctx, grad):
-    raise RuntimeError("der_fast.bordered_resnet is inference-only (FastDERNet's frozen "
-                       "extractors): it has no gradient")
-
-
-torch.library.register_autograd("der_fast::bordered_resnet", _bordered_resnet_no_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+register_no_backward("bordered_resnet")
 
 
 def bordered_resnet(

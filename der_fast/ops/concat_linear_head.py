@@ -19,7 +19,7 @@ from ._library import (
     CUDA_EXT_OPS,
     _resolve_backend,
     lib,
-    register_no_double_backward,
+    register_autograd,
 )
 
 # ==============================================================================================
@@ -257,10 +257,7 @@ def _head_backward(ctx, grad_logits, grad_aux, grad_features):
     return tuple(out[: len(n)])
 
 
-torch.library.register_autograd(
-    "der_fast::concat_linear_head", _head_backward, setup_context=_head_setup_context
-)
-register_no_double_backward("concat_linear_head_backward", "concat_linear_head")
+register_autograd("concat_linear_head", _head_backward, _head_setup_context)
 
 
 # ==============================================================================================

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._library import CPU_EXT_OPS, lib
+from ._library import CPU_EXT_OPS, lib, register_no_backward
 
 # ==============================================================================================
 # checks and reference
@@ -98,13 +98,7 @@ def _conv3x3_fake(x, weight, bias, residual=None, gate=None, relu=True, stride=1
     return x.new_empty((x.shape[0], weight.shape[0], *_conv3x3_out_hw(x, stride)))
 
 
-def _conv3x3_no_backward(ctx, grad):
-    raise RuntimeError("der_fast.conv3x3_bordered is inference-only (FastDERNet's frozen "
-                       "extractors): it has no gradient; use F.conv2d where one is needed")
-
-
-torch.library.register_autograd("der_fast::conv3x3_bordered", _conv3x3_no_backward,
-                                setup_context=lambda ctx, inputs, output: None)
+register_no_backward("conv3x3_bordered", "; use F.conv2d where one is needed")
 
 
 # ==============================================================================================

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _backend
 from ._checks import _check_like, _kernel_format
-from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_no_double_backward
+from ._library import CPU_EXT_OPS, HAS_TRITON, _resolve_backend, lib, register_autograd
 
 # ==============================================================================================
 # checks and reference
@@ -186,10 +186,7 @@ def _masked_gate_backward(ctx, grad_y):
     return tuple(out[: len(n)])
 
 
-torch.library.register_autograd(
-    "der_fast::masked_gate", _masked_gate_backward, setup_context=_masked_gate_setup_context
-)
-register_no_double_backward("masked_gate_backward", "masked_gate")
+register_autograd("masked_gate", _masked_gate_backward, _masked_gate_setup_context)
 
 
 # ==============================================================================================
