@@ -7,10 +7,10 @@ import warnings
 
 import pytest
 import torch
-from test_fast import make_ref
 
 from der_fast.fast import FastDERNet, chooser
 from der_fast.fast import graphs as G
+from helpers import make_ref
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
