@@ -73,10 +73,10 @@ def clamp_embeddings(net: MaskedResNet, s_max: float = S_MAX) -> None:
 def _mask_sums(net: MaskedResNet) -> dict:
     # |m_l|_1 as binarisation will count it: the floor channels (net.min_on, the largest e)
     # are kept whatever their gate, so they count one each and feel no sparsity pressure;
-    # the pressure acts on the other channels only. (Counting the floor channels' soft gates
-    # instead pushed a stream's every gate down together until their sum reached the floor,
-    # leaving half-on channels that binarisation then switched fully on or off:
-    # benchmarks/RESULTS.md, "Masks that cost under a point".)
+    # the pressure acts on the other channels only. Counting their soft gates would push all
+    # of a stream's gates down together until the sum reached the floor, leaving half-on
+    # channels for binarisation to switch fully on or off (benchmarks/RESULTS.md, "Masks
+    # that cost under a point").
     sums = {}
     for p, e in net.mask_e.items():
         k = min(int(net.min_on(p)), e.numel())
@@ -322,7 +322,8 @@ class BudgetController:
     so it moves smoothly."""
 
     def __init__(self, target: float, total_steps: int, lam: float = 1.0, kp: float = 2.0,
-                 ki: float = 0.2, start: float = 0.1, end: float = 0.5, lo: float = 1e-3,
+                 ki: float = 0.2, start: float = RAMP[0], end: float = RAMP[1],
+                 lo: float = 1e-3,
                  hi: float = 1e3):
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target keep ratio must be in (0, 1], got {target}")
