@@ -323,8 +323,7 @@ class BudgetController:
 
     def __init__(self, target: float, total_steps: int, lam: float = 1.0, kp: float = 2.0,
                  ki: float = 0.2, start: float = RAMP[0], end: float = RAMP[1],
-                 lo: float = 1e-3,
-                 hi: float = 1e3):
+                 lo: float = 1e-3, hi: float = 1e3):
         if not 0.0 < target <= 1.0:
             raise ValueError(f"target keep ratio must be in (0, 1], got {target}")
         if total_steps < 1:
