@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
-from benchmarks.harness.op_bench import (MASK_S, MASK_SHAPES, assert_grads_close, bench_op,
-                                         mask_shape_id)
+from benchmarks.harness.op_bench import (MASK_S, assert_grads_close, bench_mask_point,
+                                         mask_point_cases)
 from der_fast import ops
 
 DEVICE = bench_device()
@@ -94,18 +93,13 @@ def _check(fn, z, bn, e, r, gy, leaves):
                            rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", MASK_SHAPES, ids=mask_shape_id)
+@mask_point_cases(VARIANTS, MODES, PROVIDERS)
 def test_bn_gate(benchmark, shape, variant, mode, provider):
-    net, N, C, HW = shape
+    _, N, C, HW = shape
     fn = FNS[provider]
     train = mode == "train"
     z, bn, e, r, gy, leaves = _inputs(N, C, HW, variant, train)
     _check(fn, z, bn, e, r, gy, leaves)
-    bench_op(benchmark, "bn_gate", provider,
-             f"bn_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}", DEVICE,
-             lambda: fn(z, bn, e, r),
-             (lambda y: torch.autograd.grad(y, leaves, gy)) if train else None,
-             mode=mode, variant=variant, net=net, shape=[N, C, HW, HW])
+    bench_mask_point(benchmark, "bn_gate", provider, shape, variant, mode, DEVICE,
+                     lambda: fn(z, bn, e, r),
+                     (lambda y: torch.autograd.grad(y, leaves, gy)) if train else None)

@@ -21,13 +21,12 @@ gives stable numbers: OpenMP barriers otherwise wait for descheduled threads).
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from benchmarks.harness.env import bench_device  # also applies DER_FAST_BENCH_THREADS
-from benchmarks.harness.op_bench import (MASK_S, MASK_SHAPES, assert_grads_close, bench_op,
-                                         mask_shape_id)
+from benchmarks.harness.op_bench import (MASK_S, assert_grads_close, bench_mask_point,
+                                         mask_point_cases)
 from der_fast import ops
 
 DEVICE = bench_device()
@@ -86,17 +85,12 @@ def _check(fn, args, leaves, gy, mode):
                            torch.autograd.grad(y_ref, leaves, gy), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", MASK_SHAPES, ids=mask_shape_id)
+@mask_point_cases(VARIANTS, MODES, PROVIDERS)
 def test_masked_gate(benchmark, shape, variant, mode, provider):
-    net, N, C, HW = shape
+    _, N, C, HW = shape
     fn = FNS[provider]
     args, leaves, gy = _inputs(N, C, HW, variant, requires_grad=mode == "fwdbwd")
     _check(fn, args, leaves, gy, mode)
-    bench_op(benchmark, "masked_gate", provider,
-             f"masked_gate {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}", DEVICE,
-             lambda: fn(*args),
-             (lambda y: torch.autograd.grad(y, leaves, gy)) if mode == "fwdbwd" else None,
-             mode=mode, variant=variant, net=net, shape=[N, C, HW, HW])
+    bench_mask_point(benchmark, "masked_gate", provider, shape, variant, mode, DEVICE,
+                     lambda: fn(*args),
+                     (lambda y: torch.autograd.grad(y, leaves, gy)) if mode == "fwdbwd" else None)

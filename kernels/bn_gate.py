@@ -67,8 +67,8 @@ else:  # loaded by path as a lone file (tests/test_bn_gate_triton.py compiles it
     _common = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_common)
 # the kernels call the @triton.jit helpers by name
-chunk_tile, cvt, plane_tile, tile_2d = (
-    _common.chunk_tile, _common.cvt, _common.plane_tile, _common.tile_2d
+cvt, sums_lines, sums_tile, tile_2d = (
+    _common.cvt, _common.sums_lines, _common.sums_tile, _common.tile_2d
 )
 
 
@@ -107,73 +107,66 @@ def _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, AXIS: tl.constexpr, FP64: 
     return mean, m2
 
 
+@triton.jit
+def _partials_tile(p0, P, cols, cmask, C, BLOCK_P: tl.constexpr):
+    """Partials p0 + [0, BLOCK_P) of the channels cols (valid where cmask) of a [P, C] array of
+    partials (``reduce_by_layout``) -> (offs, mask, ps): offsets, mask, partial indices."""
+    ps = p0 + tl.arange(0, BLOCK_P)
+    m = (ps < P)[:, None] & cmask[None, :]
+    offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
+    return offs, m, ps
+
+
 # ---------------------------------------------------------------------------------- statistics
 
 
 @triton.jit
-def _bn_stats_planes_kernel(
+def _bn_stats_kernel(
     Z,
     P_MEAN,
     P_M2,
     n_rows,
     L,
     C,
+    SPAN,
     FP64: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """NCHW: rows are (n, c) planes of length L = HW; one (mean of z - K[c], M2) partial per
-    row, K[c] = z[0, c, 0, 0] (the shift)."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    k = cvt(tl.load(Z + (rows % C).to(tl.int64) * L, mask=rmask, other=0), FP64)[:, None]
-    zero = cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
+    """One (mean of z - K[c], M2) partial per line (``sums_lines``), K[c] = z[0, c, 0, 0] (the
+    shift: the channel's first value, at c * L in NCHW, at c in channel columns)."""
+    STEP: tl.constexpr = BLOCK_R if CHANNEL_IS_COL else BLOCK_L  # tile length along a line
+    AXIS: tl.constexpr = 0 if CHANNEL_IS_COL else 1  # a tile's axis along its lines
+    pofs, pmask, cidx, cm = sums_lines(n_rows, C, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+    kofs = cidx.to(tl.int64) * (1 if CHANNEL_IS_COL else L)
+    k = cvt(tl.load(Z + kofs, mask=cm, other=0), FP64)
+    zero = cvt(tl.zeros(pofs.shape, dtype=tl.float32), FP64)
     mean = zero
     m2 = zero
-    for start in range(0, L, BLOCK_L):
-        offs, mask = plane_tile(rows, rmask, start, L, BLOCK_L)
-        n_a = zero + start  # values merged so far (every earlier tile was full)
-        n_b = zero + tl.minimum(L - start, BLOCK_L)
-        mean, m2 = _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, 1, FP64)
-    tl.store(P_MEAN + rows, mean, mask=rmask)
-    tl.store(P_M2 + rows, m2, mask=rmask)
+    if CHANNEL_IS_COL:  # values per line: the chunk's rows (>= 1 by the grid), or L
+        n_valid = tl.minimum(n_rows - tl.program_id(0) * SPAN, SPAN)
+    else:
+        n_valid = L
+    for start in range(0, SPAN, STEP):
+        offs, mask = sums_tile(start, n_rows, L, C, SPAN, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+        n_a_i = tl.minimum(start, n_valid)  # values merged so far (every earlier tile was full)
+        n_a = zero + n_a_i
+        n_b = zero + tl.minimum(n_valid - n_a_i, STEP)  # 0 past the last valid row
+        mean, m2 = _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, AXIS, FP64)
+    tl.store(P_MEAN + pofs, mean, mask=pmask)
+    tl.store(P_M2 + pofs, m2, mask=pmask)
 
 
 @triton.jit
-def _bn_stats_rows_kernel(
-    Z,
-    P_MEAN,
-    P_M2,
-    n_rows,
-    C,
-    ROWS_PER_PROG,
-    FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """channels_last / 2-D: rows of C channels; program (i, j) reduces rows [i*RPP, (i+1)*RPP)
-    for a block of channels and writes one (mean of z - K[c], M2) partial per (i, channel),
-    K[c] = z at row 0 (the shift)."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    k = cvt(tl.load(Z + cols, mask=cmask, other=0), FP64)[None, :]
-    zero = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
-    mean = zero
-    m2 = zero
-    row0 = pid_r * ROWS_PER_PROG
-    n_valid = tl.minimum(n_rows - row0, ROWS_PER_PROG)  # >= 1 by the grid
-    for start in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = chunk_tile(row0, start, n_rows, ROWS_PER_PROG, cols, cmask, C, BLOCK_R)
-        n_a_i = tl.minimum(start, n_valid)
-        n_a = zero + n_a_i
-        n_b = zero + tl.minimum(n_valid - n_a_i, BLOCK_R)  # 0 past the last valid row
-        mean, m2 = _chan_merge(mean, m2, Z, offs, mask, k, n_a, n_b, 0, FP64)
-    pofs = pid_r * C + cols
-    tl.store(P_MEAN + pofs, mean, mask=cmask)
-    tl.store(P_M2 + pofs, m2, mask=cmask)
+def _mean_partials(P_MEAN, p0, P, cols, cmask, C, CNT, TOTAL, FP64: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+    """Partials p0 + [0, BLOCK_P) of the channels cols -> (offs, m, pm, cnt): their offsets
+    and mask, means and value counts (compute dtype)."""
+    offs, m, ps = _partials_tile(p0, P, cols, cmask, C, BLOCK_P)
+    pm = cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
+    cnt = cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
+    return offs, m, pm, cnt
 
 
 @triton.jit
@@ -212,21 +205,15 @@ def _bn_stats_finalize_kernel(
         total = zero + TOTAL
         acc = zero
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            m = (ps < P)[:, None] & cmask[None, :]
-            offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-            pm = cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
-            cnt = cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
+            offs, m, pm, cnt = _mean_partials(P_MEAN, p0, P, cols, cmask, C, CNT, TOTAL, FP64,
+                                              BLOCK_P)
             acc += tl.sum(tl.where(m, pm * cnt[:, None], 0.0), axis=0)
         mean_s = _div(acc, total, FP64)  # mean of z - K
         acc2 = zero
         for p0 in range(0, P, BLOCK_P):
-            ps = p0 + tl.arange(0, BLOCK_P)
-            m = (ps < P)[:, None] & cmask[None, :]
-            offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
-            pm = cvt(tl.load(P_MEAN + offs, mask=m, other=0), FP64)
+            offs, m, pm, cnt = _mean_partials(P_MEAN, p0, P, cols, cmask, C, CNT, TOTAL, FP64,
+                                              BLOCK_P)
             pq = cvt(tl.load(P_M2 + offs, mask=m, other=0), FP64)
-            cnt = cvt(tl.minimum(CNT, TOTAL - ps * CNT), FP64)
             d = pm - mean_s[None, :]
             acc2 += tl.sum(tl.where(m, pq + cnt[:, None] * (d * d), 0.0), axis=0)
         var = _div(acc2, total, FP64)
@@ -339,7 +326,7 @@ def _bn_gate_bwd_tile(acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd
 
 
 @triton.jit
-def _bn_gate_bwd_planes_kernel(
+def _bn_gate_bwd_sums_kernel(
     GY,
     Z,
     R,
@@ -352,83 +339,36 @@ def _bn_gate_bwd_planes_kernel(
     n_rows,
     L,
     C,
+    SPAN,
     HAS_G: tl.constexpr,
     HAS_R: tl.constexpr,
     RELU: tl.constexpr,
     WGR: tl.constexpr,
     FP64: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """NCHW: rows are (n, c) planes of length L = HW; one partial of each sum per row."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    ch = (rows % C)[:, None]
-    mu, istd, al, bb = _channel_affine(AFF, ch, rmask[:, None], C)
+    """One partial of each sum per line (``sums_lines``); writes grad_residual (WGR)."""
+    STEP: tl.constexpr = BLOCK_R if CHANNEL_IS_COL else BLOCK_L  # tile length along a line
+    AXIS: tl.constexpr = 0 if CHANNEL_IS_COL else 1  # a tile's axis along its lines
+    pofs, pmask, cidx, cm = sums_lines(n_rows, C, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+    mu, istd, al, bb = _channel_affine(AFF, cidx, cm, C)
     g = istd
     if HAS_G:
-        g = cvt(tl.load(G + ch, mask=rmask[:, None], other=0), FP64)
-    acc_db = cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
+        g = cvt(tl.load(G + cidx, mask=cm, other=0), FP64)
+    acc_db = cvt(tl.zeros(pofs.shape, dtype=tl.float32), FP64)
     acc_dw = acc_db
     acc_gh = acc_db
-    for start in range(0, L, BLOCK_L):
-        offs, mask = plane_tile(rows, rmask, start, L, BLOCK_L)
+    for start in range(0, SPAN, STEP):
+        offs, mask = sums_tile(start, n_rows, L, C, SPAN, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
         acc_db, acc_dw, acc_gh = _bn_gate_bwd_tile(
             acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd, al, bb, g,
-            1, HAS_G, HAS_R, RELU, WGR, FP64,
+            AXIS, HAS_G, HAS_R, RELU, WGR, FP64,
         )
-    tl.store(P_DB + rows, acc_db, mask=rmask)
-    tl.store(P_DW + rows, acc_dw, mask=rmask)
-    tl.store(P_GH + rows, acc_gh, mask=rmask)
-
-
-@triton.jit
-def _bn_gate_bwd_rows_kernel(
-    GY,
-    Z,
-    R,
-    GR,
-    AFF,
-    G,
-    P_DB,
-    P_DW,
-    P_GH,
-    n_rows,
-    C,
-    ROWS_PER_PROG,
-    HAS_G: tl.constexpr,
-    HAS_R: tl.constexpr,
-    RELU: tl.constexpr,
-    WGR: tl.constexpr,
-    FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """channels_last / 2-D: program (i, j) sums rows [i*RPP, (i+1)*RPP) for a block of
-    channels and writes one partial per (i, channel)."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    mu, istd, al, bb = _channel_affine(AFF, cols[None, :], cmask[None, :], C)
-    g = istd
-    if HAS_G:
-        g = cvt(tl.load(G + cols[None, :], mask=cmask[None, :], other=0), FP64)
-    acc_db = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
-    acc_dw = acc_db
-    acc_gh = acc_db
-    row0 = pid_r * ROWS_PER_PROG
-    for start in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = chunk_tile(row0, start, n_rows, ROWS_PER_PROG, cols, cmask, C, BLOCK_R)
-        acc_db, acc_dw, acc_gh = _bn_gate_bwd_tile(
-            acc_db, acc_dw, acc_gh, GY, Z, R, GR, offs, mask, mu, istd, al, bb, g,
-            0, HAS_G, HAS_R, RELU, WGR, FP64,
-        )
-    pofs = pid_r * C + cols
-    tl.store(P_DB + pofs, acc_db, mask=cmask)
-    tl.store(P_DW + pofs, acc_dw, mask=cmask)
-    tl.store(P_GH + pofs, acc_gh, mask=cmask)
+    tl.store(P_DB + pofs, acc_db, mask=pmask)
+    tl.store(P_DW + pofs, acc_dw, mask=pmask)
+    tl.store(P_GH + pofs, acc_gh, mask=pmask)
 
 
 @triton.jit
@@ -467,9 +407,7 @@ def _bn_gate_bwd_finalize_kernel(
     dw = zero
     gh = zero
     for p0 in range(0, P, BLOCK_P):
-        ps = p0 + tl.arange(0, BLOCK_P)
-        m = (ps < P)[:, None] & cmask[None, :]
-        offs = ps.to(tl.int64)[:, None] * C + cols[None, :]
+        offs, m, _ = _partials_tile(p0, P, cols, cmask, C, BLOCK_P)
         db += tl.sum(tl.load(P_DB + offs, mask=m, other=0), axis=0)
         dw += tl.sum(tl.load(P_DW + offs, mask=m, other=0), axis=0)
         gh += tl.sum(tl.load(P_GH + offs, mask=m, other=0), axis=0)
@@ -549,11 +487,14 @@ def _bn_gate_bwd_input_kernel(
 # host side
 
 
-def _channel_blocks(P: int, C: int) -> tuple[int, int]:
-    """per-channel finalize kernels -> (block_p, block_c)."""
+def _launch_per_channel(kernel, *args, P: int, C: int, **consts) -> None:
+    """Launches a per-channel finalize kernel: kernel(*args, BLOCK_P, BLOCK_C, **consts), one
+    program per BLOCK_C channels summing their P partials BLOCK_P at a time."""
     block_c = min(triton.next_power_of_2(C), 64)
     block_p = min(triton.next_power_of_2(max(P, 1)), max(1, 2048 // block_c))
-    return block_p, block_c
+    kernel[(triton.cdiv(C, block_c),)](
+        *args, BLOCK_P=block_p, BLOCK_C=block_c, **consts, **_common.NO_FMA,
+    )
 
 
 def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, var_out):
@@ -567,20 +508,18 @@ def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, va
     P, cnt, kstride = 0, 1, 1
     p_mean = p_m2 = aff
     if training and M > 0:
-        col, n_rows, L, _ = _common.geometry(z, fmt)
-        part, cnt = _common.reduce_by_layout(
-            _bn_stats_rows_kernel, _bn_stats_planes_kernel, z,
-            n_sums=2, col=col, n_rows=n_rows, L=L, C=C, cdt=cdt, FP64=fp64,
-        )
+        view = _common.geometry(z, fmt)
+        part, cnt = _common.reduce_by_layout(_bn_stats_kernel, view, z, n_sums=2, cdt=cdt,
+                                             FP64=fp64)
         P = part.shape[1]
-        kstride = 1 if col else L  # K[c] = z[0, c, 0, 0]: row c (NCHW) or column c
+        kstride = 1 if view.col else view.L  # K[c] = z[0, c, 0, 0]: row c (NCHW) or column c
         p_mean, p_m2 = part[0], part[1]
     store = mean_out is not None
     if not training:
         mean_src = mean_src.contiguous()
         var_src = var_src.contiguous()
-    block_p, block_c = _channel_blocks(P, C)
-    _bn_stats_finalize_kernel[(triton.cdiv(C, block_c),)](
+    _launch_per_channel(
+        _bn_stats_finalize_kernel,
         z,
         p_mean,
         p_m2,
@@ -597,12 +536,11 @@ def _affine(z, fmt, weight, bias, mean_src, var_src, eps, training, mean_out, va
         max(M, 1),
         kstride,
         float(eps),
+        P=P,
+        C=C,
         TRAINING=bool(training) and M > 0,
         STORE_STATS=store,
         FP64=fp64,
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        **_common.NO_FMA,
     )
     if training and M == 0 and store:  # mean over no values: NaN, like torch.mean
         mean_out.fill_(float("nan"))
@@ -629,18 +567,14 @@ def bn_gate_fwd(z, weight, bias, mean_in, var_in, e, s, residual, training, eps,
     if z.numel() == 0:
         return y, mean, var
     g = _common.gate(e, s, cdt)
-    col, n_rows, L, _ = _common.geometry(z, fmt)
     _common.launch_elementwise(
         _bn_gate_fwd_kernel,
+        _common.geometry(z, fmt),
         z,
         r if r is not None else z,
         y,
         aff,
         g if g is not None else aff,
-        n_rows=n_rows,
-        L=L,
-        C=C,
-        col=col,
         HAS_G=g is not None,
         HAS_R=r is not None,
         RELU=bool(relu),
@@ -681,22 +615,22 @@ def bn_gate_bwd(
     # the forward's (mean, invstd, alpha, bias), bit for bit
     aff = _affine(z, fmt, weight, bias, mean, var, eps, False, None, None)
     g = _common.gate(e, s, cdt)
-    col, n_rows, L, _ = _common.geometry(z, fmt)
+    view = _common.geometry(z, fmt)
     flags = {"HAS_G": g is not None, "HAS_R": r is not None, "RELU": bool(relu), "FP64": fp64}
     gptr = g if g is not None else aff
     P, part = 0, aff.new_zeros((3, 1))
     if (need_sums or want_r) and M > 0:
         part, _ = _common.reduce_by_layout(
-            _bn_gate_bwd_rows_kernel, _bn_gate_bwd_planes_kernel,
+            _bn_gate_bwd_sums_kernel, view,
             gy, z, r if r is not None else z, gr if want_r else z, aff, gptr,
-            n_sums=3, col=col, n_rows=n_rows, L=L, C=C, cdt=cdt, WGR=want_r, **flags,
+            n_sums=3, cdt=cdt, WGR=want_r, **flags,
         )
         P = part.shape[1]
     coef = aff  # unused unless training
     if need_sums:
         coef = torch.empty((3, C), dtype=cdt, device=z.device)
-        block_p, block_c = _channel_blocks(P, C)
-        _bn_gate_bwd_finalize_kernel[(triton.cdiv(C, block_c),)](
+        _launch_per_channel(
+            _bn_gate_bwd_finalize_kernel,
             part[0],
             part[1],
             part[2],
@@ -711,21 +645,21 @@ def bn_gate_bwd(
             C,
             max(M, 1),
             float(s),
+            P=P,
+            C=C,
             HAS_G=g is not None,
             TRAINING=training,
             WGW=want_w,
             WGB=want_b,
             WGE=want_e,
             FP64=fp64,
-            BLOCK_P=block_p,
-            BLOCK_C=block_c,
-            **_common.NO_FMA,
         )
     if want_z and z.numel() > 0:
         # da is re-read from grad_residual when that holds it exactly
         use_da = want_r and z.dtype in (torch.float32, torch.float64) and gr.dtype == z.dtype
         _common.launch_elementwise(
             _bn_gate_bwd_input_kernel,
+            view,
             gy,
             z,
             r if r is not None else z,
@@ -734,10 +668,6 @@ def bn_gate_bwd(
             aff,
             gptr,
             coef,
-            n_rows=n_rows,
-            L=L,
-            C=C,
-            col=col,
             USE_DA=use_da,
             TRAINING=training,
             **flags,

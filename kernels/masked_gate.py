@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import chunk_tile, cvt, plane_tile, tile_2d
+from ._common import cvt, sums_lines, sums_tile, tile_2d
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def _masked_gate_bwd_tile(acc_dz, acc_dzx, acc_gyy, GY, Y, X, GX, GR, offs, mask
 
 
 @triton.jit
-def _masked_gate_bwd_planes_kernel(
+def _masked_gate_bwd_kernel(
     GY,
     Y,
     X,
@@ -96,83 +96,37 @@ def _masked_gate_bwd_planes_kernel(
     n_rows,
     L,
     C,
+    SPAN,
     HAS_G: tl.constexpr,
     HAS_X: tl.constexpr,
     WGX: tl.constexpr,
     WGR: tl.constexpr,
     FP64: tl.constexpr,
+    CHANNEL_IS_COL: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
-    """NCHW: rows are (n, c) planes of length L = HW; one partial sum per row."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < n_rows
-    ch = rows % C
-    sc = cvt(tl.load(SCALE + ch, mask=rmask, other=0), FP64)[:, None]
+    """One partial of each sum per line (``sums_lines``); writes grad_x / grad_residual (as
+    asked)."""
+    STEP: tl.constexpr = BLOCK_R if CHANNEL_IS_COL else BLOCK_L  # tile length along a line
+    AXIS: tl.constexpr = 0 if CHANNEL_IS_COL else 1  # a tile's axis along its lines
+    pofs, pmask, cidx, cm = sums_lines(n_rows, C, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
+    sc = cvt(tl.load(SCALE + cidx, mask=cm, other=0), FP64)
     g = sc
     if HAS_G:
-        g = tl.load(G + ch, mask=rmask, other=0)[:, None]
-    acc_dz = cvt(tl.zeros([BLOCK_R], dtype=tl.float32), FP64)
+        g = tl.load(G + cidx, mask=cm, other=0)
+    acc_dz = cvt(tl.zeros(pofs.shape, dtype=tl.float32), FP64)
     acc_dzx = acc_dz
     acc_gyy = acc_dz
-    for start in range(0, L, BLOCK_L):
-        offs, mask = plane_tile(rows, rmask, start, L, BLOCK_L)
+    for start in range(0, SPAN, STEP):
+        offs, mask = sums_tile(start, n_rows, L, C, SPAN, CHANNEL_IS_COL, BLOCK_R, BLOCK_L)
         acc_dz, acc_dzx, acc_gyy = _masked_gate_bwd_tile(
             acc_dz, acc_dzx, acc_gyy, GY, Y, X, GX, GR, offs, mask, sc, g,
-            1, HAS_G, HAS_X, WGX, WGR, FP64,
+            AXIS, HAS_G, HAS_X, WGX, WGR, FP64,
         )
-    tl.store(P_DZ + rows, acc_dz, mask=rmask)
-    tl.store(P_DZX + rows, acc_dzx, mask=rmask)
-    tl.store(P_GYY + rows, acc_gyy, mask=rmask)
-
-
-@triton.jit
-def _masked_gate_bwd_rows_kernel(
-    GY,
-    Y,
-    X,
-    GX,
-    GR,
-    SCALE,
-    G,
-    P_DZ,
-    P_DZX,
-    P_GYY,
-    n_rows,
-    C,
-    ROWS_PER_PROG,
-    HAS_G: tl.constexpr,
-    HAS_X: tl.constexpr,
-    WGX: tl.constexpr,
-    WGR: tl.constexpr,
-    FP64: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """NHWC / 2-D: rows of C channels; program (i, j) sums rows [i*RPP, (i+1)*RPP) for a
-    block of channels and writes one partial per (i, channel)."""
-    pid_r = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
-    sc = cvt(tl.load(SCALE + cols, mask=cmask, other=0), FP64)[None, :]
-    g = sc
-    if HAS_G:
-        g = tl.load(G + cols, mask=cmask, other=0)[None, :]
-    acc_dz = cvt(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
-    acc_dzx = acc_dz
-    acc_gyy = acc_dz
-    row0 = pid_r * ROWS_PER_PROG
-    for start in range(0, ROWS_PER_PROG, BLOCK_R):
-        offs, mask = chunk_tile(row0, start, n_rows, ROWS_PER_PROG, cols, cmask, C, BLOCK_R)
-        acc_dz, acc_dzx, acc_gyy = _masked_gate_bwd_tile(
-            acc_dz, acc_dzx, acc_gyy, GY, Y, X, GX, GR, offs, mask, sc, g,
-            0, HAS_G, HAS_X, WGX, WGR, FP64,
-        )
-    pofs = pid_r * C + cols
-    tl.store(P_DZ + pofs, acc_dz, mask=cmask)
-    tl.store(P_DZX + pofs, acc_dzx, mask=cmask)
-    tl.store(P_GYY + pofs, acc_gyy, mask=cmask)
+    tl.store(P_DZ + pofs, acc_dz, mask=pmask)
+    tl.store(P_DZX + pofs, acc_dzx, mask=pmask)
+    tl.store(P_GYY + pofs, acc_gyy, mask=pmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,19 +142,15 @@ def masked_gate_fwd(x, scale, shift, e=None, s: float = 1.0, residual=None) -> t
         return y
     cdt = _common.compute_dtype(x.dtype)
     g = _common.gate(e, s, cdt)
-    col, n_rows, L, C = _common.geometry(x, fmt)
     _common.launch_elementwise(
         _masked_gate_fwd_kernel,
+        _common.geometry(x, fmt),
         x,
         r if r is not None else x,
         y,
         scale.contiguous(),
         shift.contiguous(),
         g if g is not None else scale,
-        n_rows=n_rows,
-        L=L,
-        C=C,
-        col=col,
         HAS_G=g is not None,
         HAS_R=r is not None,
         FP64=cdt == torch.float64,
@@ -224,13 +174,12 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
     gr = torch.empty_like(y, memory_format=fmt) if want_r else empty()
     cdt = _common.compute_dtype(y.dtype)
     g = _common.gate(e, s, cdt)
-    col, n_rows, L, _ = _common.geometry(y, fmt)
     if y.numel() == 0:
         sums = torch.zeros((3, C), dtype=cdt, device=y.device)
     else:
         part, _ = _common.reduce_by_layout(
-            _masked_gate_bwd_rows_kernel,
-            _masked_gate_bwd_planes_kernel,
+            _masked_gate_bwd_kernel,
+            _common.geometry(y, fmt),
             gy,
             y,
             xd if xd is not None else y,
@@ -239,10 +188,6 @@ def masked_gate_bwd(grad_y, y, x, scale, e, s: float, output_mask):
             scale.contiguous(),
             g if g is not None else scale,
             n_sums=3,
-            col=col,
-            n_rows=n_rows,
-            L=L,
-            C=C,
             cdt=cdt,
             HAS_G=g is not None,
             HAS_X=xd is not None,

@@ -144,33 +144,24 @@ def test_triton_kernels_compile_for_sm90():
         }
         flags = {"HAS_G": True, "HAS_X": True, "WGX": True, "WGR": True, "FP64": dt == "fp64"}
         flag_sig = {k: "constexpr" for k in flags}
-        planes = build(
-            mg._masked_gate_bwd_planes_kernel,
-            {
-                **common,
-                "n_rows": "i32",
-                "L": "i32",
-                "C": "i32",
-                **flag_sig,
-                "BLOCK_R": "constexpr",
-                "BLOCK_L": "constexpr",
-            },
-            {**flags, "BLOCK_R": 2, "BLOCK_L": 1024},
-        )
-        rows = build(
-            mg._masked_gate_bwd_rows_kernel,
-            {
-                **common,
-                "n_rows": "i32",
-                "C": "i32",
-                "ROWS_PER_PROG": "i32",
-                **flag_sig,
-                "BLOCK_R": "constexpr",
-                "BLOCK_C": "constexpr",
-            },
-            {**flags, "BLOCK_R": 32, "BLOCK_C": 128},
-        )
-        assert planes.asm["cubin"] and rows.asm["cubin"]
+        for channel_is_col, blocks in ((False, (2, 1024)), (True, (32, 128))):
+            sums = build(
+                mg._masked_gate_bwd_kernel,
+                {
+                    **common,
+                    "n_rows": "i32",
+                    "L": "i32",
+                    "C": "i32",
+                    "SPAN": "i32",
+                    **flag_sig,
+                    "CHANNEL_IS_COL": "constexpr",
+                    "BLOCK_R": "constexpr",
+                    "BLOCK_L": "constexpr",
+                },
+                {**flags, "CHANNEL_IS_COL": channel_is_col, "BLOCK_R": blocks[0],
+                 "BLOCK_L": blocks[1]},
+            )
+            assert sums.asm["cubin"]
 
 
 def test_triton_kernels_under_interpreter(request):

@@ -23,7 +23,7 @@ resolves to an installed copy first when there is one). Environment switches: ``
   (in-process inductor compiles, set on import of this package).
 * ``timing``: :func:`measure` (providers of one case in interleaved rounds), :func:`stats`.
 * ``op_bench``: :func:`bench_op` (one provider of an op case under pytest-benchmark), the mask
-  points' shapes (imported by the op benchmarks, not re-exported here).
+  points' cases (imported by the op benchmarks, not re-exported here).
 * ``report``: tables from a pytest-benchmark JSON (``python benchmarks/harness/report.py``;
   imported as ``from benchmarks.harness import report``).
 """

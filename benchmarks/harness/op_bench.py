@@ -2,14 +2,15 @@
 bench_concat_linear_head.py, bench_conv3x3_bordered.py): :func:`bench_op` names the case's
 group (every provider of a case shares it, so benchmarks/conftest.py's ratio table lines them
 up), records the case and the environment in ``extra_info`` and times the call;
-:func:`assert_grads_close` for the check before it; and the shapes of the mask points, where
-both gate ops run.
+:func:`assert_grads_close` for the check before it; and the cases at the mask points, where
+both gate ops run (:func:`mask_point_cases`, :func:`bench_mask_point`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import pytest
 import torch
 
 import der_fast
@@ -33,6 +34,27 @@ def mask_shape_id(shape) -> str:
     """pytest id of a :data:`MASK_SHAPES` entry."""
     net, N, C, HW = shape
     return f"{net}-N{N}-C{C}-HW{HW}"
+
+
+def mask_point_cases(variants, modes, providers) -> Callable:
+    """Parametrizes a gate op's benchmark ``test(benchmark, shape, variant, mode, provider)``
+    over :data:`MASK_SHAPES` x variants x modes x providers (ids in that order)."""
+    def parametrize(test):
+        test = pytest.mark.parametrize("shape", MASK_SHAPES, ids=mask_shape_id)(test)
+        for name, values in (("variant", variants), ("mode", modes), ("provider", providers)):
+            test = pytest.mark.parametrize(name, values)(test)
+        return test
+    return parametrize
+
+
+def bench_mask_point(benchmark, op: str, provider: str, shape, variant: str, mode: str,
+                     device: torch.device, forward: Callable[[], Any],
+                     backward: Optional[Callable[[Any], Any]] = None) -> None:
+    """:func:`bench_op` for a case of :func:`mask_point_cases`, grouped by op, mode, shape and
+    variant."""
+    net, N, C, HW = shape
+    bench_op(benchmark, op, provider, f"{op} {mode} {net} N={N} C={C} HW={HW}x{HW} {variant}",
+             device, forward, backward, mode=mode, variant=variant, net=net, shape=[N, C, HW, HW])
 
 
 def assert_grads_close(grads, ref_grads, rtol: float, atol: float) -> None:

@@ -4,13 +4,15 @@ in one call of the compiled ``bordered_resnet`` op, or layer by layer from Pytho
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .fold import FoldedConv, FoldedNet, convs_with_size
+from .fold import FoldedBlock, FoldedConv, FoldedNet, convs_with_size
 from .plan import use_kernel
-from .run_loop import shortcut_a
+from .run_loop import gather_features, run_blocks, shortcut_a
 
 # Batch chunk: narrow layers are memory-bound (a 5 -> 5 channel conv at 32x32 moves 3 x 3 MiB
 # per 128 images), so the batch is cut into chunks whose activations stay in the L2 cache
@@ -94,21 +96,14 @@ def _run_bordered(f: FoldedNet, x: torch.Tensor, force: bool) -> torch.Tensor:
     y = _conv_bordered(xb, f.stem, True, force=force)
     if f.maxpool:
         y = ops.border(F.max_pool2d(y[:, :, 1:-1, 1:-1], 3, 2, 1))
-    for b in f.blocks:
-        h = _conv_bordered(y, b.conv1, True, force=force)
-        if b.sc == "id":
-            r = y
-        elif b.sc == "B":
-            r = _conv_bordered(y, b.sc_conv, False, force=force)
-        else:
-            r = ops.border(shortcut_a(y[:, :, 1:-1, 1:-1], b))
-        y = _conv_bordered(h, b.conv2, True, residual=r, gate=b.gate, force=force)
+    y = run_blocks(f, y, functools.partial(_conv_bordered, force=force), _shortcut_bordered)
     hw = (y.shape[2] - 2) * (y.shape[3] - 2)
-    pooled = y.sum((2, 3)).div_(hw)  # the border is 0
-    if f.out_index is not None:
-        pooled = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], 1).index_select(
-            1, f.out_index)
-    return pooled
+    return gather_features(f, y.sum((2, 3)).div_(hw))  # the border is 0
+
+
+def _shortcut_bordered(yb, b: FoldedBlock):
+    """Option-A shortcut of block ``b`` from and to the zero-bordered layout."""
+    return ops.border(shortcut_a(yb[:, :, 1:-1, 1:-1], b))
 
 
 def _kernel_weight(c: FoldedConv) -> torch.Tensor:

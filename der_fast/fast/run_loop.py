@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -16,22 +18,27 @@ def mkldnn_ok(x: torch.Tensor) -> bool:
                                                                  "_convolution_pointwise"))
 
 
-def _conv(x, c: FoldedConv, relu: bool, residual=None, fused: bool = False):
-    """``[relu](conv(x) + bias [+ residual])``; one oneDNN primitive when ``fused``."""
+def _conv(x, c: FoldedConv, relu: bool, residual=None, gate=None, fused: bool = False):
+    """``gate * [relu](conv(x) + bias [+ residual])``; conv, bias, residual and ReLU one oneDNN
+    primitive when ``fused``."""
     if fused:
         p, s = [c.padding, c.padding], [c.stride, c.stride]
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(
+            y = torch.ops.mkldnn._convolution_pointwise(
                 x, c.weight, c.bias, p, s, [1, 1], c.groups, "relu" if relu else "none", [], "")
-        residual = residual.contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual, c.weight, c.bias, p, s, [1, 1], c.groups, "add", None,
-            "relu" if relu else None, [], "")
-    y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, 1, c.groups)
-    if residual is not None:
-        y = y + residual if torch.is_grad_enabled() else y.add_(residual)
-    if relu:
-        y = F.relu(y) if torch.is_grad_enabled() else y.relu_()
+        else:
+            residual = residual.contiguous(memory_format=torch.channels_last)
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, c.weight, c.bias, p, s, [1, 1], c.groups, "add", None,
+                "relu" if relu else None, [], "")
+    else:
+        y = F.conv2d(x, c.weight, c.bias, c.stride, c.padding, 1, c.groups)
+        if residual is not None:
+            y = y + residual if torch.is_grad_enabled() else y.add_(residual)
+        if relu:
+            y = F.relu(y) if torch.is_grad_enabled() else y.relu_()
+    if gate is not None:
+        y = y * gate.view(1, -1, 1, 1)
     return y
 
 
@@ -53,22 +60,34 @@ def run_folded(f: FoldedNet, x: torch.Tensor, fused: bool | None = None) -> torc
     no extra copy of the batch: RESULTS.md, "The fast path's thresholds")."""
     if fused is None:
         fused = mkldnn_ok(x) and not (torch.is_grad_enabled() and x.requires_grad)
-    y = _conv(x, f.stem, True, fused=fused)
+    conv = functools.partial(_conv, fused=fused)
+    y = conv(x, f.stem, True)
     if f.maxpool:
         y = F.max_pool2d(y, 3, 2, 1)
+    y = run_blocks(f, y, conv, shortcut_a)
+    return gather_features(f, y.mean((2, 3)))
+
+
+def run_blocks(f: FoldedNet, y: torch.Tensor, conv, shortcut) -> torch.Tensor:
+    """The residual blocks of a folded net on the stem's output ``y`` in an executor's layout:
+    ``conv(x, folded_conv, relu, residual=None, gate=None)`` runs one of its convs (as
+    ``_conv``), ``shortcut(y, block)`` an option-A shortcut."""
     for b in f.blocks:
-        h = _conv(y, b.conv1, True, fused=fused)
+        h = conv(y, b.conv1, True)
         if b.sc == "id":
             r = y
         elif b.sc == "B":
-            r = _conv(y, b.sc_conv, False, fused=fused)
+            r = conv(y, b.sc_conv, False)
         else:
-            r = shortcut_a(y, b)
-        y = _conv(h, b.conv2, True, residual=r, fused=fused)
-        if b.gate is not None:
-            y = y * b.gate.view(1, -1, 1, 1)
-    pooled = y.mean((2, 3))
-    if f.out_index is not None:
-        pooled = torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], 1).index_select(
-            1, f.out_index)
-    return pooled
+            r = shortcut(y, b)
+        y = conv(h, b.conv2, True, residual=r, gate=b.gate)
+    return y
+
+
+def gather_features(f: FoldedNet, pooled: torch.Tensor) -> torch.Tensor:
+    """The pooled last activation [N, C] placed at the net's feature positions (zeros for
+    pruned channels, ``out_index``)."""
+    if f.out_index is None:
+        return pooled
+    return torch.cat([pooled, pooled.new_zeros(pooled.shape[0], 1)], 1).index_select(
+        1, f.out_index)
