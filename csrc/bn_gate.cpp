@@ -47,6 +47,7 @@
 
 #include "common.h"
 #include "cpu_simd.h"
+#include "gate_math.h"
 #include "index_math.h"
 
 namespace der_fast {
@@ -54,35 +55,15 @@ namespace {
 
 constexpr int64_t kGrainElems = 16384;  // below this many elements per task: stay serial
 
-inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 // ------------------------------------------------------------------------------------------
 // argument checks (same messages as der_fast/ops/bn_gate.py:_check_bn_gate)
-void check_vec(const at::Tensor& t, const at::Tensor& z, const char* op, const char* name) {
-  const int64_t C = z.size(1);
-  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [C] with C=", C, ", got shape ",
-                    t.sizes());
-  check_like(t, z, op, name, "z");
-  TORCH_CHECK_VALUE(t.size(0) == C, op, ": ", name, " has ", t.size(0),
-                    " channels but z has C=", C, " (z.shape=", z.sizes(), ")");
-}
 
 // Statistics (mean / var) have z's dtype, or float32 when z is float16 / bfloat16: the forward
 // returns a reduced-precision z's batch statistics in float32, so that the backward recomputes
 // the forward's pre-activation from the same numbers.
 void check_stat(const at::Tensor& t, const at::Tensor& z, const char* op, const char* name) {
   const bool reduced = z.scalar_type() == at::kHalf || z.scalar_type() == at::kBFloat16;
-  if (reduced && t.scalar_type() == at::kFloat) {
-    const int64_t C = z.size(1);
-    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [C] with C=", C,
-                      ", got shape ", t.sizes());
-    TORCH_CHECK_VALUE(t.device() == z.device(), op, ": ", name, " is on device ", t.device(),
-                      " but z is on device ", z.device());
-    TORCH_CHECK_VALUE(t.size(0) == C, op, ": ", name, " has ", t.size(0),
-                      " channels but z has C=", C, " (z.shape=", z.sizes(), ")");
-    return;
-  }
-  check_vec(t, z, op, name);
+  check_per_channel(t, z, op, name, "z", !(reduced && t.scalar_type() == at::kFloat));
 }
 
 void check_bn_gate(const char* op, const at::Tensor& z, const at::Tensor& weight,
@@ -94,20 +75,15 @@ void check_bn_gate(const char* op, const at::Tensor& z, const at::Tensor& weight
                     "-D tensor of shape ", z.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(z.scalar_type()), op,
                    ": z must be a floating point tensor, got dtype ", dtype_name(z.scalar_type()));
-  check_vec(weight, z, op, "weight");
-  check_vec(bias, z, op, "bias");
+  check_per_channel(weight, z, op, "weight", "z");
+  check_per_channel(bias, z, op, "bias", "z");
   if (stats_required)
     TORCH_CHECK_VALUE(has(mean) && has(var), op, ": ", mean_name, " and ", var_name,
                       " (the running statistics) are required when training=False");
   if (has(mean)) check_stat(*mean, z, op, mean_name);
   if (has(var)) check_stat(*var, z, op, var_name);
-  if (has(e)) check_vec(*e, z, op, "e");
-  if (has(residual)) {
-    check_like(*residual, z, op, "residual", "z");
-    TORCH_CHECK_VALUE(residual->sizes() == z.sizes(), op, ": residual has shape ",
-                      residual->sizes(), " but z has shape ", z.sizes(),
-                      " (they must be equal)");
-  }
+  if (has(e)) check_per_channel(*e, z, op, "e", "z");
+  if (has(residual)) check_same_shape(*residual, z, op, "residual", "z");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -146,6 +122,34 @@ DER_ALWAYS_INLINE void widen(der_v16f v, der_v8d& lo, der_v8d& hi) {
 
 DER_ALWAYS_INLINE double hsum_d(der_v8d a) { return Vec<double>::hsum(a); }
 
+// Values in double, for the double sums: 16 float lanes as two 8-lane halves, 8 double lanes
+// as they are, a scalar as a double.
+struct Halves {
+  der_v8d lo, hi;
+};
+DER_ALWAYS_INLINE Halves to_d(der_v16f v) {
+  Halves h;
+  widen(v, h.lo, h.hi);
+  return h;
+}
+DER_ALWAYS_INLINE der_v8d to_d(der_v8d v) { return v; }
+DER_ALWAYS_INLINE double to_d(float v) { return static_cast<double>(v); }
+DER_ALWAYS_INLINE double to_d(double v) { return v; }
+// the halves of a per-channel value: a scalar is both
+DER_ALWAYS_INLINE der_v8d lo(const Halves& h) { return h.lo; }
+DER_ALWAYS_INLINE der_v8d hi(const Halves& h) { return h.hi; }
+DER_ALWAYS_INLINE double lo(double v) { return v; }
+DER_ALWAYS_INLINE double hi(double v) { return v; }
+
+// The double parameter q of the channel(s) at position at, shaped like to_d of its values.
+template <typename At>
+DER_ALWAYS_INLINE double ch_d(const At& at, const double* q) {
+  return at.ch(q);
+}
+DER_ALWAYS_INLINE Halves ch_d(const RowLanes<float>& at, const double* q) {
+  return {Vec<double>::load(q + at.c), Vec<double>::load(q + at.c + 8)};
+}
+
 // channels_last float kernels take 16 channels at a time in registers (the rest, and float64,
 // one channel per lane of an `omp simd` loop over C).
 template <typename T>
@@ -154,112 +158,53 @@ constexpr bool kChunked = std::is_same_v<T, float>;
 // --- statistics: one slot per plane (NCHW) / per (row block, channel) (channels_last) -----
 // NCHW, as ATen's CPU BatchNorm computes them: the double sum of z, then the double sum of
 // the float products (z - mean) * (z - mean) around the mean rounded to T.
-DER_ALWAYS_INLINE double plane_sum(const float* __restrict__ p, int64_t n) {
-  using VT = Vec<float>;
-  der_v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
+
+// adds 8-lane groups of values in double to a[0], a[1], ...
+DER_ALWAYS_INLINE void add_lanes(der_v8d* a, Halves x) {
+  a[0] += x.lo;
+  a[1] += x.hi;
+}
+DER_ALWAYS_INLINE void add_lanes(der_v8d* a, der_v8d x) { a[0] += x; }
+
+// The sum of f(v) over the n contiguous values v of p, f computed in T and summed in double:
+// four 8-lane accumulators, a[k] taking the values [8k, 8k + 8) of each block of 32 (a[0] and
+// a[1] those of each whole vector after the blocks), then the other values added in order.
+template <typename T, typename F>
+DER_ALWAYS_INLINE double plane_dsum(const T* __restrict__ p, int64_t n, F f) {
+  using VT = Vec<T>;
+  constexpr int L = VT::L;
+  der_v8d a[4] = {};
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    der_v8d l0, h0, l1, h1;
-    widen(VT::load(p + i), l0, h0);
-    widen(VT::load(p + i + 16), l1, h1);
-    a0 += l0;
-    a1 += h0;
-    a2 += l1;
-    a3 += h1;
+#pragma GCC unroll 4
+    for (int k = 0; k < 32 / L; ++k)
+      add_lanes(a + k * L / 8, to_d(f(VT::load(p + i + k * L))));
   }
-  for (; i + 16 <= n; i += 16) {
-    der_v8d l0, h0;
-    widen(VT::load(p + i), l0, h0);
-    a0 += l0;
-    a1 += h0;
-  }
-  double s = hsum_d((a0 + a2) + (a1 + a3));
-  for (; i < n; ++i) s += static_cast<double>(p[i]);
+  for (; i + L <= n; i += L) add_lanes(a, to_d(f(VT::load(p + i))));
+  double s = hsum_d((a[0] + a[2]) + (a[1] + a[3]));
+  for (; i < n; ++i) s += static_cast<double>(f(p[i]));
   return s;
-}
-
-DER_ALWAYS_INLINE double plane_sqdev(const float* __restrict__ p, int64_t n, float m) {
-  using VT = Vec<float>;
-  const der_v16f mv = der_v16f{} + m;
-  der_v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const der_v16f d0 = VT::load(p + i) - mv, d1 = VT::load(p + i + 16) - mv;
-    der_v8d l0, h0, l1, h1;
-    widen(d0 * d0, l0, h0);  // float products, summed in double
-    widen(d1 * d1, l1, h1);
-    a0 += l0;
-    a1 += h0;
-    a2 += l1;
-    a3 += h1;
-  }
-  for (; i + 16 <= n; i += 16) {
-    const der_v16f d0 = VT::load(p + i) - mv;
-    der_v8d l0, h0;
-    widen(d0 * d0, l0, h0);
-    a0 += l0;
-    a1 += h0;
-  }
-  double q = hsum_d((a0 + a2) + (a1 + a3));
-  for (; i < n; ++i) {
-    const float d = p[i] - m;
-    q += static_cast<double>(d * d);
-  }
-  return q;
-}
-
-DER_ALWAYS_INLINE double plane_sum(const double* __restrict__ p, int64_t n) {
-  using VT = Vec<double>;
-  der_v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 += VT::load(p + i);
-    a1 += VT::load(p + i + 8);
-    a2 += VT::load(p + i + 16);
-    a3 += VT::load(p + i + 24);
-  }
-  for (; i + 8 <= n; i += 8) a0 += VT::load(p + i);
-  double s = hsum_d((a0 + a2) + (a1 + a3));
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
-DER_ALWAYS_INLINE double plane_sqdev(const double* __restrict__ p, int64_t n, double m) {
-  using VT = Vec<double>;
-  const der_v8d mv = der_v8d{} + m;
-  der_v8d a0 = {}, a1 = {}, a2 = {}, a3 = {};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    der_v8d d0 = VT::load(p + i) - mv, d1 = VT::load(p + i + 8) - mv;
-    der_v8d d2 = VT::load(p + i + 16) - mv, d3 = VT::load(p + i + 24) - mv;
-    a0 += d0 * d0;
-    a1 += d1 * d1;
-    a2 += d2 * d2;
-    a3 += d3 * d3;
-  }
-  for (; i + 8 <= n; i += 8) {
-    der_v8d d0 = VT::load(p + i) - mv;
-    a0 += d0 * d0;
-  }
-  double q = hsum_d((a0 + a2) + (a1 + a3));
-  for (; i < n; ++i) {
-    const double d = p[i] - m;
-    q += d * d;
-  }
-  return q;
 }
 
 template <typename T>
 DER_CLONES void sum_planes(const T* __restrict__ z, double* __restrict__ gsum, int64_t p0,
                            int64_t p1, int64_t HW) {
-  for (int64_t pl = p0; pl < p1; ++pl) gsum[pl] = plane_sum(z + pl * HW, HW);
+  for (int64_t pl = p0; pl < p1; ++pl)
+    gsum[pl] = plane_dsum(z + pl * HW, HW, [](auto v) DER_INLINE_LAMBDA { return v; });
 }
 
+// (z - mean) * (z - mean) in T
 template <typename T>
 DER_CLONES void sqdev_planes(const T* __restrict__ z, const T* __restrict__ mean,
                              double* __restrict__ gq, int64_t p0, int64_t p1, int64_t HW,
                              int64_t C) {
-  for (int64_t pl = p0; pl < p1; ++pl) gq[pl] = plane_sqdev(z + pl * HW, HW, mean[pl % C]);
+  for (int64_t pl = p0; pl < p1; ++pl) {
+    const T m = mean[pl % C];
+    gq[pl] = plane_dsum(z + pl * HW, HW, [m](auto v) DER_INLINE_LAMBDA {
+      const auto d = v - m;
+      return d * d;
+    });
+  }
 }
 
 template <typename T>
@@ -296,90 +241,30 @@ DER_CLONES void stats_rows(const T* __restrict__ z, double* __restrict__ gsum,
       Vec<double>::store(q + c0 + 8, q1);
     }
     for (int64_t c = cv; c < C; ++c) s[c] = 0.0;
-    for (int64_t row = r0; row < r1; ++row) {
-      const T* __restrict__ zr = z + row * C;
-#pragma omp simd
-      for (int64_t c = cv; c < C; ++c) s[c] += static_cast<double>(zr[c]);
-    }
+    along_row_tail<T>(r0, r1, C, cv, [=](auto at) DER_INLINE_LAMBDA {
+      s[at.c] += static_cast<double>(at.ld(z));
+    });
     for (int64_t c = cv; c < C; ++c) {
       wk[c] = s[c] * inv_n;
       q[c] = 0.0;
     }
-    for (int64_t row = r0; row < r1; ++row) {
-      const T* __restrict__ zr = z + row * C;
-#pragma omp simd
-      for (int64_t c = cv; c < C; ++c) {
-        const double d = static_cast<double>(zr[c]) - wk[c];
-        q[c] += d * d;
-      }
-    }
+    along_row_tail<T>(r0, r1, C, cv, [=](auto at) DER_INLINE_LAMBDA {
+      const double d = static_cast<double>(at.ld(z)) - wk[at.c];
+      q[at.c] += d * d;
+    });
   }
 }
 
 // --- forward output: y = g * act(alpha * z + beta (+ r)) ----------------------------------
-template <typename T, bool HAS_R, bool RELU>
-DER_CLONES void out_planes(const T* __restrict__ z, const T* __restrict__ r, T* __restrict__ y,
+// over the planes (NCHW) or rows (channels_last) [o0, o1)
+template <typename T, bool HAS_R, bool RELU, bool ROWS>
+DER_CLONES void out_kernel(const T* __restrict__ z, const T* __restrict__ r, T* __restrict__ y,
                            const T* __restrict__ al, const T* __restrict__ be,
-                           const T* __restrict__ g, int64_t p0, int64_t p1, int64_t C,
+                           const T* __restrict__ g, int64_t o0, int64_t o1, int64_t C,
                            int64_t HW) {
-  using VT = Vec<T>;
-  using V = typename VT::V;
-  int64_t c = idx::plane_channel(p0, C);
-  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1) {
-    const T sa = al[c], sb = be[c], sg = g[c];
-    const int64_t base = pl * HW;
-    const T* __restrict__ zr = z + base;
-    const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-    T* __restrict__ yr = y + base;
-    const V zero = {};
-    int64_t i = 0;
-    for (; i + VT::L <= HW; i += VT::L) {
-      V a = VT::load(zr + i) * sa + sb;
-      if constexpr (HAS_R) a += VT::load(rr + i);
-      if constexpr (RELU) a = (a < zero) ? zero : a;
-      VT::store(yr + i, a * sg);
-    }
-    for (; i < HW; ++i) {
-      T a = zr[i] * sa + sb;
-      if constexpr (HAS_R) a += rr[i];
-      if constexpr (RELU) a = a < T(0) ? T(0) : a;
-      yr[i] = a * sg;
-    }
-  }
-}
-
-template <typename T, bool HAS_R, bool RELU>
-DER_CLONES void out_rows(const T* __restrict__ z, const T* __restrict__ r, T* __restrict__ y,
-                         const T* __restrict__ al, const T* __restrict__ be,
-                         const T* __restrict__ g, int64_t r0, int64_t r1, int64_t C) {
-  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
-  if constexpr (kChunked<T>) {
-    using VT = Vec<float>;
-    const der_v16f zero = {};
-    for (int64_t c0 = 0; c0 < cv; c0 += 16) {
-      const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv = VT::load(g + c0);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t o = row * C + c0;
-        der_v16f a = VT::load(z + o) * alv + bev;
-        if constexpr (HAS_R) a += VT::load(r + o);
-        if constexpr (RELU) a = (a < zero) ? zero : a;
-        VT::store(y + o, a * gv);
-      }
-    }
-  }
-  for (int64_t row = r0; row < r1 && cv < C; ++row) {
-    const int64_t base = row * C;
-    const T* __restrict__ zr = z + base;
-    const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-    T* __restrict__ yr = y + base;
-#pragma omp simd
-    for (int64_t c = cv; c < C; ++c) {
-      T a = zr[c] * al[c] + be[c];
-      if constexpr (HAS_R) a += rr[c];
-      if constexpr (RELU) a = a < T(0) ? T(0) : a;
-      yr[c] = a * g[c];
-    }
-  }
+  along<T, ROWS, kChunked<T>>(o0, o1, C, HW, [=](auto at) DER_INLINE_LAMBDA {
+    at.st(y, gate_act<RELU>(preact<HAS_R>(at, at.ld(z), r, al, be)) * at.ch(g));
+  });
 }
 
 // --- backward pass 1: reductions [sum da | sum da * (z - mean) | sum grad_y * h] per slot,
@@ -398,337 +283,141 @@ struct BwdPtrs {
   double* s_gyh;
 };
 
-template <bool RELU>
-DER_ALWAYS_INLINE void acc_lanes(der_v8d& s_da, der_v8d& s_dax, der_v8d& s_gyh, der_v8d gy,
-                                 der_v8d z, der_v8d a, der_v8d gd, der_v8d md) {
-  const der_v8d zero = {};
-  der_v8d da, h;
-  if constexpr (RELU) {
-    da = (a > zero) ? gy * gd : zero;
-    h = (a < zero) ? zero : a;
-  } else {
-    da = gy * gd;
-    h = a;
+// the three sums of a slot (D: 8 double lanes or a double; double&: slots in memory)
+template <typename D>
+struct Sums {
+  D da, dax, gyh;
+};
+
+// The terms of one position (values in double), gd = g and md = mean of its channel(s).
+template <bool RELU, typename S, typename D, typename G>
+DER_ALWAYS_INLINE void add_terms(S& s, D gy, D z, D a, G gd, G md) {
+  const D da = gate_grad<RELU>(a, gy, gd);
+  s.da += da;
+  s.dax += da * (z - md);
+  s.gyh += gy * gate_act<RELU>(a);
+}
+
+// The vector sums of a slot: lanes 0-7 (all lanes of a double vector) and 8-15 of a float one.
+struct VecSums {
+  Sums<der_v8d> lo, hi;
+  DER_ALWAYS_INLINE Sums<double> fold() const {
+    return {hsum_d(lo.da + hi.da), hsum_d(lo.dax + hi.dax), hsum_d(lo.gyh + hi.gyh)};
   }
-  s_da += da;
-  s_dax += da * (z - md);
-  s_gyh += gy * h;
+  DER_ALWAYS_INLINE void store(double* da, double* dax, double* gyh) const {  // 16 channels
+    Vec<double>::store(da, lo.da);
+    Vec<double>::store(da + 8, hi.da);
+    Vec<double>::store(dax, lo.dax);
+    Vec<double>::store(dax + 8, hi.dax);
+    Vec<double>::store(gyh, lo.gyh);
+    Vec<double>::store(gyh + 8, hi.gyh);
+  }
+};
+template <bool RELU, typename G>
+DER_ALWAYS_INLINE void add_terms(VecSums& s, Halves gy, Halves z, Halves a, G gd, G md) {
+  add_terms<RELU>(s.lo, gy.lo, z.lo, a.lo, lo(gd), lo(md));
+  add_terms<RELU>(s.hi, gy.hi, z.hi, a.hi, hi(gd), hi(md));
+}
+template <bool RELU, typename G>
+DER_ALWAYS_INLINE void add_terms(VecSums& s, der_v8d gy, der_v8d z, der_v8d a, G gd, G md) {
+  add_terms<RELU>(s.lo, gy, z, a, gd, md);
 }
 
-template <bool RELU>
-DER_ALWAYS_INLINE void acc_vec(der_v8d* s, der_v16f gy, der_v16f z, der_v16f a, der_v8d gd,
-                               der_v8d md) {
-  der_v8d g0, g1, z0, z1, a0, a1;
-  widen(gy, g0, g1);
-  widen(z, z0, z1);
-  widen(a, a0, a1);
-  acc_lanes<RELU>(s[0], s[2], s[4], g0, z0, a0, gd, md);
-  acc_lanes<RELU>(s[1], s[3], s[5], g1, z1, a1, gd, md);
-}
-
-template <bool RELU>
-DER_ALWAYS_INLINE void acc_vec(der_v8d* s, der_v8d gy, der_v8d z, der_v8d a, der_v8d gd,
-                               der_v8d md) {
-  acc_lanes<RELU>(s[0], s[2], s[4], gy, z, a, gd, md);
-}
-
-template <typename T, bool HAS_R, bool RELU>
-DER_CLONES void reduce_planes(const BwdPtrs& P, const T* __restrict__ al,
+// over the planes (NCHW; a slot per plane) or row blocks of B rows (channels_last; a slot per
+// block and channel, blk: 3 * C doubles of scratch) [o0, o1); gd / md: g / mean in double
+template <typename T, bool HAS_R, bool RELU, bool ROWS>
+DER_CLONES void reduce_kernel(const BwdPtrs& P, const T* __restrict__ al,
                               const T* __restrict__ be, const T* __restrict__ g,
-                              const T* __restrict__ mean, int64_t p0, int64_t p1, int64_t C,
-                              int64_t HW) {
-  using VT = Vec<T>;
-  using V = typename VT::V;
+                              const double* __restrict__ gd, const double* __restrict__ md,
+                              double* __restrict__ blk, int64_t o0, int64_t o1, int64_t R,
+                              int64_t C, int64_t HW, int64_t B) {
   const T* __restrict__ gy = static_cast<const T*>(P.gy);
   const T* __restrict__ z = static_cast<const T*>(P.z);
   const T* __restrict__ r = static_cast<const T*>(P.r);
   T* __restrict__ gr = static_cast<T*>(P.gr);
   T* __restrict__ gz = static_cast<T*>(P.gz);
   const bool wgr = gr != nullptr, wgz = gz != nullptr;
-  int64_t c = idx::plane_channel(p0, C);
-  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1) {
-    const T sa = al[c], sb = be[c], sg = g[c];
-    const double dg = static_cast<double>(sg), dm = static_cast<double>(mean[c]);
-    const der_v8d gd = der_v8d{} + dg, md = der_v8d{} + dm;
-    const int64_t base = pl * HW;
-    const T* __restrict__ gyr = gy + base;
-    const T* __restrict__ zr = z + base;
-    const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-    T* __restrict__ grr = wgr ? gr + base : nullptr;
-    T* __restrict__ gzr = wgz ? gz + base : nullptr;
-    der_v8d acc[6] = {};
-    const V zero = {};
-    int64_t i = 0;
-    for (; i + VT::L <= HW; i += VT::L) {
-      const V zv = VT::load(zr + i);
-      V a = zv * sa + sb;
-      if constexpr (HAS_R) a += VT::load(rr + i);
-      const V gv = VT::load(gyr + i);
-      if (wgr || wgz) {
-        V da;
-        if constexpr (RELU) da = (a > zero) ? gv * sg : zero;
-        else da = gv * sg;
-        if (wgr) VT::store(grr + i, da);
-        if (wgz) VT::store(gzr + i, da * sa);
-      }
-      acc_vec<RELU>(acc, gv, zv, a, gd, md);
-    }
-    double d_da = hsum_d(acc[0] + acc[1]), d_dax = hsum_d(acc[2] + acc[3]),
-           d_gyh = hsum_d(acc[4] + acc[5]);
-    for (; i < HW; ++i) {
-      const T zv = zr[i];
-      T a = zv * sa + sb;
-      if constexpr (HAS_R) a += rr[i];
-      const T gv = gyr[i];
-      const bool pos = RELU ? a > T(0) : true;
-      if (wgr) grr[i] = pos ? gv * sg : T(0);
-      if (wgz) gzr[i] = (pos ? gv * sg : T(0)) * sa;
-      const double gvd = static_cast<double>(gv);
-      const double dad = pos ? gvd * dg : 0.0;
-      const double h = (RELU && !pos) ? 0.0 : static_cast<double>(a);
-      d_da += dad;
-      d_dax += dad * (static_cast<double>(zv) - dm);
-      d_gyh += gvd * h;
-    }
-    P.s_da[pl] = d_da;
-    P.s_dax[pl] = d_dax;
-    P.s_gyh[pl] = d_gyh;
-  }
-}
-
-template <typename T, bool HAS_R, bool RELU>
-DER_CLONES void reduce_rows(const BwdPtrs& P, const T* __restrict__ al, const T* __restrict__ be,
-                            const T* __restrict__ g, const double* __restrict__ gd,
-                            const double* __restrict__ md, double* __restrict__ blk, int64_t b0,
-                            int64_t b1, int64_t R, int64_t C, int64_t B) {
-  const T* __restrict__ gy = static_cast<const T*>(P.gy);
-  const T* __restrict__ z = static_cast<const T*>(P.z);
-  const T* __restrict__ r = static_cast<const T*>(P.r);
-  T* __restrict__ gr = static_cast<T*>(P.gr);
-  T* __restrict__ gz = static_cast<T*>(P.gz);
-  const bool wgr = gr != nullptr, wgz = gz != nullptr;
-  double* __restrict__ b_da = blk;
-  double* __restrict__ b_dax = blk + C;
-  double* __restrict__ b_gyh = blk + 2 * C;
-  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
-  for (int64_t b = b0; b < b1; ++b) {
-    const int64_t r0 = b * B, r1 = std::min(R, r0 + B);
-    for (int64_t j = 0; j < 3 * C; ++j) blk[j] = 0.0;
-    if constexpr (kChunked<T>) {
-      using VT = Vec<float>;
-      using VD = Vec<double>;
-      const der_v16f zero = {};
-      for (int64_t c0 = 0; c0 < cv; c0 += 16) {
-        const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv16 = VT::load(g + c0);
-        const der_v8d gd0 = VD::load(gd + c0), gd1 = VD::load(gd + c0 + 8);
-        const der_v8d md0 = VD::load(md + c0), md1 = VD::load(md + c0 + 8);
-        der_v8d acc[6] = {};
-        for (int64_t row = r0; row < r1; ++row) {
-          const int64_t o = row * C + c0;
-          const der_v16f zv = VT::load(z + o);
-          der_v16f a = zv * alv + bev;
-          if constexpr (HAS_R) a += VT::load(r + o);
-          const der_v16f gv = VT::load(gy + o);
-          if (wgr || wgz) {
-            der_v16f da;
-            if constexpr (RELU) da = (a > zero) ? gv * gv16 : zero;
-            else da = gv * gv16;
-            if (wgr) VT::store(gr + o, da);
-            if (wgz) VT::store(gz + o, da * alv);
-          }
-          der_v8d g0, g1, z0, z1, a0, a1;
-          widen(gv, g0, g1);
-          widen(zv, z0, z1);
-          widen(a, a0, a1);
-          acc_lanes<RELU>(acc[0], acc[2], acc[4], g0, z0, a0, gd0, md0);
-          acc_lanes<RELU>(acc[1], acc[3], acc[5], g1, z1, a1, gd1, md1);
-        }
-        VD::store(b_da + c0, acc[0]);
-        VD::store(b_da + c0 + 8, acc[1]);
-        VD::store(b_dax + c0, acc[2]);
-        VD::store(b_dax + c0 + 8, acc[3]);
-        VD::store(b_gyh + c0, acc[4]);
-        VD::store(b_gyh + c0 + 8, acc[5]);
-      }
-    }
-    for (int64_t row = r0; row < r1 && cv < C; ++row) {
-      const int64_t base = row * C;
-      const T* __restrict__ gyr = gy + base;
-      const T* __restrict__ zr = z + base;
-      const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-      T* __restrict__ grr = wgr ? gr + base : nullptr;
-      T* __restrict__ gzr = wgz ? gz + base : nullptr;
-      if (wgr || wgz) {
-#pragma omp simd
-        for (int64_t c = cv; c < C; ++c) {
-          T a = zr[c] * al[c] + be[c];
-          if constexpr (HAS_R) a += rr[c];
-          const T gv = gyr[c];
-          T da;
-          if constexpr (RELU) da = a > T(0) ? gv * g[c] : T(0);
-          else da = gv * g[c];
-          if (wgr) grr[c] = da;
-          if (wgz) gzr[c] = da * al[c];
+  // da = grad_y * g * [a > 0] written as grad_residual and (eval) grad_z = da * alpha
+  auto put_da = [=](auto at, auto a, auto gv) DER_INLINE_LAMBDA {
+    const auto da = gate_grad<RELU>(a, gv, at.ch(g));
+    if (wgr) at.st(gr, da);
+    if (wgz) at.st(gz, da * at.ch(al));
+  };
+  // a position: a recomputed as in the forward, da written (put), the terms added to s
+  auto step = [=](auto at, auto& s, bool put) DER_INLINE_LAMBDA {
+    const auto zv = at.ld(z);
+    const auto a = preact<HAS_R>(at, zv, r, al, be);
+    const auto gv = at.ld(gy);
+    if (put) put_da(at, a, gv);
+    add_terms<RELU>(s, to_d(gv), to_d(zv), to_d(a), ch_d(at, gd), ch_d(at, md));
+  };
+  if constexpr (!ROWS) {
+    auto plane = [&](int64_t pl, int64_t c, int64_t i0, int64_t i1) DER_INLINE_LAMBDA {
+      const Sums<double> s = reduce_plane<T>(
+          i0, i1, c, VecSums{}, [](const VecSums& v) DER_INLINE_LAMBDA { return v.fold(); },
+          [&](auto at, auto& acc) DER_INLINE_LAMBDA { step(at, acc, wgr || wgz); });
+      P.s_da[pl] = s.da;
+      P.s_dax[pl] = s.dax;
+      P.s_gyh[pl] = s.gyh;
+    };
+    each_plane(o0, o1, C, HW, plane);
+  } else {
+    double* __restrict__ b_da = blk;
+    double* __restrict__ b_dax = blk + C;
+    double* __restrict__ b_gyh = blk + 2 * C;
+    const int64_t cv = kChunked<T> ? C - C % 16 : 0;
+    for (int64_t b = o0; b < o1; ++b) {
+      const int64_t r0 = b * B, r1 = std::min(R, r0 + B);
+      for (int64_t j = 0; j < 3 * C; ++j) blk[j] = 0.0;
+      if constexpr (kChunked<T>) {
+        for (int64_t c0 = 0; c0 < cv; c0 += 16) {  // 16 channels in registers, rows in order
+          VecSums s{};
+          for (int64_t row = r0; row < r1; ++row)
+            step(RowLanes<T>{row * C + c0, c0}, s, wgr || wgz);
+          s.store(b_da + c0, b_dax + c0, b_gyh + c0);
         }
       }
-#pragma omp simd
-      for (int64_t c = cv; c < C; ++c) {
-        const T zv = zr[c];
-        T a = zv * al[c] + be[c];
-        if constexpr (HAS_R) a += rr[c];
-        const double gv = static_cast<double>(gyr[c]);
-        const double ad = static_cast<double>(a);
-        double da, h;
-        if constexpr (RELU) {
-          da = ad > 0.0 ? gv * gd[c] : 0.0;
-          h = ad < 0.0 ? 0.0 : ad;
-        } else {
-          da = gv * gd[c];
-          h = ad;
-        }
-        b_da[c] += da;
-        b_dax[c] += da * (static_cast<double>(zv) - md[c]);
-        b_gyh[c] += gv * h;
+      // the other channels: da (T lanes), then the sums (double lanes), rows in order
+      if (wgr || wgz)
+        along_row_tail<T>(r0, r1, C, cv, [=](auto at) DER_INLINE_LAMBDA {
+          put_da(at, preact<HAS_R>(at, at.ld(z), r, al, be), at.ld(gy));
+        });
+      along_row_tail<T>(r0, r1, C, cv, [=](auto at) DER_INLINE_LAMBDA {
+        Sums<double&> s{b_da[at.c], b_dax[at.c], b_gyh[at.c]};
+        step(at, s, false);
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        P.s_da[b * C + c] = b_da[c];
+        P.s_dax[b * C + c] = b_dax[c];
+        P.s_gyh[b * C + c] = b_gyh[c];
       }
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      P.s_da[b * C + c] = b_da[c];
-      P.s_dax[b * C + c] = b_dax[c];
-      P.s_gyh[b * C + c] = b_gyh[c];
     }
   }
 }
 
 // --- backward pass 2 (training): grad_z = (da - gm - (z - mean) * k) * c1 -------------------
 // da read from grad_residual when it was written (FROM_GR), else recomputed.
-template <typename T, bool HAS_R, bool RELU, bool FROM_GR>
-DER_CLONES void dz_planes(const T* __restrict__ gy, const T* __restrict__ z,
+template <typename T, bool HAS_R, bool RELU, bool FROM_GR, bool ROWS>
+DER_CLONES void dz_kernel(const T* __restrict__ gy, const T* __restrict__ z,
                           const T* __restrict__ r, const T* __restrict__ gr, T* __restrict__ gz,
                           const T* __restrict__ al, const T* __restrict__ be,
                           const T* __restrict__ g, const T* __restrict__ mean,
                           const T* __restrict__ c1, const T* __restrict__ gm,
-                          const T* __restrict__ kx, int64_t p0, int64_t p1, int64_t C,
+                          const T* __restrict__ kx, int64_t o0, int64_t o1, int64_t C,
                           int64_t HW) {
-  using VT = Vec<T>;
-  using V = typename VT::V;
-  int64_t c = idx::plane_channel(p0, C);
-  for (int64_t pl = p0; pl < p1; ++pl, c = (c + 1 == C) ? 0 : c + 1) {
-    const T sa = al[c], sb = be[c], sg = g[c], sm = mean[c], s1 = c1[c], sgm = gm[c],
-            sk = kx[c];
-    const int64_t base = pl * HW;
-    const T* __restrict__ gyr = gy + base;
-    const T* __restrict__ zr = z + base;
-    const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-    const T* __restrict__ grr = FROM_GR ? gr + base : nullptr;
-    T* __restrict__ gzr = gz + base;
-    const V zero = {};
-    int64_t i = 0;
-    for (; i + VT::L <= HW; i += VT::L) {
-      const V zv = VT::load(zr + i);
-      V da;
-      if constexpr (FROM_GR) {
-        da = VT::load(grr + i);
-      } else {
-        V a = zv * sa + sb;
-        if constexpr (HAS_R) a += VT::load(rr + i);
-        const V gv = VT::load(gyr + i);
-        if constexpr (RELU) da = (a > zero) ? gv * sg : zero;
-        else da = gv * sg;
-      }
-      VT::store(gzr + i, (da - sgm - (zv - sm) * sk) * s1);
-    }
-    for (; i < HW; ++i) {
-      const T zv = zr[i];
-      T da;
-      if constexpr (FROM_GR) {
-        da = grr[i];
-      } else {
-        T a = zv * sa + sb;
-        if constexpr (HAS_R) a += rr[i];
-        const T gv = gyr[i];
-        if constexpr (RELU) da = a > T(0) ? gv * sg : T(0);
-        else da = gv * sg;
-      }
-      gzr[i] = (da - sgm - (zv - sm) * sk) * s1;
-    }
-  }
-}
-
-template <typename T, bool HAS_R, bool RELU, bool FROM_GR>
-DER_CLONES void dz_rows(const T* __restrict__ gy, const T* __restrict__ z,
-                        const T* __restrict__ r, const T* __restrict__ gr, T* __restrict__ gz,
-                        const T* __restrict__ al, const T* __restrict__ be,
-                        const T* __restrict__ g, const T* __restrict__ mean,
-                        const T* __restrict__ c1, const T* __restrict__ gm,
-                        const T* __restrict__ kx, int64_t r0, int64_t r1, int64_t C) {
-  const int64_t cv = kChunked<T> ? C - C % 16 : 0;
-  if constexpr (kChunked<T>) {
-    using VT = Vec<float>;
-    const der_v16f zero = {};
-    for (int64_t c0 = 0; c0 < cv; c0 += 16) {
-      const der_v16f alv = VT::load(al + c0), bev = VT::load(be + c0), gv16 = VT::load(g + c0);
-      const der_v16f mv = VT::load(mean + c0), c1v = VT::load(c1 + c0), gmv = VT::load(gm + c0);
-      const der_v16f kv = VT::load(kx + c0);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t o = row * C + c0;
-        const der_v16f zv = VT::load(z + o);
-        der_v16f da;
-        if constexpr (FROM_GR) {
-          da = VT::load(gr + o);
-        } else {
-          der_v16f a = zv * alv + bev;
-          if constexpr (HAS_R) a += VT::load(r + o);
-          const der_v16f gv = VT::load(gy + o);
-          if constexpr (RELU) da = (a > zero) ? gv * gv16 : zero;
-          else da = gv * gv16;
-        }
-        VT::store(gz + o, (da - gmv - (zv - mv) * kv) * c1v);
-      }
-    }
-  }
-  for (int64_t row = r0; row < r1 && cv < C; ++row) {
-    const int64_t base = row * C;
-    const T* __restrict__ gyr = gy + base;
-    const T* __restrict__ zr = z + base;
-    const T* __restrict__ rr = HAS_R ? r + base : nullptr;
-    const T* __restrict__ grr = FROM_GR ? gr + base : nullptr;
-    T* __restrict__ gzr = gz + base;
-#pragma omp simd
-    for (int64_t c = cv; c < C; ++c) {
-      const T zv = zr[c];
-      T da;
-      if constexpr (FROM_GR) {
-        da = grr[c];
-      } else {
-        T a = zv * al[c] + be[c];
-        if constexpr (HAS_R) a += rr[c];
-        const T gv = gyr[c];
-        if constexpr (RELU) da = a > T(0) ? gv * g[c] : T(0);
-        else da = gv * g[c];
-      }
-      gzr[c] = (da - gm[c] - (zv - mean[c]) * kx[c]) * c1[c];
-    }
-  }
+  along<T, ROWS, kChunked<T>>(o0, o1, C, HW, [=](auto at) DER_INLINE_LAMBDA {
+    auto zv = at.ld(z);
+    decltype(zv) da;
+    if constexpr (FROM_GR) da = at.ld(gr);
+    else da = gate_grad<RELU>(preact<HAS_R>(at, zv, r, al, be), at.ld(gy), at.ch(g));
+    at.st(gz, (da - at.ch(gm) - (zv - at.ch(mean)) * at.ch(kx)) * at.ch(c1));
+  });
 }
 
 #pragma GCC pop_options
 
 // ------------------------------------------------------------------------------------------
 // host side
-template <typename T>
-std::vector<T> to_vec(const at::Tensor& t) {
-  auto td = t.to(std::is_same_v<T, double> ? at::kDouble : at::kFloat).contiguous();
-  const T* p = td.template const_data_ptr<T>();
-  return std::vector<T>(p, p + td.numel());
-}
-
-// g = sigmoid(s * e) by ATen, in e's dtype, as the reference writes it (`torch.sigmoid(s * e)`).
-template <typename T>
-std::vector<T> gate_values(const std::optional<at::Tensor>& e, double s, int64_t C) {
-  if (!has(e)) return std::vector<T>(C, T(1));
-  return to_vec<T>(at::sigmoid(e->mul(s)));
-}
-
 struct Geom {
   int64_t N, C, HW;
   bool rows;  // channels_last: rows of C; else NCHW planes of HW
@@ -758,6 +447,33 @@ int64_t plane_grain(const Geom& G) { return std::max<int64_t>(1, kGrainElems / s
 int64_t row_grain(const Geom& G) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, G.C)); }
 int64_t block_grain(const Geom& G) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, G.B * G.C));
+}
+
+// The kernels' per-channel values: weight, invstd, alpha and beta (channel_consts), the gate g.
+template <typename T>
+struct ChannelValues {
+  std::vector<T> w, inv, al, be, g;
+};
+
+template <typename T>
+ChannelValues<T> channel_values(const std::vector<T>& mean, const std::vector<T>& var,
+                                const at::Tensor& weight, const at::Tensor& bias,
+                                const std::optional<at::Tensor>& e, double s, double eps,
+                                bool training) {
+  const int64_t C = static_cast<int64_t>(mean.size());
+  ChannelValues<T> v{to_vec<T>(weight), std::vector<T>(C), std::vector<T>(C),
+                     std::vector<T>(C), gate_values<T>(e, s, C)};
+  const auto b = to_vec<T>(bias);
+  channel_consts<T>(mean.data(), var.data(), v.w.data(), b.data(), eps, training, C,
+                    v.inv.data(), v.al.data(), v.be.data());
+  return v;
+}
+
+// f(o0, o1) in parallel over the planes (NCHW) or the rows (channels_last) of z
+template <typename F>
+void parallel_outer(const Geom& G, const F& f) {
+  if (G.rows) at::parallel_for(0, G.R, row_grain(G), f);
+  else at::parallel_for(0, G.N * G.C, plane_grain(G), f);
 }
 
 // Batch statistics per channel: mean and biased variance, rounded to T.
@@ -812,12 +528,7 @@ void batch_stats(const Geom& G, const T* zp, std::vector<T>& mean, std::vector<T
   }
 }
 
-// half / bfloat16: computed in float (the kernels are float32 / float64)
-std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
-  if (!has(t)) return std::nullopt;
-  return t->to(at::kFloat);
-}
-
+// float32 / float64; float16 / bfloat16 are computed in float32
 bool is_kernel_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_gate_cpu(
@@ -828,11 +539,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_gate_cpu(
   check_bn_gate("der_fast.bn_gate", z_in, weight, bias, mean_in, var_in, e, residual, !training,
                 "mean_in", "var_in");
   if (!is_kernel_dtype(z_in.scalar_type())) {
-    const auto dt = z_in.scalar_type();
     auto res = bn_gate_cpu(z_in.to(at::kFloat), weight.to(at::kFloat), bias.to(at::kFloat),
                            to_float(mean_in), to_float(var_in), to_float(e), s,
                            to_float(residual), training, eps, relu);
-    return {std::get<0>(res).to(dt), std::get<1>(res), std::get<2>(res)};  // stats: float32
+    std::get<0>(res) = std::get<0>(res).to(z_in.scalar_type());  // the statistics: float32
+    return res;
   }
   const auto fmt = kernel_format(z_in);
   const at::Tensor z = dense_as(z_in, fmt);
@@ -855,38 +566,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_gate_cpu(
       mean = to_vec<T>(*mean_in);
       var = to_vec<T>(*var_in);
     }
-    const auto w = to_vec<T>(weight);
-    const auto b = to_vec<T>(bias);
-    std::vector<T> inv(C), al(C), be(C);
-    channel_consts<T>(mean.data(), var.data(), w.data(), b.data(), eps, training, C, inv.data(),
-                      al.data(), be.data());
-    const auto g = gate_values<T>(e, s, C);
+    const auto consts = channel_values<T>(mean, var, weight, bias, e, s, eps, training);
     std::copy(mean.begin(), mean.end(), mean_out.mutable_data_ptr<T>());
     std::copy(var.begin(), var.end(), var_out.mutable_data_ptr<T>());
     if (z.numel() == 0) return;
     const T* rp = has_r ? r.const_data_ptr<T>() : nullptr;
     T* yp = y.mutable_data_ptr<T>();
-    const T *A = al.data(), *Bt = be.data(), *Gt = g.data();
-    const int code = (has_r ? 2 : 0) | (relu ? 1 : 0);
-    if (G.rows) {
-      at::parallel_for(0, G.R, row_grain(G), [&](int64_t r0, int64_t r1) {
-        switch (code) {
-          case 0: out_rows<T, false, false>(zp, rp, yp, A, Bt, Gt, r0, r1, C); break;
-          case 1: out_rows<T, false, true>(zp, rp, yp, A, Bt, Gt, r0, r1, C); break;
-          case 2: out_rows<T, true, false>(zp, rp, yp, A, Bt, Gt, r0, r1, C); break;
-          default: out_rows<T, true, true>(zp, rp, yp, A, Bt, Gt, r0, r1, C); break;
-        }
-      });
-    } else {
-      at::parallel_for(0, G.N * C, plane_grain(G), [&](int64_t p0, int64_t p1) {
-        switch (code) {
-          case 0: out_planes<T, false, false>(zp, rp, yp, A, Bt, Gt, p0, p1, C, G.HW); break;
-          case 1: out_planes<T, false, true>(zp, rp, yp, A, Bt, Gt, p0, p1, C, G.HW); break;
-          case 2: out_planes<T, true, false>(zp, rp, yp, A, Bt, Gt, p0, p1, C, G.HW); break;
-          default: out_planes<T, true, true>(zp, rp, yp, A, Bt, Gt, p0, p1, C, G.HW); break;
-        }
-      });
-    }
+    with_flags(
+        [&](auto hr, auto rl, auto rows) {
+          parallel_outer(G, [&](int64_t o0, int64_t o1) {
+            out_kernel<T, hr, rl, rows>(zp, rp, yp, consts.al.data(), consts.be.data(),
+                                        consts.g.data(), o0, o1, C, G.HW);
+          });
+        },
+        has_r, relu, G.rows);
   });
   return {y, mean_out, var_out};
 }
@@ -895,51 +588,21 @@ template <typename T, bool HAS_R, bool RELU>
 void run_reduce(const Geom& G, const BwdPtrs& P, const T* al, const T* be, const T* g,
                 const T* mean) {
   const int64_t C = G.C;
+  const std::vector<double> gd(g, g + C), md(mean, mean + C);
+  auto run = [&](auto rows, int64_t o0, int64_t o1, double* blk) {
+    reduce_kernel<T, HAS_R, RELU, rows>(P, al, be, g, gd.data(), md.data(), blk, o0, o1, G.R, C,
+                                        G.HW, G.B);
+  };
   if (G.rows) {
-    std::vector<double> gd(g, g + C), md(mean, mean + C);
     at::parallel_for(0, G.nb, block_grain(G), [&](int64_t b0, int64_t b1) {
       std::vector<double> blk(3 * C);
-      reduce_rows<T, HAS_R, RELU>(P, al, be, g, gd.data(), md.data(), blk.data(), b0, b1, G.R, C,
-                                  G.B);
+      run(std::true_type{}, b0, b1, blk.data());
     });
   } else {
     at::parallel_for(0, G.N * C, plane_grain(G), [&](int64_t p0, int64_t p1) {
-      reduce_planes<T, HAS_R, RELU>(P, al, be, g, mean, p0, p1, C, G.HW);
+      run(std::false_type{}, p0, p1, nullptr);
     });
   }
-}
-
-template <typename T, bool HAS_R, bool RELU, bool FROM_GR>
-void run_dz(const Geom& G, const T* gy, const T* z, const T* r, const T* gr, T* gz, const T* al,
-            const T* be, const T* g, const T* mean, const T* c1, const T* gm, const T* kx) {
-  const int64_t C = G.C;
-  if (G.rows) {
-    at::parallel_for(0, G.R, row_grain(G), [&](int64_t r0, int64_t r1) {
-      dz_rows<T, HAS_R, RELU, FROM_GR>(gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx, r0, r1, C);
-    });
-  } else {
-    at::parallel_for(0, G.N * C, plane_grain(G), [&](int64_t p0, int64_t p1) {
-      dz_planes<T, HAS_R, RELU, FROM_GR>(gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx, p0, p1,
-                                         C, G.HW);
-    });
-  }
-}
-
-// da from grad_residual when it was written (then the residual and the ReLU no longer matter)
-template <typename T>
-void dispatch_dz(bool from_gr, bool has_r, bool relu, const Geom& G, const T* gy, const T* z,
-                 const T* r, const T* gr, T* gz, const T* al, const T* be, const T* g,
-                 const T* mean, const T* c1, const T* gm, const T* kx) {
-  if (from_gr)
-    run_dz<T, false, false, true>(G, gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx);
-  else if (has_r && relu)
-    run_dz<T, true, true, false>(G, gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx);
-  else if (has_r)
-    run_dz<T, true, false, false>(G, gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx);
-  else if (relu)
-    run_dz<T, false, true, false>(G, gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx);
-  else
-    run_dz<T, false, false, false>(G, gy, z, r, gr, gz, al, be, g, mean, c1, gm, kx);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_backward_cpu(
@@ -955,14 +618,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
   TORCH_CHECK_VALUE(!mask[3] || has(e), op, ": e is required for grad_e");
   TORCH_CHECK_VALUE(!mask[4] || has(residual), op, ": residual is required for grad_residual");
   if (!is_kernel_dtype(z_in.scalar_type())) {
-    const auto dt = z_in.scalar_type();
-    auto res = bn_gate_backward_cpu(grad_y_in.to(at::kFloat), z_in.to(at::kFloat),
-                                    weight.to(at::kFloat), bias.to(at::kFloat),
-                                    mean_t.to(at::kFloat), var_t.to(at::kFloat), to_float(e), s,
-                                    to_float(residual), training, eps, relu, mask);
-    auto h = [dt](const at::Tensor& t) { return t.to(dt); };
-    return {h(std::get<0>(res)), h(std::get<1>(res)), h(std::get<2>(res)), h(std::get<3>(res)),
-            h(std::get<4>(res))};
+    return to_dtype(bn_gate_backward_cpu(grad_y_in.to(at::kFloat), z_in.to(at::kFloat),
+                                         weight.to(at::kFloat), bias.to(at::kFloat),
+                                         mean_t.to(at::kFloat), var_t.to(at::kFloat),
+                                         to_float(e), s, to_float(residual), training, eps, relu,
+                                         mask),
+                    z_in.scalar_type());
   }
   const auto fmt = kernel_format(z_in);
   const at::Tensor z = dense_as(z_in, fmt);
@@ -972,12 +633,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
   const auto opts = z.options();
   const Geom G = geometry(z, fmt == at::MemoryFormat::ChannelsLast);
   const int64_t C = G.C, M = G.M();
-  auto full = [&](bool ok) {
-    return ok ? at::empty(z.sizes(), opts.memory_format(fmt)) : at::empty({0}, opts);
-  };
-  auto vec = [&](bool ok) { return ok ? at::empty({C}, opts) : at::empty({0}, opts); };
-  at::Tensor gz = full(mask[0]), gw = vec(mask[1]), gb = vec(mask[2]), ge = vec(mask[3]),
-             gr = full(mask[4]);
+  at::Tensor gz = output_if(mask[0], z.sizes(), opts, fmt), gw = output_if(mask[1], {C}, opts),
+             gb = output_if(mask[2], {C}, opts), ge = output_if(mask[3], {C}, opts),
+             gr = output_if(mask[4], z.sizes(), opts, fmt);
   // which sums are needed: grad_z in training needs sum da and sum da * x_hat
   const bool need_red = mask[1] || mask[2] || mask[3] || (mask[0] && training);
   const bool pass1 = need_red || mask[4] || (mask[0] && !training);
@@ -986,13 +644,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "bn_gate_backward_cpu", [&] {
     using T = scalar_t;
     const auto mean = to_vec<T>(mean_t);
-    const auto var = to_vec<T>(var_t);
-    const auto w = to_vec<T>(weight);
-    const auto b = to_vec<T>(bias);
-    std::vector<T> inv(C), al(C), be(C);
-    channel_consts<T>(mean.data(), var.data(), w.data(), b.data(), eps, training, C, inv.data(),
-                      al.data(), be.data());
-    const auto g = gate_values<T>(e, s, C);
+    const auto consts =
+        channel_values<T>(mean, to_vec<T>(var_t), weight, bias, e, s, eps, training);
+    const auto &w = consts.w, &inv = consts.inv, &al = consts.al, &be = consts.be, &g = consts.g;
     const int64_t ng = G.groups();
     std::vector<double> red(3 * ng * C, 0.0);
     const T* zp = z.const_data_ptr<T>();
@@ -1003,13 +657,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
     if (z.numel() > 0) {
       BwdPtrs P{gyp, zp, rp, grp, training ? nullptr : gzp,
                 red.data(), red.data() + ng * C, red.data() + 2 * ng * C};
-      const int code = (has_r ? 2 : 0) | (relu ? 1 : 0);
-      switch (code) {
-        case 0: run_reduce<T, false, false>(G, P, al.data(), be.data(), g.data(), mean.data()); break;
-        case 1: run_reduce<T, false, true>(G, P, al.data(), be.data(), g.data(), mean.data()); break;
-        case 2: run_reduce<T, true, false>(G, P, al.data(), be.data(), g.data(), mean.data()); break;
-        default: run_reduce<T, true, true>(G, P, al.data(), be.data(), g.data(), mean.data()); break;
-      }
+      with_flags(
+          [&](auto hr, auto rl) {
+            run_reduce<T, hr, rl>(G, P, al.data(), be.data(), g.data(), mean.data());
+          },
+          has_r, relu);
     }
     std::vector<double> s_da(C, 0.0), s_dax(C, 0.0), s_gyh(C, 0.0);
     for (int64_t gi = 0; gi < ng; ++gi)
@@ -1018,21 +670,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
         s_dax[c] += red[(ng + gi) * C + c];
         s_gyh[c] += red[(2 * ng + gi) * C + c];
       }
-    if (mask[1]) {
-      T* p = gw.mutable_data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(s_dax[c] * static_cast<double>(inv[c]));
-    }
-    if (mask[2]) {
-      T* p = gb.mutable_data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) p[c] = static_cast<T>(s_da[c]);
-    }
-    if (mask[3]) {
-      T* p = ge.mutable_data_ptr<T>();
-      for (int64_t c = 0; c < C; ++c) {
-        const double gc = static_cast<double>(g[c]);
-        p[c] = static_cast<T>(s * gc * (1.0 - gc) * s_gyh[c]);
-      }
-    }
+    fill_channels<T>(gw, mask[1], [&](int64_t c) {
+      return static_cast<T>(s_dax[c] * static_cast<double>(inv[c]));
+    });
+    fill_channels<T>(gb, mask[2], [&](int64_t c) { return static_cast<T>(s_da[c]); });
+    fill_channels<T>(ge, mask[3], [&](int64_t c) {
+      const double gc = static_cast<double>(g[c]);
+      return static_cast<T>(s * gc * (1.0 - gc) * s_gyh[c]);
+    });
     if (mask[0] && training && z.numel() > 0) {
       std::vector<T> c1(C), gm(C), kx(C);
       const double Md = static_cast<double>(M);
@@ -1042,9 +687,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_gate_b
         gm[c] = static_cast<T>(s_da[c] / Md);
         kx[c] = static_cast<T>(s_dax[c] * iv * iv / Md);
       }
-      dispatch_dz<T>(mask[4], has_r, relu, G, gyp, zp, rp, mask[4] ? grp : nullptr, gzp,
-                     al.data(), be.data(), g.data(), mean.data(), c1.data(), gm.data(),
-                     kx.data());
+      auto dz = [&](auto hr, auto rl, auto from_gr, auto rows) {
+        parallel_outer(G, [&](int64_t o0, int64_t o1) {
+          dz_kernel<T, hr, rl, from_gr, rows>(gyp, zp, rp, grp, gzp, al.data(), be.data(),
+                                              g.data(), mean.data(), c1.data(), gm.data(),
+                                              kx.data(), o0, o1, C, G.HW);
+        });
+      };
+      // da from grad_residual when it was written (then the residual and the ReLU no longer
+      // matter)
+      if (mask[4]) {
+        with_flags(
+            [&](auto rows) { dz(std::false_type{}, std::false_type{}, std::true_type{}, rows); },
+            G.rows);
+      } else {
+        with_flags([&](auto hr, auto rl, auto rows) { dz(hr, rl, std::false_type{}, rows); },
+                   has_r, relu, G.rows);
+      }
     }
   });
   return {gz, gw, gb, ge, gr};

@@ -1,12 +1,17 @@
-// Host-side helpers shared by the CPU (.cpp) and CUDA (.cu) implementations: layout choice and
-// argument checks with messages that name the offending argument. Keep in sync with the Python
-// checks in der_fast/ops/<op>.py (_check_masked_gate / _check_head), which the fake (meta) kernels
-// and the pure-PyTorch fallback use, so every backend raises the same error.
+// Host-side helpers shared by the CPU (.cpp) and CUDA (.cu) implementations: layout choice,
+// argument checks with messages that name the offending argument, and the scaffolding of the
+// ops' host functions (optional arguments, outputs, per-channel values, template dispatch).
+// Keep the checks in sync with the Python checks in der_fast/ops/<op>.py (_check_masked_gate /
+// _check_bn_gate / _check_head), which the fake (meta) kernels and the pure-PyTorch fallback use,
+// so every backend raises the same error.
 #pragma once
 #include <ATen/ATen.h>
 
 #include <optional>
 #include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace der_fast {
@@ -44,14 +49,42 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on device ", t.device(),
+                    " but ", ref_name, " is on device ", ref.device());
+}
+
 inline void check_like(const at::Tensor& t, const at::Tensor& ref, const char* op,
                        const char* name, const char* ref_name) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
                    dtype_name(t.scalar_type()), " but ", ref_name, " has dtype ",
                    dtype_name(ref.scalar_type()),
                    " (all tensor arguments must have the same dtype)");
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on device ", t.device(),
-                    " but ", ref_name, " is on device ", ref.device());
+  check_same_device(t, ref, op, name, ref_name);
+}
+
+// t is a per-channel argument [C] of x ([N, C, ...]), with x's dtype (unless !same_dtype) and
+// device.
+inline void check_per_channel(const at::Tensor& t, const at::Tensor& x, const char* op,
+                              const char* name, const char* x_name, bool same_dtype = true) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [C] with C=", C,
+                    ", got shape ", t.sizes());
+  if (same_dtype) check_like(t, x, op, name, x_name);
+  else check_same_device(t, x, op, name, x_name);
+  TORCH_CHECK_VALUE(t.size(0) == C, op, ": ", name, " has ", t.size(0), " channels but ",
+                    x_name, " has C=", C, " (", x_name, ".shape=", x.sizes(), ")");
+}
+
+// t (e.g. the residual) is like x: same shape, dtype and device
+inline void check_same_shape(const at::Tensor& t, const at::Tensor& x, const char* op,
+                             const char* name, const char* x_name) {
+  check_like(t, x, op, name, x_name);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but ",
+                    x_name, " has shape ", x.sizes(), " (they must be equal)");
 }
 
 inline void check_masked_gate(const at::Tensor& x, const at::Tensor& scale,
@@ -63,23 +96,10 @@ inline void check_masked_gate(const at::Tensor& x, const at::Tensor& scale,
                     "-D tensor of shape ", x.sizes());
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op,
                    ": x must be a floating point tensor, got dtype ", dtype_name(x.scalar_type()));
-  const int64_t C = x.size(1);
-  auto check_vec = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D [C] with C=", C,
-                      ", got shape ", t.sizes());
-    check_like(t, x, op, name, "x");
-    TORCH_CHECK_VALUE(t.size(0) == C, op, ": ", name, " has ", t.size(0),
-                      " channels but x has C=", C, " (x.shape=", x.sizes(), ")");
-  };
-  check_vec(scale, "scale");
-  check_vec(shift, "shift");
-  if (e.has_value() && e->defined()) check_vec(*e, "e");
-  if (residual.has_value() && residual->defined()) {
-    const at::Tensor& r = *residual;
-    check_like(r, x, op, "residual", "x");
-    TORCH_CHECK_VALUE(r.sizes() == x.sizes(), op, ": residual has shape ", r.sizes(),
-                      " but x has shape ", x.sizes(), " (they must be equal)");
-  }
+  check_per_channel(scale, x, op, "scale", "x");
+  check_per_channel(shift, x, op, "shift", "x");
+  if (has(e)) check_per_channel(*e, x, op, "e", "x");
+  if (has(residual)) check_same_shape(*residual, x, op, "residual", "x");
 }
 
 // Returns the widths C_i of the features.
@@ -140,5 +160,63 @@ inline std::vector<int64_t> check_head(at::TensorList feats, const at::Tensor& w
 }
 
 inline int64_t hw_of(const at::Tensor& f) { return f.dim() == 4 ? f.size(2) * f.size(3) : 1; }
+
+// --- host functions of the CPU ops --------------------------------------------------------
+
+// t in float32 (the kernels of float16 / bfloat16 inputs compute in float32)
+inline std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  if (!has(t)) return std::nullopt;
+  return t->to(at::kFloat);
+}
+
+// each tensor of a tuple of results converted to dtype dt
+template <typename... Ts>
+std::tuple<Ts...> to_dtype(const std::tuple<Ts...>& res, at::ScalarType dt) {
+  return std::apply([dt](const auto&... t) { return std::make_tuple(t.to(dt)...); }, res);
+}
+
+// An output that output_mask may leave out: allocated (in memory format fmt) when wanted, else
+// an empty [0].
+inline at::Tensor output_if(bool wanted, at::IntArrayRef sizes, const at::TensorOptions& opts,
+                            at::MemoryFormat fmt = at::MemoryFormat::Contiguous) {
+  return wanted ? at::empty(sizes, opts.memory_format(fmt)) : at::empty({0}, opts);
+}
+
+// out[c] = f(c) for every c of the per-channel output out [C], when it was wanted.
+template <typename T, typename F>
+void fill_channels(const at::Tensor& out, bool wanted, F&& f) {
+  if (!wanted) return;
+  T* p = out.mutable_data_ptr<T>();
+  for (int64_t c = 0; c < out.numel(); ++c) p[c] = f(c);
+}
+
+// t's values as a std::vector<A> (A = float or double; converted by ATen)
+template <typename A>
+std::vector<A> to_vec(const at::Tensor& t) {
+  auto td = t.to(std::is_same_v<A, double> ? at::kDouble : at::kFloat).contiguous();
+  const A* p = td.template const_data_ptr<A>();
+  return std::vector<A>(p, p + td.numel());
+}
+
+// The gate g = sigmoid(s * e) per channel (1 without e), computed by ATen exactly as the
+// reference writes it (`torch.sigmoid(s * e)`, in e's dtype), so that the CPU kernels' gate is
+// the reference's to the bit.
+template <typename A>
+std::vector<A> gate_values(const std::optional<at::Tensor>& e, double s, int64_t C) {
+  if (!has(e)) return std::vector<A>(C, A(1));
+  return to_vec<A>(at::sigmoid(e->mul(s)));
+}
+
+// f(std::bool_constant<b>{}...) with the run-time flags b as compile-time constants, in order:
+// one call for the kernels templated on them, instantiated for every combination.
+template <typename F>
+void with_flags(F&& f) {
+  f();
+}
+template <typename F, typename... Bs>
+void with_flags(F&& f, bool b, Bs... rest) {
+  if (b) with_flags([&](auto... cs) { f(std::true_type{}, cs...); }, rest...);
+  else with_flags([&](auto... cs) { f(std::false_type{}, cs...); }, rest...);
+}
 
 }  // namespace der_fast
