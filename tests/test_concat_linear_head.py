@@ -321,3 +321,15 @@ def test_opcheck_head_cuda(request):
     W, b, Wa, ba = (t.cuda().requires_grad_(True) for t in (W, b, Wa, ba))
     feats[-1].requires_grad_(True)
     torch.library.opcheck(torch.ops.der_fast.concat_linear_head.default, (feats, W, b, Wa, ba))
+
+
+def test_concat_linear_head_double_backward_raises(request):
+    gen = node_generator(request)
+    feats = [torch.randn(4, c, 3, 3, generator=gen, requires_grad=True) for c in (5, 7)]
+    W = torch.randn(6, 12, generator=gen, requires_grad=True)
+    b = torch.randn(6, generator=gen)
+    logits, _, _ = ops.concat_linear_head(feats, W, b)
+    (gW,) = torch.autograd.grad(logits, [W], torch.randn(logits.shape, generator=gen),
+                                create_graph=True)
+    with pytest.raises(NotImplementedError, match="concat_linear_head: double backward"):
+        gW.sum().backward()

@@ -304,3 +304,13 @@ def test_masked_gate_cuda(request):
 def test_opcheck_masked_gate_cuda(request):
     for args in _opcheck_samples(node_generator(request), "cuda"):
         torch.library.opcheck(torch.ops.der_fast.masked_gate.default, tuple(args))
+
+
+def test_masked_gate_double_backward_raises(request):
+    gen = node_generator(request)
+    x = torch.randn(2, 3, 4, 4, generator=gen, requires_grad=True)
+    scale, shift, e = (torch.randn(3, generator=gen) for _ in range(3))
+    y = ops.masked_gate(x, scale, shift, e, 2.0)
+    (gx,) = torch.autograd.grad(y, [x], torch.randn(y.shape, generator=gen), create_graph=True)
+    with pytest.raises(NotImplementedError, match="masked_gate: double backward"):
+        gx.sum().backward()

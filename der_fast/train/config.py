@@ -191,8 +191,9 @@ class Config:
         None, Spec(float, 0, none=True), "--init-weight-decay",
         help="weight decay of step 0 (default: --weight-decay)")
     # stage 2 re-initialises the classifier: on the default run's balanced subset (250-400
-    # images) it needs about 20 epochs to converge; with 4, the last step's top-1 moved by up
-    # to 15 points with the stage-2 seed alone (RESULTS.md, "Stage 2 long enough to converge")
+    # images) it needs about 20 epochs to converge; with 4, the last step's top-1 was 20 points
+    # lower and moved by up to 7 with the stage-2 seed alone (RESULTS.md, "Stage 2 long enough
+    # to converge")
     epochs_stage2: int = _knob(20, Spec(int, 0, _EPOCHS), "--epochs-stage2",
                                help="stage-2 epochs ({default})")
     lr_stage2: float = _knob(0.1, Spec(float, 0, open_lo=True), "--lr-stage2")
