@@ -208,14 +208,19 @@ def test_recalibrated_bn_is_the_average_of_batch_statistics(tmp_path):
     assert stem.bn.momentum == 0.1 and net.training
 
 
-def test_step0_lands_on_the_budget_within_its_first_tenth(tmp_path, monkeypatch):
-    """Step 0's extractor (random weights) is pruned once masks.RAMP_STEP0 of its optimiser
-    steps are done; a later step's (trained weights) once masks.RAMP's are."""
+def test_step0_trains_at_the_budget_from_its_first_step(tmp_path, monkeypatch):
+    """Step 0's extractor (random weights) is pruned to the budget before its first optimiser
+    step, with no controller and no sparsity loss; a later step's (trained weights) once
+    masks.RAMP's steps are done, its controller starting from lambda_s = 1."""
     from der_fast.train import stages
 
-    ended = []
+    ended, started, seen = [], [], {}
 
     class Recording(M.BudgetController):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            started.append(self.lam)
+
         @property
         def finished(self):
             done = M.BudgetController.finished.fget(self)
@@ -224,15 +229,33 @@ def test_step0_lands_on_the_budget_within_its_first_tenth(tmp_path, monkeypatch)
                 ended.append((self.start, self.end, self.done, self.total))
             return done
 
+    real_train = stages.train_epochs
+
+    def recording_train(model, params, *a, **k):
+        # what each stage 1 starts training: the newest extractor's state and its parameters
+        if k["desc"].endswith("stage 1"):
+            new = model.convnets[-1]
+            seen[k["desc"]] = (new.is_pruned, new.mask_e is None,
+                               {id(p) for p in new.parameters()} <= {id(p) for _, p in params})
+        return real_train(model, params, *a, **k)
+
     monkeypatch.setattr(stages, "BudgetController", Recording)
+    monkeypatch.setattr(stages, "train_epochs", recording_train)
     cfg = T.Config(data_root="embedded", train_per_class=30, test_per_class=10, init_cls=2,
                    increment=2, last_step=1, epochs=4, epochs_stage2=1, batch_size=16,
                    memory_total=20, out=str(tmp_path / "r"), progress=False, plots=False)
     steps = T.run(cfg, log=lambda *a, **k: None)["steps"]
-    assert [(s, e) for s, e, _, _ in ended] == [M.RAMP_STEP0, M.RAMP]
-    for _, end, done, total in ended:
-        assert done == math.ceil(end * total) and done < total
-    assert M.ramp(0) == M.RAMP_STEP0 and M.ramp(1) == M.ramp(7) == M.RAMP
+    assert M.ramp(0) == M.RAMP_STEP0 == (0.0, 0.0) and M.ramp(1) == M.ramp(7) == M.RAMP
+    # step 0: pruned before training, the optimiser holds the pruned extractor's parameters
+    assert seen["step 0 stage 1"] == (True, True, True)
+    assert seen["step 1 stage 1"] == (False, False, True)  # full width, masks learnt
+    assert [(s, e) for s, e, _, _ in ended] == [M.RAMP] and started == [1.0]
+    _, end, done, total = ended[0]
+    assert done == math.ceil(end * total) and done < total
+    assert steps[0]["lambda_s"] is None and steps[1]["lambda_s"] > 0
+    assert steps[0]["keep_trace"] == [round(steps[0]["keep"], 4)] * 4  # at the budget throughout
+    assert steps[1]["keep_trace"][-1] == round(steps[1]["keep"], 4)
+    assert steps[1]["keep_trace"][0] > steps[1]["keep"] + 0.05  # still on the ramp
     for step in steps:  # pruned at the budget in both
         assert step["keep"] == pytest.approx(0.2, abs=0.03)
         assert step["extractor_params"][-1] < step["extractor_params_unpruned"][-1]

@@ -23,9 +23,10 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
 
     With a budget (``cfg.keep``) lambda_s starts at ``lambda_s0`` (the previous step's final
     value) and is adapted after every step (:class:`masks.BudgetController`); when the ramp
-    ends the masks land on the budget and turn binary, and with ``cfg.prune`` the new
-    extractor is pruned at that moment (``DERNet.prune(optimizer)``): the rest of the stage
-    trains only the kept channels, which is exactly training the binary-masked network on.
+    (:func:`masks.ramp`) ends the masks land on the budget and turn binary, and with
+    ``cfg.prune`` the new extractor is pruned at that moment (``DERNet.prune(optimizer)``):
+    the rest of the stage trains only the kept channels, which is exactly training the
+    binary-masked network on. A ramp that ends at 0 (step 0's) lands before the first step.
     ``report`` receives ``lambda_s`` (final), ``keep_trace`` (the binary keep ratio after each
     epoch) and, when pruned here, the unpruned counts and ``time_prune_s``."""
     rt = rt or Runtime()
@@ -33,21 +34,39 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
     lambda_a = cfg.lambda_a if t > 0 else 0.0
     use_masks = model.convnets[-1].mask_e is not None
     aux_used = lambda_a > 0 and len(model.convnets) > 1
+    new = model.convnets[-1]
+    sched = cfg.schedule(t)
+
+    def land(opt) -> bool:
+        # the masks land on the budget and turn binary; with cfg.prune the extractor is pruned
+        # (True), and ``opt``, when given, goes on with the pruned parameters
+        shift_to_budget(new, cfg.keep)
+        new.binary_masks = True
+        if not cfg.prune:
+            return False
+        t0 = time.perf_counter()
+        report.update(unpruned_counts(model, (data.info.image_size,) * 2))
+        model.prune(optimizer=opt)
+        report["time_prune_s"] = time.perf_counter() - t0
+        return True
+
+    control = None
+    lam = [cfg.lambda_s or 0.0]
+    if use_masks and cfg.keep is not None:
+        start, end = ramp(t)
+        if end == 0:  # on the budget before the first step: the whole stage at the budget
+            land(None)
+            lam = [0.0]
+        else:
+            n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
+            control = BudgetController(cfg.keep, sched.epochs * n_batches,
+                                       lambda_s0 if lambda_s0 is not None else 1.0,
+                                       start=start, end=end)
+            lam = [control.lam]
     # the auxiliary classifier is trained only when it is in the loss (at step 0 or with
     # lambda_a = 0 it gets no gradient anyway; DDP needs every trained parameter used)
     params = [(n, p) for n, p in model.named_parameters()
               if p.requires_grad and (aux_used or not n.startswith("aux_fc."))]
-
-    new = model.convnets[-1]
-    sched = cfg.schedule(t)
-    control = None
-    if use_masks and cfg.keep is not None:
-        n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
-        start, end = ramp(t)
-        control = BudgetController(cfg.keep, sched.epochs * n_batches,
-                                   lambda_s0 if lambda_s0 is not None else 1.0,
-                                   start=start, end=end)
-    lam = [control.lam if control is not None else (cfg.lambda_s or 0.0)]
 
     def loss_fn(net, x, y):
         return stage1_loss(model, net(x), y, n_old, lambda_a if aux_used else 0.0, lam[0])
@@ -64,16 +83,7 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
         lam[0] = control.update(model.keep_ratio())
         if not control.finished:
             return False
-        # end of the ramp: land on the budget, fine-tune the rest with the masks fixed
-        shift_to_budget(new, cfg.keep)
-        new.binary_masks = True
-        if not cfg.prune:
-            return False
-        t0 = time.perf_counter()
-        report.update(unpruned_counts(model, (data.info.image_size,) * 2))
-        model.prune(optimizer=opt)
-        report["time_prune_s"] = time.perf_counter() - t0
-        return True
+        return land(opt)  # end of the ramp: fine-tune the rest with the masks fixed
 
     anneal = use_masks and cfg.s_anneal == "epoch"
     if use_masks and not anneal:
@@ -97,7 +107,8 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
             model.set_s(cfg.s_max)
             new.binary_masks = True
         recalibrate_bn(model, data, indices, cfg, device)
-        report["lambda_s"] = lam[0]
+        # the final weight, the next step's start (None: landed before the first step)
+        report["lambda_s"] = None if control is None and cfg.keep is not None else lam[0]
         report["keep_trace"] = trace
     return loss
 
