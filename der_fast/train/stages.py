@@ -56,7 +56,6 @@ def stage1(model, data, indices, cfg, t, n_old, device, rt: Optional[Runtime] = 
         start, end = ramp(t)
         if end == 0:  # on the budget before the first step: the whole stage at the budget
             land(None)
-            lam = [0.0]
         else:
             n_batches = max(1, math.ceil(len(indices) / cfg.batch_size))
             control = BudgetController(cfg.keep, sched.epochs * n_batches,
